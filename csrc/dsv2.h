@@ -1,0 +1,90 @@
+/* dsv2.h - common types of the dsv2ext C kernels (no Python here).
+ *
+ * Conventions
+ *  - Every kernel returns an int error code (DSV2_OK on success); the Python
+ *    binding turns codes into exceptions.  No kernel prints, exits or aborts.
+ *  - Arguments: outputs first, then inputs, then weights, then sizes.
+ *  - Activations are fp32, row-major and contiguous.  Weights are dsv2_mat:
+ *    a row-major [rows, cols] matrix (a Linear's [out, in]) in fp32 or bf16.
+ */
+#ifndef DSV2_H
+#define DSV2_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    DSV2_OK = 0,
+    DSV2_ERR_NOMEM = 1,     /* an allocation failed */
+    DSV2_ERR_ARG = 2,       /* inconsistent sizes or arguments */
+    DSV2_ERR_DTYPE = 3,     /* unsupported weight dtype for this kernel */
+    DSV2_ERR_RANGE = 4,     /* an index or position out of range */
+    DSV2_ERR_NONFINITE = 5  /* NaN/Inf where the kernel's policy rejects it */
+};
+
+const char *dsv2_strerror(int code);
+
+typedef enum { DSV2_F32 = 0, DSV2_BF16 = 1, DSV2_I8 = 2 } dsv2_dtype;
+
+/* A weight matrix W [rows, cols], row-major, contiguous rows.
+ * For DSV2_I8, `scale` holds one fp32 scale per `group` consecutive columns
+ * of each row: W[r, c] = data[r, c] * scale[r * (cols / group) + c / group]. */
+typedef struct {
+    dsv2_dtype dtype;
+    const void *data;
+    const float *scale;
+    int64_t rows, cols;
+    int64_t group;
+} dsv2_mat;
+
+/* Element size in bytes of a weight dtype. */
+static inline size_t dsv2_dtype_size(dsv2_dtype t) {
+    return t == DSV2_F32 ? 4 : t == DSV2_BF16 ? 2 : 1;
+}
+
+/* Rows [r0, r0 + n) of W as a matrix of their own (no copy). */
+static inline dsv2_mat dsv2_mat_rows(const dsv2_mat *W, int64_t r0, int64_t n) {
+    dsv2_mat s = *W;
+    s.data = (const char *)W->data + (size_t)r0 * (size_t)W->cols * dsv2_dtype_size(W->dtype);
+    if (W->dtype == DSV2_I8 && W->scale)
+        s.scale = W->scale + r0 * (W->cols / W->group);
+    s.rows = n;
+    return s;
+}
+
+static inline float dsv2_bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round-to-nearest-even fp32 -> bf16 (NaN kept quiet). */
+static inline uint16_t dsv2_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Load element (r, c) of W as fp32 (slow path, for references and tails). */
+static inline float dsv2_mat_get(const dsv2_mat *W, int64_t r, int64_t c) {
+    size_t i = (size_t)r * (size_t)W->cols + (size_t)c;
+    switch (W->dtype) {
+    case DSV2_F32: return ((const float *)W->data)[i];
+    case DSV2_BF16: return dsv2_bf16_to_f32(((const uint16_t *)W->data)[i]);
+    default: return (float)((const int8_t *)W->data)[i] *
+                    W->scale[r * (W->cols / W->group) + c / W->group];
+    }
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,73 @@
+/* linear.c - y = x W^T: row-dot kernels for few rows, sgemm for many. */
+#include "linear.h"
+#include "blas.h"
+#include "gemv.h"
+#include "threadpool.h"
+
+#include <stdlib.h>
+
+typedef struct {
+    float *y;
+    int64_t ldy;
+    const float *x;
+    int64_t ldx;
+    const dsv2_mat *W;
+    int T;
+} gemv_job;
+
+static void gemv_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    gemv_job *j = (gemv_job *)ctx;
+    dsv2_gemv_rows(j->y, j->ldy, j->x, j->ldx, j->T, j->W, b, e);
+}
+
+typedef struct {
+    float *buf;
+    const dsv2_mat *W;
+    int64_t r0;
+} widen_job;
+
+static void widen_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    widen_job *j = (widen_job *)ctx;
+    dsv2_mat_rows_to_f32(j->buf + b * j->W->cols, j->W, j->r0 + b, j->r0 + e);
+}
+
+int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {
+    const int64_t N = W->rows, K = W->cols;
+    if (T < 0 || N <= 0 || K <= 0 || ldx < K || ldy < N) return DSV2_ERR_ARG;
+    if (T == 0) return DSV2_OK;
+    if (T <= DSV2_LINEAR_GEMV_MAX_T || W->dtype == DSV2_I8) {
+        for (int64_t t0 = 0; t0 < T; t0 += DSV2_LINEAR_GEMV_MAX_T) {
+            int tt = (int)(T - t0 < DSV2_LINEAR_GEMV_MAX_T ? T - t0 : DSV2_LINEAR_GEMV_MAX_T);
+            gemv_job j = {y + t0 * ldy, ldy, x + t0 * ldx, ldx, W, tt};
+            dsv2_parallel_for(N, 16, gemv_task, &j);
+        }
+        return DSV2_OK;
+    }
+    if (T > INT32_MAX || N > INT32_MAX || K > INT32_MAX || ldx > INT32_MAX || ldy > INT32_MAX)
+        return DSV2_ERR_ARG;
+    if (W->dtype == DSV2_F32) {
+        dsv2_sgemm_nt((int)T, (int)N, (int)K, x, (int)ldx, (const float *)W->data, (int)K, 0.0f, y, (int)ldy);
+        return DSV2_OK;
+    }
+    /* bf16: widen a panel of rows (~2 MiB of fp32) at a time */
+    int64_t P = (int64_t)(2u << 20) / (K * 4);
+    if (P < 16) P = 16;
+    P = (P + 15) / 16 * 16;
+    if (P > N) P = N;
+    float *buf = (float *)malloc((size_t)P * (size_t)K * sizeof(float));
+    if (!buf) return DSV2_ERR_NOMEM;
+    for (int64_t r0 = 0; r0 < N; r0 += P) {
+        int64_t p = N - r0 < P ? N - r0 : P;
+        widen_job wj = {buf, W, r0};
+        dsv2_parallel_for(p, 16, widen_task, &wj);
+        dsv2_sgemm_nt((int)T, (int)p, (int)K, x, (int)ldx, buf, (int)K, 0.0f, y + r0, (int)ldy);
+    }
+    free(buf);
+    return DSV2_OK;
+}
+
+int dsv2_linear(float *y, const float *x, const dsv2_mat *W, int64_t T) {
+    return dsv2_linear_ex(y, W->rows, x, W->cols, W, T);
+}

@@ -1,0 +1,49 @@
+/* rmsnorm.c - RMSNorm over the last dimension, sums in double. */
+#include "rmsnorm.h"
+#include "threadpool.h"
+
+#include <math.h>
+
+typedef struct {
+    float *y;
+    int64_t ldy;
+    const float *x;
+    int64_t ldx;
+    const dsv2_mat *w;
+    int64_t d;
+    float eps;
+} rms_job;
+
+static void rms_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    rms_job *j = (rms_job *)ctx;
+    for (int64_t t = b; t < e; t++) {
+        const float *xt = j->x + t * j->ldx;
+        float *yt = j->y + t * j->ldy;
+        double ss = 0.0;
+        for (int64_t i = 0; i < j->d; i++) ss += (double)xt[i] * (double)xt[i];
+        /* torch: x * rsqrt(mean + eps) in fp32, then weight * that */
+        float var = (float)(ss / (double)j->d);
+        float inv = 1.0f / sqrtf(var + j->eps);
+        if (j->w->dtype == DSV2_F32) {
+            const float *w = (const float *)j->w->data;
+            for (int64_t i = 0; i < j->d; i++) yt[i] = w[i] * (xt[i] * inv);
+        } else {
+            for (int64_t i = 0; i < j->d; i++) yt[i] = dsv2_mat_get(j->w, 0, i) * (xt[i] * inv);
+        }
+    }
+}
+
+int dsv2_rmsnorm_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *w,
+                    int64_t T, int64_t d, float eps) {
+    if (T < 0 || d <= 0 || w->cols * w->rows != d || ldx < d || ldy < d) return DSV2_ERR_ARG;
+    if (w->dtype != DSV2_F32 && w->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
+    rms_job j = {y, ldy, x, ldx, w, d, eps};
+    int64_t grain = d >= 4096 ? 1 : (4096 + d - 1) / d;
+    dsv2_parallel_for(T, grain, rms_task, &j);
+    return DSV2_OK;
+}
+
+int dsv2_rmsnorm(float *y, const float *x, const dsv2_mat *w, int64_t T, int64_t d, float eps) {
+    return dsv2_rmsnorm_ex(y, d, x, d, w, T, d, eps);
+}

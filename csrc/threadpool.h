@@ -1,0 +1,24 @@
+/* threadpool.h - the one pool of worker threads that owns the cores.
+ *
+ * dsv2_parallel_for splits [0, n) into one contiguous chunk per thread (chunk
+ * sizes are multiples of `grain`) and runs fn on each; the caller's thread
+ * takes chunk 0.  A call made while the pool is busy (from another Python
+ * thread, or nested inside a running task) runs serially in the caller, so
+ * parallel regions never nest.  OpenBLAS is only called from outside
+ * parallel regions and is given the same thread count. */
+#ifndef DSV2_THREADPOOL_H
+#define DSV2_THREADPOOL_H
+
+#include <stdint.h>
+
+typedef void (*dsv2_task_fn)(void *ctx, int64_t begin, int64_t end, int tid);
+
+#define DSV2_MAX_THREADS 64
+
+void dsv2_parallel_for(int64_t n, int64_t grain, dsv2_task_fn fn, void *ctx);
+/* Set the number of threads (>= 1, capped at DSV2_MAX_THREADS); returns the
+ * number in force.  Also sets OpenBLAS's thread count. */
+int dsv2_set_num_threads(int n);
+int dsv2_get_num_threads(void);
+
+#endif

@@ -1,0 +1,98 @@
+/* bind_core.c - bindings of the basic kernels: RMSNorm, linear, threads, ISA. */
+#include "bind_util.h"
+
+#include "../csrc/cpu.h"
+#include "../csrc/linear.h"
+#include "../csrc/rmsnorm.h"
+#include "../csrc/threadpool.h"
+
+/* rmsnorm(out [T, d] f32, x [T, d] f32, weight [d] f32|BF16, eps: float) -> None */
+static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
+    PyObject *o_out, *o_x, *o_w;
+    double eps;
+    if (!PyArg_ParseTuple(args, "OOOd:rmsnorm", &o_out, &o_x, &o_w, &eps)) return NULL;
+    PyArrayObject *x = dsv2py_array(o_x, "x", NPY_FLOAT32, 2, NULL, 0);
+    if (!x) return NULL;
+    int64_t T = dsv2py_dim(x, 0), d = dsv2py_dim(x, 1);
+    int64_t oshape[2] = {T, d}, wshape[1] = {d};
+    PyArrayObject *out = dsv2py_array(o_out, "out", NPY_FLOAT32, 2, oshape, 1);
+    if (!out) return NULL;
+    dsv2py_tensor w;
+    if (dsv2py_weight(o_w, "weight", 1, wshape, &w) < 0) return NULL;
+    if (w.dtype == DSV2_I8) return PyErr_Format(PyExc_TypeError, "weight: int8 norm weights are not supported");
+    if (!(eps >= 0.0) || eps > 1.0) return PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %g", eps);
+    if (out != x && dsv2py_no_overlap(out, "out", x, "x") < 0) return NULL;
+    dsv2_mat wm = dsv2py_mat(&w);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dsv2_rmsnorm((float *)dsv2py_data(out), (const float *)dsv2py_data(x), &wm, T, d, (float)eps);
+    Py_END_ALLOW_THREADS
+    if (rc) return dsv2py_raise(rc, "rmsnorm");
+    Py_RETURN_NONE;
+}
+
+/* linear(out [T, N] f32, x [T, K] f32, weight [N, K] f32|BF16|int8) -> None */
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    PyObject *o_out, *o_x, *o_w;
+    if (!PyArg_ParseTuple(args, "OOO:linear", &o_out, &o_x, &o_w)) return NULL;
+    PyArrayObject *x = dsv2py_array(o_x, "x", NPY_FLOAT32, 2, NULL, 0);
+    if (!x) return NULL;
+    int64_t T = dsv2py_dim(x, 0), K = dsv2py_dim(x, 1);
+    int64_t wshape[2] = {DSV2PY_ANY, K};
+    dsv2py_tensor w;
+    if (dsv2py_weight(o_w, "weight", 2, wshape, &w) < 0) return NULL;
+    int64_t N = w.shape[0];
+    int64_t oshape[2] = {T, N};
+    PyArrayObject *out = dsv2py_array(o_out, "out", NPY_FLOAT32, 2, oshape, 1);
+    if (!out) return NULL;
+    if (dsv2py_no_overlap(out, "out", x, "x") < 0) return NULL;
+    if (T > INT32_MAX || N > INT32_MAX || K > INT32_MAX)
+        return PyErr_Format(PyExc_ValueError, "linear: dimensions must be < 2**31");
+    dsv2_mat wm = dsv2py_mat(&w);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dsv2_linear((float *)dsv2py_data(out), (const float *)dsv2py_data(x), &wm, T);
+    Py_END_ALLOW_THREADS
+    if (rc) return dsv2py_raise(rc, "linear");
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_num_threads(PyObject *self, PyObject *args) {
+    int n;
+    if (!PyArg_ParseTuple(args, "i:set_num_threads", &n)) return NULL;
+    if (n < 1 || n > DSV2_MAX_THREADS)
+        return PyErr_Format(PyExc_ValueError, "n: expected 1 <= n <= %d, got %d", DSV2_MAX_THREADS, n);
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = dsv2_set_num_threads(n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(r);
+}
+
+static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs) {
+    return PyLong_FromLong(dsv2_get_num_threads());
+}
+
+static PyObject *py_get_isa(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(dsv2_isa_name(dsv2_isa()));
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:set_isa", &name)) return NULL;
+    int lvl;
+    if (!strcmp(name, "portable")) lvl = DSV2_ISA_PORTABLE;
+    else if (!strcmp(name, "avx2")) lvl = DSV2_ISA_AVX2;
+    else if (!strcmp(name, "avx512")) lvl = DSV2_ISA_AVX512;
+    else return PyErr_Format(PyExc_ValueError, "isa: expected 'portable', 'avx2' or 'avx512', got '%s'", name);
+    return PyUnicode_FromString(dsv2_isa_name(dsv2_set_isa(lvl)));
+}
+
+PyMethodDef dsv2py_core_methods[] = {
+    {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(out, x, weight, eps): out [T, d] = RMSNorm(x [T, d]) * weight [d]"},
+    {"linear", py_linear, METH_VARARGS, "linear(out, x, weight): out [T, N] = x [T, K] @ weight [N, K]^T"},
+    {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n) -> n in force"},
+    {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
+    {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> 'avx512' | 'avx2' | 'portable'"},
+    {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name) -> level in force (capped by the CPU)"},
+    {NULL, NULL, 0, NULL}};

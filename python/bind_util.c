@@ -1,0 +1,245 @@
+/* bind_util.c - argument checks for the dsv2ext._C functions. */
+#include "bind_util.h"
+
+#include <stdio.h>
+
+void dsv2py_fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape) {
+    size_t off = 0;
+    off += (size_t)snprintf(buf + off, n - off, "[");
+    for (int i = 0; i < ndim && off < n; i++) {
+        if (shape[i] < 0)
+            off += (size_t)snprintf(buf + off, n - off, "%s?", i ? ", " : "");
+        else
+            off += (size_t)snprintf(buf + off, n - off, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    }
+    if (off < n) snprintf(buf + off, n - off, "]");
+}
+
+static void fmt_np_shape(char *buf, size_t n, PyArrayObject *a) {
+    int64_t s[NPY_MAXDIMS];
+    int nd = PyArray_NDIM(a);
+    for (int i = 0; i < nd; i++) s[i] = (int64_t)PyArray_DIM(a, i);
+    dsv2py_fmt_shape(buf, n, nd, s);
+}
+
+static const char *typename_of(int typenum) {
+    switch (typenum) {
+    case NPY_FLOAT32: return "float32";
+    case NPY_INT64: return "int64";
+    case NPY_INT32: return "int32";
+    case NPY_UINT16: return "uint16";
+    case NPY_INT8: return "int8";
+    case NPY_UINT8: return "uint8";
+    default: return "?";
+    }
+}
+
+static PyArrayObject *check_array(PyObject *obj, const char *name, int typenum, int ndim,
+                                  const int64_t *shape, int writable, const char *dtype_hint) {
+    char want[128], got[128];
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray of dtype %s, got %s", name,
+                     dtype_hint ? dtype_hint : typename_of(typenum), Py_TYPE(obj)->tp_name);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (PyArray_TYPE(a) != typenum || !PyArray_ISNBO(PyArray_DESCR(a)->byteorder)) {
+        PyObject *s = PyObject_Str((PyObject *)PyArray_DESCR(a));
+        PyErr_Format(PyExc_TypeError, "%s: expected dtype %s, got %s%s", name,
+                     dtype_hint ? dtype_hint : typename_of(typenum), s ? PyUnicode_AsUTF8(s) : "?",
+                     (typenum == NPY_FLOAT32 && PyArray_TYPE(a) == NPY_UINT16)
+                         ? " (bfloat16 weights must be wrapped as dsv2ext.BF16(array))"
+                         : "");
+        Py_XDECREF(s);
+        return NULL;
+    }
+    if (PyArray_NDIM(a) != ndim) {
+        dsv2py_fmt_shape(want, sizeof want, ndim, shape);
+        fmt_np_shape(got, sizeof got, a);
+        PyErr_Format(PyExc_ValueError, "%s: expected %d dimensions %s, got %d dimensions %s", name, ndim,
+                     want, PyArray_NDIM(a), got);
+        return NULL;
+    }
+    for (int i = 0; i < ndim; i++) {
+        int64_t d = (int64_t)PyArray_DIM(a, i);
+        if (d == 0) {
+            fmt_np_shape(got, sizeof got, a);
+            PyErr_Format(PyExc_ValueError, "%s: empty arrays are not accepted (shape %s)", name, got);
+            return NULL;
+        }
+        if (shape && shape[i] >= 0 && d != shape[i]) {
+            dsv2py_fmt_shape(want, sizeof want, ndim, shape);
+            fmt_np_shape(got, sizeof got, a);
+            PyErr_Format(PyExc_ValueError, "%s: expected shape %s, got %s", name, want, got);
+            return NULL;
+        }
+    }
+    if (!PyArray_IS_C_CONTIGUOUS(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a C-contiguous array (use numpy.ascontiguousarray)", name);
+        return NULL;
+    }
+    if (!PyArray_ISALIGNED(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: the array's data is not aligned to its dtype", name);
+        return NULL;
+    }
+    if (writable && !PyArray_ISWRITEABLE(a)) {
+        PyErr_Format(PyExc_ValueError, "%s: the output array is read-only", name);
+        return NULL;
+    }
+    return a;
+}
+
+PyArrayObject *dsv2py_array(PyObject *obj, const char *name, int typenum, int ndim,
+                            const int64_t *shape, int writable) {
+    if (obj == NULL || obj == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a numpy.ndarray of dtype %s, got None", name,
+                     typename_of(typenum));
+        return NULL;
+    }
+    return check_array(obj, name, typenum, ndim, shape, writable, NULL);
+}
+
+PyArrayObject *dsv2py_array_opt(PyObject *obj, const char *name, int typenum, int ndim,
+                                const int64_t *shape, int writable) {
+    if (obj == NULL || obj == Py_None) return NULL;
+    return check_array(obj, name, typenum, ndim, shape, writable, NULL);
+}
+
+static int fill_tensor(PyArrayObject *a, dsv2_dtype dt, dsv2py_tensor *out) {
+    out->dtype = dt;
+    out->data = PyArray_DATA(a);
+    out->scale = NULL;
+    out->group = 0;
+    out->ndim = PyArray_NDIM(a);
+    for (int i = 0; i < out->ndim; i++) out->shape[i] = (int64_t)PyArray_DIM(a, i);
+    return 0;
+}
+
+int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out) {
+    char buf[256];
+    if (ndim < 1 || ndim > 4) {
+        PyErr_Format(PyExc_SystemError, "%s: bad rank in binding", name);
+        return -1;
+    }
+    if (obj == NULL || obj == Py_None) {
+        PyErr_Format(PyExc_TypeError, "%s: expected a float32 ndarray or a dsv2ext.BF16, got None", name);
+        return -1;
+    }
+    if (PyArray_Check(obj)) {
+        if (PyArray_TYPE((PyArrayObject *)obj) == NPY_UINT16) {
+            PyErr_Format(PyExc_TypeError,
+                         "%s: a bare uint16 array is not taken as bfloat16; wrap it as dsv2ext.BF16(array)", name);
+            return -1;
+        }
+        PyArrayObject *a = check_array(obj, name, NPY_FLOAT32, ndim, shape, 0, "float32 (or a dsv2ext.BF16)");
+        if (!a) return -1;
+        return fill_tensor(a, DSV2_F32, out);
+    }
+    PyObject *tag = PyObject_GetAttrString(obj, "__dsv2_dtype__");
+    if (!tag) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: expected a float32 ndarray or a dsv2ext.BF16, got %s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    const char *t = PyUnicode_Check(tag) ? PyUnicode_AsUTF8(tag) : NULL;
+    if (!t) {
+        Py_DECREF(tag);
+        PyErr_Format(PyExc_TypeError, "%s: __dsv2_dtype__ must be a string", name);
+        return -1;
+    }
+    int rc = -1;
+    PyObject *data = PyObject_GetAttrString(obj, "data");
+    if (!data) goto done;
+    if (!strcmp(t, "bf16")) {
+        snprintf(buf, sizeof buf, "%s.data", name);
+        PyArrayObject *a = check_array(data, buf, NPY_UINT16, ndim, shape, 0, "uint16 (bfloat16 bits)");
+        if (!a) goto done;
+        rc = fill_tensor(a, DSV2_BF16, out);
+    } else if (!strcmp(t, "int8")) {
+        snprintf(buf, sizeof buf, "%s.data", name);
+        PyArrayObject *a = check_array(data, buf, NPY_INT8, ndim, shape, 0, NULL);
+        if (!a) goto done;
+        fill_tensor(a, DSV2_I8, out);
+        PyObject *sc = PyObject_GetAttrString(obj, "scales");
+        if (!sc) goto done;
+        snprintf(buf, sizeof buf, "%s.scales", name);
+        int64_t sshape[4];
+        for (int i = 0; i < ndim; i++) sshape[i] = out->shape[i];
+        int64_t cols = out->shape[ndim - 1];
+        PyArrayObject *s = check_array(sc, buf, NPY_FLOAT32, ndim, NULL, 0, NULL);
+        if (s) {
+            int64_t ng = (int64_t)PyArray_DIM(s, ndim - 1);
+            sshape[ndim - 1] = ng;
+            int ok = ng > 0 && cols % ng == 0;
+            for (int i = 0; i < ndim - 1; i++) ok = ok && (int64_t)PyArray_DIM(s, i) == sshape[i];
+            if (!ok) {
+                char want[128];
+                sshape[ndim - 1] = DSV2PY_ANY;
+                dsv2py_fmt_shape(want, sizeof want, ndim, sshape);
+                PyErr_Format(PyExc_ValueError, "%s: expected shape %s with a last dimension dividing %lld", buf,
+                             want, (long long)cols);
+            } else {
+                out->scale = (const float *)PyArray_DATA(s);
+                out->group = cols / ng;
+                rc = 0;
+            }
+        }
+        Py_DECREF(sc);
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s: unsupported weight dtype tag '%s' (expected 'bf16' or 'int8')", name, t);
+    }
+done:
+    Py_XDECREF(data);
+    Py_DECREF(tag);
+    return rc;
+}
+
+int dsv2py_weight_opt(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out) {
+    if (obj == NULL || obj == Py_None) return 1;
+    return dsv2py_weight(obj, name, ndim, shape, out);
+}
+
+dsv2_mat dsv2py_mat(const dsv2py_tensor *t) {
+    dsv2_mat m;
+    m.dtype = t->dtype;
+    m.data = t->data;
+    m.scale = t->scale;
+    m.group = t->group;
+    m.cols = t->shape[t->ndim - 1];
+    m.rows = 1;
+    for (int i = 0; i < t->ndim - 1; i++) m.rows *= t->shape[i];
+    return m;
+}
+
+dsv2_mat dsv2py_mat_at(const dsv2py_tensor *t, int64_t e) {
+    dsv2_mat m;
+    m.dtype = t->dtype;
+    m.group = t->group;
+    m.rows = t->shape[t->ndim - 2];
+    m.cols = t->shape[t->ndim - 1];
+    size_t per = (size_t)m.rows * (size_t)m.cols;
+    m.data = (const char *)t->data + (size_t)e * per * dsv2_dtype_size(t->dtype);
+    m.scale = t->scale ? t->scale + (size_t)e * (size_t)m.rows * (size_t)(m.cols / (t->group ? t->group : 1)) : NULL;
+    return m;
+}
+
+int dsv2py_no_overlap(PyArrayObject *a, const char *an, PyArrayObject *b, const char *bn) {
+    if (!a || !b) return 0;
+    const char *a0 = (const char *)PyArray_DATA(a), *a1 = a0 + PyArray_NBYTES(a);
+    const char *b0 = (const char *)PyArray_DATA(b), *b1 = b0 + PyArray_NBYTES(b);
+    if (a0 < b1 && b0 < a1) {
+        PyErr_Format(PyExc_ValueError, "%s and %s must not share memory", an, bn);
+        return -1;
+    }
+    return 0;
+}
+
+PyObject *dsv2py_raise(int code, const char *func) {
+    PyObject *exc = PyExc_RuntimeError;
+    if (code == DSV2_ERR_NOMEM) exc = PyExc_MemoryError;
+    else if (code == DSV2_ERR_ARG || code == DSV2_ERR_RANGE || code == DSV2_ERR_NONFINITE) exc = PyExc_ValueError;
+    else if (code == DSV2_ERR_DTYPE) exc = PyExc_TypeError;
+    PyErr_Format(exc, "%s: %s", func, dsv2_strerror(code));
+    return NULL;
+}
