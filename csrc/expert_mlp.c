@@ -1,0 +1,245 @@
+/* expert_mlp.c - SwiGLU MLP: fused gate/up row-dot path and sgemm path. */
+#include "expert_mlp.h"
+#include "cpu.h"
+#include "gemv.h"
+#include "linear.h"
+#include "threadpool.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+
+/* intermediate rows per gate/up block of the row-dot path */
+#define MLP_ROWBLK 16
+
+int dsv2_mlp_check(const dsv2_mlp *m, int64_t *d, int64_t *I) {
+    const dsv2_mat *w[3] = {&m->gate, &m->up, &m->down};
+    for (int i = 0; i < 3; i++) {
+        if (!w[i]->data) return DSV2_ERR_ARG;
+        if (w[i]->dtype != DSV2_F32 && w[i]->dtype != DSV2_BF16 && w[i]->dtype != DSV2_I8) return DSV2_ERR_DTYPE;
+        if (w[i]->dtype == DSV2_I8 && (!w[i]->scale || w[i]->group <= 0 || w[i]->cols % w[i]->group))
+            return DSV2_ERR_ARG;
+    }
+    int64_t II = m->gate.rows, dd = m->gate.cols;
+    if (II < 1 || dd < 1 || m->up.rows != II || m->up.cols != dd || m->down.rows != dd || m->down.cols != II)
+        return DSV2_ERR_ARG;
+    if (d) *d = dd;
+    if (I) *I = II;
+    return DSV2_OK;
+}
+
+/* ---------------- silu(g) * u ---------------- */
+
+static void silu_mul_portable(float *h, const float *g, const float *u, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float x = g[i];
+        h[i] = x / (1.0f + expf(-x)) * u[i];
+    }
+}
+
+/* exp(x) for x in [-87.3, 88.3] (inputs clamped), Cephes-style polynomial,
+ * about 1 ulp: exp(x) = 2^n * exp(r), r = x - n ln2, |r| <= ln2 / 2. */
+#define EXP_CONSTS                                                   \
+    const float c_lo = -87.3f, c_hi = 88.3f, c_log2e = 1.44269504088896341f; \
+    const float c_ln2hi = 0.693359375f, c_ln2lo = -2.12194440e-4f;  \
+    const float p0 = 1.9875691500e-4f, p1 = 1.3981999507e-3f, p2 = 8.3334519073e-3f; \
+    const float p3 = 4.1665795894e-2f, p4 = 1.6666665459e-1f, p5 = 5.0000001201e-1f;
+
+DSV2_TARGET_AVX512 static inline __m512 exp_avx512(__m512 x) {
+    EXP_CONSTS
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(c_lo)), _mm512_set1_ps(c_hi));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(c_log2e)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(c_ln2hi), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(c_ln2lo), r);
+    __m512 p = _mm512_set1_ps(p0);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p5));
+    __m512 r2 = _mm512_mul_ps(r, r);
+    p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+DSV2_TARGET_AVX512 static void silu_mul_avx512(float *h, const float *g, const float *u, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 x = _mm512_maskz_loadu_ps(m, g + i), uu = _mm512_maskz_loadu_ps(m, u + i);
+        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), x));
+        __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, e));
+        _mm512_mask_storeu_ps(h + i, m, _mm512_mul_ps(s, uu));
+    }
+}
+
+DSV2_TARGET_AVX2 static inline __m256 exp_avx2(__m256 x) {
+    EXP_CONSTS
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(c_lo)), _mm256_set1_ps(c_hi));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(c_log2e)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c_ln2hi), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(c_ln2lo), r);
+    __m256 p = _mm256_set1_ps(p0);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p5));
+    __m256 r2 = _mm256_mul_ps(r, r);
+    p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* 2^n with n in [-126, 127] */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+DSV2_TARGET_AVX2 static void silu_mul_avx2(float *h, const float *g, const float *u, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i), uu = _mm256_loadu_ps(u + i);
+        __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        __m256 s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(h + i, _mm256_mul_ps(s, uu));
+    }
+    if (i < n) silu_mul_portable(h + i, g + i, u + i, n - i);
+}
+
+void dsv2_silu_mul(float *h, const float *g, const float *u, int64_t n) {
+    if (n <= 0) return;
+    int isa = dsv2_isa();
+    if (isa == DSV2_ISA_AVX512) silu_mul_avx512(h, g, u, n);
+    else if (isa == DSV2_ISA_AVX2) silu_mul_avx2(h, g, u, n);
+    else silu_mul_portable(h, g, u, n);
+}
+
+/* ---------------- row-dot path ---------------- */
+
+void dsv2_mlp_gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, int64_t T,
+                          const dsv2_mlp *m, int64_t i0, int64_t i1) {
+    /* gate and up of MLP_ROWBLK rows for up to 16 tokens at a time, then
+     * silu * up straight into h: nothing wider than a block leaves L1 */
+    float g[16 * MLP_ROWBLK], u[16 * MLP_ROWBLK];
+    for (int64_t ib = i0; ib < i1; ib += MLP_ROWBLK) {
+        int64_t n = i1 - ib < MLP_ROWBLK ? i1 - ib : MLP_ROWBLK;
+        dsv2_mat sg = dsv2_mat_rows(&m->gate, ib, n), su = dsv2_mat_rows(&m->up, ib, n);
+        for (int64_t t0 = 0; t0 < T; t0 += 16) {
+            int tt = (int)(T - t0 < 16 ? T - t0 : 16);
+            dsv2_gemv_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
+            dsv2_gemv_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
+            for (int t = 0; t < tt; t++) dsv2_silu_mul(h + (t0 + t) * ldh + ib, g + t * n, u + t * n, n);
+        }
+    }
+}
+
+void dsv2_mlp_down_rows(float *y, int64_t ldy, const float *h, int64_t ldh, int64_t T,
+                        const dsv2_mlp *m, int64_t r0, int64_t r1) {
+    for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        int tt = (int)(T - t0 < 16 ? T - t0 : 16);
+        dsv2_gemv_rows(y + t0 * ldy, ldy, h + t0 * ldh, ldh, tt, &m->down, r0, r1);
+    }
+}
+
+/* ---------------- matrix-product path ---------------- */
+
+int64_t dsv2_mlp_gemm_scratch(const dsv2_mlp *m, int64_t T) {
+    int64_t tc = T < DSV2_MLP_GEMM_CHUNK ? T : DSV2_MLP_GEMM_CHUNK;
+    return tc * 2 * m->gate.rows;
+}
+
+typedef struct {
+    float *gu;
+    int64_t I;
+} silu_rows_job;
+
+static void silu_rows_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    silu_rows_job *j = (silu_rows_job *)ctx;
+    for (int64_t t = b; t < e; t++) {
+        float *row = j->gu + t * 2 * j->I;
+        dsv2_silu_mul(row, row, row + j->I, j->I);
+    }
+}
+
+/* gate and up stored back to back (the stacked gate_up_proj layout)? */
+static int gate_up_adjacent(const dsv2_mlp *m, dsv2_mat *both) {
+    const dsv2_mat *g = &m->gate, *u = &m->up;
+    if (g->dtype != u->dtype || g->dtype == DSV2_I8) return 0;
+    size_t bytes = (size_t)g->rows * (size_t)g->cols * dsv2_dtype_size(g->dtype);
+    if ((const char *)g->data + bytes != (const char *)u->data) return 0;
+    *both = *g;
+    both->rows = g->rows + u->rows;
+    return 1;
+}
+
+int dsv2_mlp_gemm(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T, const dsv2_mlp *m,
+                  float *scratch) {
+    int64_t d, I;
+    int rc = dsv2_mlp_check(m, &d, &I);
+    if (rc) return rc;
+    if (T < 0 || ldx < d || ldy < d) return DSV2_ERR_ARG;
+    dsv2_mat both;
+    int fused = gate_up_adjacent(m, &both);
+    for (int64_t t0 = 0; t0 < T; t0 += DSV2_MLP_GEMM_CHUNK) {
+        int64_t tc = T - t0 < DSV2_MLP_GEMM_CHUNK ? T - t0 : DSV2_MLP_GEMM_CHUNK;
+        const float *xc = x + t0 * ldx;
+        /* scratch [tc, 2I]: columns [0, I) gate, [I, 2I) up */
+        if (fused) {
+            rc = dsv2_linear_ex(scratch, 2 * I, xc, ldx, &both, tc);
+        } else {
+            rc = dsv2_linear_ex(scratch, 2 * I, xc, ldx, &m->gate, tc);
+            if (!rc) rc = dsv2_linear_ex(scratch + I, 2 * I, xc, ldx, &m->up, tc);
+        }
+        if (rc) return rc;
+        silu_rows_job sj = {scratch, I};
+        dsv2_parallel_for(tc, 1, silu_rows_task, &sj);
+        rc = dsv2_linear_ex(y + t0 * ldy, ldy, scratch, 2 * I, &m->down, tc);
+        if (rc) return rc;
+    }
+    return DSV2_OK;
+}
+
+/* ---------------- the whole MLP ---------------- */
+
+typedef struct {
+    float *h;
+    float *y;
+    const float *x;
+    const dsv2_mlp *m;
+    int64_t T, d, I;
+} mlp_job;
+
+static void mlp_gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    mlp_job *j = (mlp_job *)ctx;
+    dsv2_mlp_gateup_rows(j->h, j->I, j->x, j->d, j->T, j->m, b, e);
+}
+
+static void mlp_down_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    mlp_job *j = (mlp_job *)ctx;
+    dsv2_mlp_down_rows(j->y, j->d, j->h, j->I, j->T, j->m, b, e);
+}
+
+int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
+    int64_t d, I;
+    int rc = dsv2_mlp_check(m, &d, &I);
+    if (rc) return rc;
+    if (T < 0) return DSV2_ERR_ARG;
+    if (T == 0) return DSV2_OK;
+    if (T <= DSV2_MLP_GEMV_MAX_T) {
+        float *h = (float *)malloc((size_t)T * (size_t)I * sizeof(float));
+        if (!h) return DSV2_ERR_NOMEM;
+        mlp_job j = {h, y, x, m, T, d, I};
+        dsv2_parallel_for(I, MLP_ROWBLK, mlp_gateup_task, &j);
+        dsv2_parallel_for(d, 16, mlp_down_task, &j);
+        free(h);
+        return DSV2_OK;
+    }
+    float *s = (float *)malloc((size_t)dsv2_mlp_gemm_scratch(m, T) * sizeof(float));
+    if (!s) return DSV2_ERR_NOMEM;
+    rc = dsv2_mlp_gemm(y, d, x, d, T, m, s);
+    free(s);
+    return rc;
+}

@@ -1,0 +1,60 @@
+/* expert_mlp.h - the SwiGLU MLP of DeepSeek's experts, shared experts and
+ * dense layers:  y = down( silu(x gate^T) * (x up^T) ).
+ *
+ * Weights are three dsv2_mat (fp32, bf16 or int8, any mix):
+ *   gate [I, d], up [I, d], down [d, I]   (torch Linear layout [out, in]).
+ * The stacked transformers-5 layout gate_up_proj [E, 2I, d] gives gate and
+ * up as rows [0, I) and [I, 2I) of one expert's matrix (no copy).
+ *
+ * Two ways to run it:
+ *  - row-dot ("gemv") path for few tokens: gate and up are computed a block
+ *    of 16 intermediate rows at a time and SiLU(gate)*up is applied at once,
+ *    so the intermediate for one token (I floats) stays in cache; then down.
+ *    Used for T <= DSV2_MLP_GEMV_MAX_T.
+ *  - matrix-product path for many tokens (OpenBLAS sgemm through
+ *    dsv2_linear_ex; bf16 weights widened one panel at a time). */
+#ifndef DSV2_EXPERT_MLP_H
+#define DSV2_EXPERT_MLP_H
+
+#include "dsv2.h"
+
+/* Up to this many tokens per MLP call the row-dot path is used. */
+#define DSV2_MLP_GEMV_MAX_T 16
+/* Tokens per matrix-product pass (bounds the [T, 2I] scratch). */
+#define DSV2_MLP_GEMM_CHUNK 512
+
+typedef struct {
+    dsv2_mat gate; /* [I, d] */
+    dsv2_mat up;   /* [I, d] */
+    dsv2_mat down; /* [d, I] */
+} dsv2_mlp;
+
+/* DSV2_OK if the three shapes agree (gate/up [I, d], down [d, I], I, d >= 1)
+ * and the dtypes are supported; sets *d and *I when the pointers are given. */
+int dsv2_mlp_check(const dsv2_mlp *m, int64_t *d, int64_t *ni);
+
+/* h = silu(g) * u elementwise, n values (h may alias g or u). */
+void dsv2_silu_mul(float *h, const float *g, const float *u, int64_t n);
+
+/* Intermediate columns [i0, i1) of T tokens (single-threaded, any T):
+ * x [T, d] (rows ldx apart) -> h[t * ldh + i] = silu(x_t . gate_i) * (x_t . up_i) */
+void dsv2_mlp_gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, int64_t T,
+                          const dsv2_mlp *m, int64_t i0, int64_t i1);
+
+/* Output columns [r0, r1) (single-threaded, any T):
+ * h [T, I] (rows ldh apart) -> y[t * ldy + r] = h_t . down_r */
+void dsv2_mlp_down_rows(float *y, int64_t ldy, const float *h, int64_t ldh, int64_t T,
+                        const dsv2_mlp *m, int64_t r0, int64_t r1);
+
+/* Matrix-product path (threaded; call it outside parallel regions).
+ * x [T, d] (rows ldx apart) -> y [T, d] (rows ldy apart).
+ * scratch: at least dsv2_mlp_gemm_scratch(m, T) floats. */
+int64_t dsv2_mlp_gemm_scratch(const dsv2_mlp *m, int64_t T);
+int dsv2_mlp_gemm(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T, const dsv2_mlp *m,
+                  float *scratch);
+
+/* The whole MLP, threaded, picking the path by T.
+ * x [T, d] -> y [T, d]  (contiguous; y must not overlap x) */
+int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T);
+
+#endif

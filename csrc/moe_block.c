@@ -1,0 +1,223 @@
+/* moe_block.c - the DeepSeekMoE block: route, group by expert, run the
+ * experts (sgemm for busy experts, fused row-dot kernels for the rest), combine. */
+#include "moe_block.h"
+#include "moe_dispatch.h"
+#include "threadpool.h"
+
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#define MOE_ROWS_A 32               /* intermediate rows per gate/up work item */
+#define MOE_COLS_B 16               /* output columns per down + combine work item */
+#define MOE_CHUNK_BYTES (64u << 20) /* workspace budget that sets the token chunk */
+
+/* an expert (or the shared expert) run by the row-dot kernels */
+typedef struct {
+    const dsv2_mlp *m;
+    const float *x; /* [n, d] rows ldx apart */
+    int64_t ldx, n;
+    float *h; /* [n, I] rows ldh apart */
+    int64_t ldh;
+    float *y; /* [n, d] rows ldy apart */
+    int64_t ldy;
+    int64_t I;
+    int64_t item0; /* its first gate/up work item */
+} unit;
+
+typedef struct {
+    unit *units;
+    int64_t nunits, nitems;
+    atomic_llong next;
+    /* down + combine */
+    float *out;
+    const float *Y, *Ys;
+    const int64_t *rows;
+    const float *wts;
+    int64_t T, k, d;
+} block_job;
+
+static void gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)b, (void)e, (void)tid;
+    block_job *j = (block_job *)ctx;
+    int64_t u = 0;
+    for (;;) {
+        int64_t it = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
+        if (it >= j->nitems) break;
+        while (u + 1 < j->nunits && j->units[u + 1].item0 <= it) u++;
+        while (u > 0 && j->units[u].item0 > it) u--;
+        const unit *un = &j->units[u];
+        int64_t i0 = (it - un->item0) * MOE_ROWS_A;
+        int64_t i1 = i0 + MOE_ROWS_A < un->I ? i0 + MOE_ROWS_A : un->I;
+        dsv2_mlp_gateup_rows(un->h, un->ldh, un->x, un->ldx, un->n, un->m, i0, i1);
+    }
+}
+
+static void down_combine_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    block_job *j = (block_job *)ctx;
+    for (int64_t blk = b; blk < e; blk++) {
+        int64_t c0 = blk * MOE_COLS_B, c1 = c0 + MOE_COLS_B < j->d ? c0 + MOE_COLS_B : j->d;
+        for (int64_t u = 0; u < j->nunits; u++) {
+            const unit *un = &j->units[u];
+            dsv2_mlp_down_rows(un->y, un->ldy, un->h, un->ldh, un->n, un->m, c0, c1);
+        }
+        dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, c0, c1);
+    }
+}
+
+typedef struct {
+    float *dst;
+    const float *x;
+    const int64_t *order;
+    int64_t k, d;
+} gather_job;
+
+static void gather_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    gather_job *g = (gather_job *)ctx;
+    for (int64_t r = b; r < e; r++)
+        memcpy(g->dst + r * g->d, g->x + (g->order[r] / g->k) * g->d, (size_t)g->d * sizeof(float));
+}
+
+typedef struct {
+    int64_t *off, *order, *rows;
+    float *wts, *Xg, *Y, *H, *Ys, *Hs, *gs;
+    unit *units;
+} workspace;
+
+/* one chunk of Tc tokens: x [Tc, d], ids/w [Tc, k] -> out [Tc, d] */
+static int run_chunk(const workspace *ws, float *out, const float *x, const int64_t *ids, const float *w,
+                     const dsv2_mlp *experts, int64_t E, const dsv2_mlp *shared, int64_t Tc, int64_t k,
+                     int64_t d, int64_t I, int64_t Is) {
+    const int64_t S = Tc * k;
+    int rc = dsv2_moe_dispatch(ws->off, ws->order, ids, Tc, k, E);
+    if (rc) return rc;
+    dsv2_moe_combine_plan(ws->rows, ws->wts, ws->order, w, Tc, k);
+    gather_job gj = {ws->Xg, x, ws->order, k, d};
+    int64_t grain = d >= 16384 ? 1 : 16384 / d;
+    dsv2_parallel_for(S, grain, gather_task, &gj);
+
+    /* busy experts: one sgemm-based MLP each */
+    for (int64_t e = 0; e < E; e++) {
+        int64_t o = ws->off[e], n = ws->off[e + 1] - o;
+        if (n > DSV2_MLP_GEMV_MAX_T) {
+            rc = dsv2_mlp_gemm(ws->Y + o * d, d, ws->Xg + o * d, d, n, &experts[e], ws->gs);
+            if (rc) return rc;
+        }
+    }
+    if (shared && Tc > DSV2_MLP_GEMV_MAX_T) {
+        rc = dsv2_mlp_gemm(ws->Ys, d, x, d, Tc, shared, ws->gs);
+        if (rc) return rc;
+    }
+    /* the rest: row-dot kernels in two shared parallel regions */
+    int64_t nu = 0, items = 0;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t o = ws->off[e], n = ws->off[e + 1] - o;
+        if (n >= 1 && n <= DSV2_MLP_GEMV_MAX_T) {
+            unit un = {&experts[e], ws->Xg + o * d, d, n, ws->H + o * I, I, ws->Y + o * d, d, I, items};
+            ws->units[nu++] = un;
+            items += (I + MOE_ROWS_A - 1) / MOE_ROWS_A;
+        }
+    }
+    if (shared && Tc <= DSV2_MLP_GEMV_MAX_T) {
+        unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items};
+        ws->units[nu++] = un;
+        items += (Is + MOE_ROWS_A - 1) / MOE_ROWS_A;
+    }
+    block_job j;
+    j.units = ws->units;
+    j.nunits = nu;
+    j.nitems = items;
+    atomic_init(&j.next, 0);
+    j.out = out;
+    j.Y = ws->Y;
+    j.Ys = shared ? ws->Ys : NULL;
+    j.rows = ws->rows;
+    j.wts = ws->wts;
+    j.T = Tc;
+    j.k = k;
+    j.d = d;
+    if (items > 0) dsv2_parallel_for(dsv2_get_num_threads(), 1, gateup_task, &j);
+    dsv2_parallel_for((d + MOE_COLS_B - 1) / MOE_COLS_B, 1, down_combine_task, &j);
+    return DSV2_OK;
+}
+
+int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float *w,
+                     const dsv2_mlp *experts, int64_t E, const dsv2_mlp *shared, int64_t T, int64_t k) {
+    if (T < 0 || k < 1 || E < 1 || !experts) return DSV2_ERR_ARG;
+    int64_t d, I, Is = 0, dd, ii;
+    int rc = dsv2_mlp_check(&experts[0], &d, &I);
+    if (rc) return rc;
+    for (int64_t e = 1; e < E; e++) {
+        rc = dsv2_mlp_check(&experts[e], &dd, &ii);
+        if (rc) return rc;
+        if (dd != d || ii != I) return DSV2_ERR_ARG;
+    }
+    if (shared) {
+        rc = dsv2_mlp_check(shared, &dd, &Is);
+        if (rc) return rc;
+        if (dd != d) return DSV2_ERR_ARG;
+    }
+    if (T == 0) return DSV2_OK;
+
+    /* token chunk: bounded workspace */
+    int64_t per_token = (k * (2 * d + I) + d) * (int64_t)sizeof(float);
+    int64_t Tc = (int64_t)MOE_CHUNK_BYTES / per_token;
+    if (Tc < 64) Tc = 64;
+    if (Tc > T) Tc = T;
+    const int64_t S = Tc * k;
+    int64_t gsz = dsv2_mlp_gemm_scratch(&experts[0], S);
+    if (shared && dsv2_mlp_gemm_scratch(shared, Tc) > gsz) gsz = dsv2_mlp_gemm_scratch(shared, Tc);
+    int64_t hs_tok = Tc < DSV2_MLP_GEMV_MAX_T ? Tc : DSV2_MLP_GEMV_MAX_T;
+
+    workspace ws;
+    size_t nf = (size_t)(S + 2 * S * d + S * I + Tc * d + hs_tok * Is + gsz);
+    ws.off = (int64_t *)malloc((size_t)(E + 1 + 2 * S) * sizeof(int64_t));
+    ws.wts = (float *)malloc(nf * sizeof(float));
+    ws.units = (unit *)malloc((size_t)(E + 1) * sizeof(unit));
+    if (!ws.off || !ws.wts || !ws.units) {
+        free(ws.off);
+        free(ws.wts);
+        free(ws.units);
+        return DSV2_ERR_NOMEM;
+    }
+    ws.order = ws.off + E + 1;
+    ws.rows = ws.order + S;
+    ws.Xg = ws.wts + S;
+    ws.Y = ws.Xg + S * d;
+    ws.H = ws.Y + S * d;
+    ws.Ys = ws.H + S * I;
+    ws.Hs = ws.Ys + Tc * d;
+    ws.gs = ws.Hs + hs_tok * Is;
+
+    for (int64_t t0 = 0; t0 < T && !rc; t0 += Tc) {
+        int64_t tc = T - t0 < Tc ? T - t0 : Tc;
+        rc = run_chunk(&ws, out + t0 * d, x + t0 * d, ids + t0 * k, w + t0 * k, experts, E, shared, tc, k, d, I,
+                       Is);
+    }
+    free(ws.off);
+    free(ws.wts);
+    free(ws.units);
+    return rc;
+}
+
+int dsv2_moe_block(float *out, int64_t *ids, float *w, const float *x, const dsv2_mat *router,
+                   const float *bias, const dsv2_mlp *experts, const dsv2_mlp *shared, int64_t T,
+                   const dsv2_moe_cfg *cfg) {
+    int rc = dsv2_moe_cfg_check(cfg);
+    if (rc) return rc;
+    if (T < 0 || router->rows != cfg->n_experts || experts[0].gate.cols != router->cols) return DSV2_ERR_ARG;
+    if (T == 0) return DSV2_OK;
+    const int64_t k = cfg->top_k;
+    int64_t *id = ids ? ids : (int64_t *)malloc((size_t)(T * k) * sizeof(int64_t));
+    float *wt = w ? w : (float *)malloc((size_t)(T * k) * sizeof(float));
+    if (!id || !wt) {
+        rc = DSV2_ERR_NOMEM;
+    } else {
+        rc = dsv2_moe_route(id, wt, NULL, x, router, bias, T, cfg);
+        if (!rc) rc = dsv2_moe_experts(out, x, id, wt, experts, cfg->n_experts, shared, T, k);
+    }
+    if (!ids) free(id);
+    if (!w) free(wt);
+    return rc;
+}

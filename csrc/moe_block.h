@@ -1,0 +1,37 @@
+/* moe_block.h - one DeepSeekMoE feed-forward block as a single call:
+ *   out = sum_k w_k * expert_{id_k}(x) + shared(x)
+ * with (ids, w) from the router (moe_router.h), each expert run once on all
+ * of its tokens (moe_dispatch.h) through the SwiGLU kernels (expert_mlp.h).
+ *
+ * Work split (one pool, no nested regions):
+ *  - experts with more than DSV2_MLP_GEMV_MAX_T tokens of a chunk (and the
+ *    shared expert when the chunk has that many tokens) run one after the
+ *    other as sgemm matrix products, OpenBLAS threaded;
+ *  - all the others share two parallel regions: gate/up+SiLU over blocks of
+ *    intermediate rows of every expert (dynamically scheduled, so both cores
+ *    work on every matrix), then down over blocks of output columns, fused
+ *    with the weighted combine of those columns.
+ * The result does not depend on the number of threads. */
+#ifndef DSV2_MOE_BLOCK_H
+#define DSV2_MOE_BLOCK_H
+
+#include "dsv2.h"
+#include "expert_mlp.h"
+#include "moe_router.h"
+
+/* x [T, d] , router [E, d] fp32|bf16 , bias [E] or NULL (noaux_tc only),
+ * experts [E] (each gate/up [I, d], down [d, I]; one I for all),
+ * shared (gate/up [Is, d], down [d, Is]) or NULL
+ *   -> out [T, d] ; ids [T, k] and w [T, k] (optional outputs, may be NULL)
+ * out must not overlap x.  Router errors (DSV2_ERR_NONFINITE for NaN/Inf
+ * logits) are reported before out is written. */
+int dsv2_moe_block(float *out, int64_t *ids, float *w, const float *x, const dsv2_mat *router,
+                   const float *bias, const dsv2_mlp *experts, const dsv2_mlp *shared, int64_t T,
+                   const dsv2_moe_cfg *cfg);
+
+/* The routed + shared part for given routing (ids, w):
+ * x [T, d] , ids [T, k] in [0, E) , w [T, k] -> out [T, d] */
+int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float *w,
+                     const dsv2_mlp *experts, int64_t E, const dsv2_mlp *shared, int64_t T, int64_t k);
+
+#endif
