@@ -1,0 +1,99 @@
+"""Shared by the benchmark driver and its per-engine worker processes."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+
+__all__ = ["prompt_ids", "peak_rss_bytes", "read_json", "write_json", "top2", "Workload",
+           "QUICK", "FULL"]
+
+
+def prompt_ids(n: int, seed: int, vocab: int = 100000) -> List[int]:
+    """``n`` reproducible token ids in [0, vocab) (below the special tokens at 100000+).
+
+    Parameters
+    ----------
+    n : int
+        Number of tokens.
+    seed : int
+        Different seeds give unrelated prompts.
+    """
+    if n < 1:
+        raise ValueError(f"n: expected >= 1, got {n}")
+    rng = np.random.default_rng([7919, seed])
+    return [int(i) for i in rng.integers(0, vocab, size=n)]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss, Linux KiB -> bytes)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def read_json(path: str) -> Any:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, default=_default)
+    os.replace(tmp, path)
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def top2(logits: np.ndarray) -> Dict[str, Any]:
+    """Top-1 / top-2 ids and values of a logit row (float32 [V])."""
+    row = np.asarray(logits, dtype=np.float32)
+    i2 = np.argpartition(row, -2)[-2:]
+    i2 = i2[np.argsort(-row[i2])]
+    return {"top1": int(i2[0]), "top2": int(i2[1]), "v1": float(row[i2[0]]), "v2": float(row[i2[1]]),
+            "margin": float(row[i2[0]] - row[i2[1]])}
+
+
+class Workload(dict):
+    """The sizes of one benchmark run (a plain dict, JSON-serializable).
+
+    Keys
+    ----
+    check_prompt : int         tokens whose logits are compared across engines
+    check_greedy : int         greedy tokens compared after that prompt
+    prefill : int              prompt length of the prefill measurement
+    prefill_reps : int         best of this many prefills (engines that are fast)
+    decode_contexts : list     contexts before the decode measurement
+    decode_tokens : int        decode steps timed after each context
+    profile_tokens : int       decode steps of the dsv2ext time split
+    """
+
+
+FULL = Workload(check_prompt=48, check_greedy=32, prefill=512, prefill_reps=2,
+                decode_contexts=[128, 4096], decode_tokens=64, profile_tokens=32)
+QUICK = Workload(check_prompt=24, check_greedy=12, prefill=64, prefill_reps=1,
+                 decode_contexts=[32], decode_tokens=8, profile_tokens=8)
+
+
+def softmax_np(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
+    """Index of the first differing token (len of the shorter when one is a prefix)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))

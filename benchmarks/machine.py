@@ -1,0 +1,125 @@
+"""Describe and measure the machine: CPU model, memory, read bandwidth, dot-product peaks.
+
+The measurements come from ``machine_peak.c``, compiled at run time with the
+system's gcc (``-O2 -march=native -pthread``) into the benchmark cache.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from typing import Any, Dict, List, Optional
+
+__all__ = ["cpu_model", "machine_info", "measure_peaks"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (or platform.processor())."""
+    try:
+        with open("/proc/cpuinfo", "r", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> List[str]:
+    try:
+        with open("/proc/cpuinfo", "r", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> Dict[str, Any]:
+    """CPU model, logical CPUs, ISA flags of interest, total memory, caches."""
+    flags = set(_cpu_flags())
+    mem = None
+    try:
+        with open("/proc/meminfo", "r", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal"):
+                    mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    caches: Dict[str, str] = {}
+    if shutil.which("lscpu"):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            m = re.match(r"\s*(L[123][a-z]? cache):\s*(.+)", line)
+            if m:
+                caches[m.group(1)] = m.group(2).strip()
+    return {
+        "cpu_model": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "isa": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                                                  "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")),
+        "memory_bytes": mem,
+        "caches": caches,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def _binary(cache: str) -> str:
+    src = os.path.join(_HERE, "machine_peak.c")
+    exe = os.path.join(cache, "machine_peak")
+    if not os.path.isfile(exe) or os.path.getmtime(exe) < os.path.getmtime(src):
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            raise RuntimeError("no C compiler (gcc/cc) on PATH: cannot measure the bandwidth")
+        os.makedirs(cache, exist_ok=True)
+        r = subprocess.run([cc, "-O2", "-march=native", "-pthread", "-o", exe, src],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"compiling {src} failed:\n{r.stderr}")
+    return exe
+
+
+def _run(exe: str, mode: str, threads: int, n: int, reps: int) -> Optional[float]:
+    r = subprocess.run([exe, mode, str(threads), str(n), str(reps)], capture_output=True, text=True,
+                       timeout=300)
+    if r.returncode == 3:  # instruction not available
+        return None
+    if r.returncode != 0:
+        raise RuntimeError(f"machine_peak {mode} failed: {r.stderr.strip()}")
+    return float(r.stdout.strip())
+
+
+def measure_peaks(cache: str, threads: List[int], quick: bool = False) -> Dict[str, Any]:
+    """Streaming-read bandwidth (2 GiB buffer) and dot-product peaks per thread count.
+
+    Returns
+    -------
+    dict
+        ``{"read_GBps": {"1": .., "2": ..}, "fma32_GFLOPs": {...}, "bf16_GFLOPs": {...},
+        "vnni_GOPs": {...}, "buffer_bytes": ...}``; a peak is None where the
+        instruction is missing.
+    """
+    exe = _binary(cache)
+    size = (1 << 30) if quick else (2 << 30)
+    reps = 3 if quick else 6
+    iters = 20_000_000 if quick else 50_000_000
+    out: Dict[str, Any] = {"buffer_bytes": size, "read_GBps": {}, "fma32_GFLOPs": {},
+                           "bf16_GFLOPs": {}, "vnni_GOPs": {}}
+    for t in threads:
+        out["read_GBps"][str(t)] = _run(exe, "read", t, size, reps)
+        out["fma32_GFLOPs"][str(t)] = _run(exe, "fma32", t, iters, 3)
+        out["bf16_GFLOPs"][str(t)] = _run(exe, "bf16", t, iters, 3)
+        out["vnni_GOPs"][str(t)] = _run(exe, "vnni", t, iters, 3)
+    return out
+
+
+if __name__ == "__main__":
+    import json
+    print(json.dumps(machine_info(), indent=1))
+    print(json.dumps(measure_peaks(os.path.join(_HERE, "cache"), [1, 2], quick=True), indent=1))

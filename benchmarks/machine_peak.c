@@ -1,0 +1,178 @@
+/* Machine ceilings for the benchmark rooflines: streaming read bandwidth and
+ * the peak of the dot-product instructions, with 1..N threads.
+ *
+ *   machine_peak read  THREADS BYTES REPS   -> best GB/s of REPS passes over BYTES
+ *   machine_peak fma32 THREADS ITERS REPS   -> best GFLOP/s (zmm vfmadd231ps)
+ *   machine_peak bf16  THREADS ITERS REPS   -> best GFLOP/s (zmm vdpbf16ps)
+ *   machine_peak vnni  THREADS ITERS REPS   -> best GOP/s   (zmm vpdpbusd)
+ *
+ * Prints one number.  Compiled by benchmarks/machine.py with
+ * gcc -O2 -march=native -pthread.  The read loop sums 64-bit lanes into
+ * 8 independent accumulators (the sum is printed to stderr so that the loads
+ * cannot be removed); each thread reads its own contiguous slice, which it
+ * also wrote first (first-touch placement).
+ */
+#define _GNU_SOURCE
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+typedef struct {
+    int id, nthreads, mode;
+    uint8_t *buf;
+    size_t bytes;
+    long iters;
+    pthread_barrier_t *start, *stop;
+    int reps;
+    double *times; /* written by thread 0 */
+    uint64_t sink;
+} job_t;
+
+static uint64_t read_slice(const uint8_t *p, size_t n) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (size_t i = 0; i + 512 <= n; i += 512) {
+        a0 = _mm512_add_epi64(a0, _mm512_load_si512((const void *)(p + i)));
+        a1 = _mm512_add_epi64(a1, _mm512_load_si512((const void *)(p + i + 64)));
+        a2 = _mm512_add_epi64(a2, _mm512_load_si512((const void *)(p + i + 128)));
+        a3 = _mm512_add_epi64(a3, _mm512_load_si512((const void *)(p + i + 192)));
+        a4 = _mm512_add_epi64(a4, _mm512_load_si512((const void *)(p + i + 256)));
+        a5 = _mm512_add_epi64(a5, _mm512_load_si512((const void *)(p + i + 320)));
+        a6 = _mm512_add_epi64(a6, _mm512_load_si512((const void *)(p + i + 384)));
+        a7 = _mm512_add_epi64(a7, _mm512_load_si512((const void *)(p + i + 448)));
+    }
+    a0 = _mm512_add_epi64(_mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)),
+                          _mm512_add_epi64(_mm512_add_epi64(a4, a5), _mm512_add_epi64(a6, a7)));
+    return (uint64_t)_mm512_reduce_add_epi64(a0);
+}
+
+static uint64_t fma_loop(long iters) {
+    __m512 a[12];
+    const __m512 x = _mm512_set1_ps(1.0000001f), y = _mm512_set1_ps(0.9999999f);
+    for (int k = 0; k < 12; k++) a[k] = _mm512_set1_ps((float)k);
+    for (long i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+        for (int k = 0; k < 12; k++) a[k] = _mm512_fmadd_ps(a[k], x, y);
+    }
+    __m512 s = a[0];
+    for (int k = 1; k < 12; k++) s = _mm512_add_ps(s, a[k]);
+    return (uint64_t)_mm512_reduce_add_ps(s);
+}
+
+#ifdef __AVX512BF16__
+static uint64_t bf16_loop(long iters) {
+    __m512 a[12];
+    const __m512bh x = (__m512bh)_mm512_set1_epi16(0x3f80), y = (__m512bh)_mm512_set1_epi16(0x3c00);
+    for (int k = 0; k < 12; k++) a[k] = _mm512_set1_ps((float)k);
+    for (long i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+        for (int k = 0; k < 12; k++) a[k] = _mm512_dpbf16_ps(a[k], x, y);
+    }
+    __m512 s = a[0];
+    for (int k = 1; k < 12; k++) s = _mm512_add_ps(s, a[k]);
+    return (uint64_t)_mm512_reduce_add_ps(s);
+}
+#endif
+
+#ifdef __AVX512VNNI__
+static uint64_t vnni_loop(long iters) {
+    __m512i a[12];
+    const __m512i x = _mm512_set1_epi8(3), y = _mm512_set1_epi8(-2);
+    for (int k = 0; k < 12; k++) a[k] = _mm512_set1_epi32(k);
+    for (long i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+        for (int k = 0; k < 12; k++) a[k] = _mm512_dpbusd_epi32(a[k], x, y);
+    }
+    __m512i s = a[0];
+    for (int k = 1; k < 12; k++) s = _mm512_add_epi32(s, a[k]);
+    return (uint64_t)_mm512_reduce_add_epi32(s);
+}
+#endif
+
+static void *worker(void *arg) {
+    job_t *j = (job_t *)arg;
+    size_t slice = (j->bytes / j->nthreads) & ~(size_t)511;
+    uint8_t *p = j->buf + (size_t)j->id * slice;
+    if (j->mode == 0) memset(p, j->id + 1, slice);
+    for (int r = 0; r < j->reps; r++) {
+        pthread_barrier_wait(j->start);
+        double t0 = now();
+        switch (j->mode) {
+            case 0: j->sink += read_slice(p, slice); break;
+            case 1: j->sink += fma_loop(j->iters); break;
+#ifdef __AVX512BF16__
+            case 2: j->sink += bf16_loop(j->iters); break;
+#endif
+#ifdef __AVX512VNNI__
+            case 3: j->sink += vnni_loop(j->iters); break;
+#endif
+            default: break;
+        }
+        pthread_barrier_wait(j->stop);
+        if (j->id == 0) j->times[r] = now() - t0;
+    }
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s read|fma32|bf16|vnni THREADS BYTES_OR_ITERS REPS\n", argv[0]);
+        return 2;
+    }
+    int mode = !strcmp(argv[1], "read") ? 0 : !strcmp(argv[1], "fma32") ? 1
+             : !strcmp(argv[1], "bf16") ? 2 : !strcmp(argv[1], "vnni") ? 3 : -1;
+    int nt = atoi(argv[2]);
+    long n = atol(argv[3]);
+    int reps = atoi(argv[4]);
+    if (mode < 0 || nt < 1 || n < 1 || reps < 1) {
+        fprintf(stderr, "bad arguments\n");
+        return 2;
+    }
+#ifndef __AVX512BF16__
+    if (mode == 2) { fprintf(stderr, "this CPU/compiler has no AVX512-BF16\n"); return 3; }
+#endif
+#ifndef __AVX512VNNI__
+    if (mode == 3) { fprintf(stderr, "this CPU/compiler has no AVX512-VNNI\n"); return 3; }
+#endif
+    uint8_t *buf = NULL;
+    if (mode == 0 && posix_memalign((void **)&buf, 4096, (size_t)n) != 0) {
+        fprintf(stderr, "cannot allocate %ld bytes\n", n);
+        return 1;
+    }
+    pthread_barrier_t b1, b2;
+    pthread_barrier_init(&b1, NULL, nt);
+    pthread_barrier_init(&b2, NULL, nt);
+    double *times = calloc(reps, sizeof(double));
+    job_t *jobs = calloc(nt, sizeof(job_t));
+    pthread_t *th = calloc(nt, sizeof(pthread_t));
+    for (int i = 0; i < nt; i++) {
+        jobs[i] = (job_t){.id = i, .nthreads = nt, .mode = mode, .buf = buf, .bytes = (size_t)n,
+                          .iters = n, .start = &b1, .stop = &b2, .reps = reps, .times = times};
+        pthread_create(&th[i], NULL, worker, &jobs[i]);
+    }
+    uint64_t sink = 0;
+    for (int i = 0; i < nt; i++) {
+        pthread_join(th[i], NULL);
+        sink += jobs[i].sink;
+    }
+    double best = times[0];
+    for (int r = 1; r < reps; r++) if (times[r] < best) best = times[r];
+    double work;
+    if (mode == 0) work = (double)(((size_t)n / nt) & ~(size_t)511) * nt;   /* bytes */
+    else if (mode == 1) work = 2.0 * 16 * 12 * (double)n * nt;             /* flops */
+    else if (mode == 2) work = 2.0 * 32 * 12 * (double)n * nt;
+    else work = 2.0 * 64 * 12 * (double)n * nt;                            /* int8 ops */
+    printf("%.3f\n", work / best / 1e9);
+    fprintf(stderr, "sink %llu\n", (unsigned long long)sink);
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,659 @@
+#!/usr/bin/env python
+"""dsv2ext against PyTorch/transformers and llama.cpp on the same weights, in one run.
+
+    python benchmarks/run.py                      # lite-L4, 2 threads, everything
+    python benchmarks/run.py --quick              # smoke run (a few minutes), results under cache/quick
+    python benchmarks/run.py --geometry lite-full # 27-layer V2-Lite: dsv2ext int8 vs llama.cpp Q8_0
+
+Steps:
+
+1. measure the machine (streaming-read bandwidth over a 2 GiB buffer and the
+   fp32 FMA / bf16 / int8 dot-product peaks, 1 and N threads; ``machine.py``);
+2. build (once, cached under ``benchmarks/cache``) the synthetic checkpoint in
+   the HF layout and the same weights as deepseek2 GGUF files (BF16, Q8_0);
+3. check that the engines compute the same model: dsv2ext vs transformers
+   logits in fp32 (relative error <= 1e-4), dsv2ext vs llama.cpp BF16
+   (cosine >= 0.99, same argmax wherever the top-two margin is clear, greedy
+   tokens equal until the first near-tie);
+4. measure each engine in its own time-boxed process: prefill tokens/s
+   (512-token prompt), decode tokens/s (64 tokens after 128 and after 4096
+   tokens of context), peak RSS, KV cache bytes per token, decode as a
+   fraction of the bandwidth roofline, and dsv2ext's per-token time split;
+5. print one table (with ratios dsv2ext / each anchor) and the issue-8
+   targets, and write ``RESULTS.md``, ``results.json`` and a PNG chart.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from checkpoint import GEOMETRIES, build_checkpoint, hf_config, tensor_specs  # noqa: E402
+from common import FULL, QUICK, first_divergence, read_json, write_json  # noqa: E402
+from machine import machine_info, measure_peaks  # noqa: E402
+
+#: relative-error bound of dsv2ext fp32 vs transformers fp32 logits
+FP32_REL_TOL = 1e-4
+#: cosine-similarity bound of dsv2ext vs llama.cpp (BF16) next-token logits
+COSINE_MIN = 0.99
+#: a top-two margin below this fraction of the reference logits' standard deviation is a near-tie
+NEAR_TIE_FRACTION = 0.05
+
+
+# ----------------------------------------------------------------------------- plan
+
+class Run:
+    """One worker process: engine, variant, task and its time box."""
+
+    def __init__(self, engine: str, variant: str, task: str, timeout: int) -> None:
+        self.engine, self.variant, self.task, self.timeout = engine, variant, task, timeout
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}:{self.engine}:{self.variant}"
+
+    @property
+    def label(self) -> str:
+        return ENGINE_LABEL[self.engine] + " " + self.variant
+
+
+ENGINE_LABEL = {"dsv2ext": "dsv2ext", "transformers": "transformers", "llama": "llama.cpp"}
+
+
+def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool) -> List[Run]:
+    """Every worker process of a benchmark, in execution order."""
+    runs: List[Run] = []
+    t_ds, t_hf, t_ll = (300, 600, 300) if quick else (900, 1800, 900)
+    if geometry == "lite-L4":
+        runs.append(Run("dsv2ext", "f32", "check", t_ds))
+        runs.append(Run("dsv2ext", "bf16", "check", t_ds))
+        if not skip_hf:
+            runs.append(Run("transformers", "fp32-eager", "check", t_hf))
+        if not skip_llama:
+            runs.append(Run("llama", "BF16", "check", t_ll))
+        runs.append(Run("dsv2ext", "bf16", "speed", t_ds))
+        runs.append(Run("dsv2ext", "int8", "speed", t_ds))
+        if not quick:
+            runs.append(Run("dsv2ext", "f32", "speed", t_ds))
+        if not skip_llama:
+            runs.append(Run("llama", "BF16", "speed", t_ll))
+            runs.append(Run("llama", "Q8_0", "speed", t_ll))
+        if not skip_hf:
+            hf = ["bf16-eager"] if quick else ["fp32-eager", "bf16-eager", "fp32-grouped_mm", "bf16-grouped_mm"]
+            for v in hf:
+                runs.append(Run("transformers", v, "speed", t_hf))
+    elif geometry == "lite-full":
+        runs.append(Run("dsv2ext", "int8", "check", t_ds * 2))
+        if not skip_llama:
+            runs.append(Run("llama", "Q8_0", "check", t_ll * 2))
+        runs.append(Run("dsv2ext", "int8", "speed", t_ds * 2))
+        if not skip_llama:
+            runs.append(Run("llama", "Q8_0", "speed", t_ll * 2))
+    else:
+        raise ValueError(f"--geometry: expected one of {sorted(GEOMETRIES)}, got {geometry!r}")
+    return runs
+
+
+def run_worker(run: Run, spec: Dict[str, Any], work_dir: str, log: Any) -> Dict[str, Any]:
+    """Start worker.py for one run in its own process group; kill it at the time box."""
+    name = run.key.replace(":", "-")
+    spec_path = os.path.join(work_dir, name + ".spec.json")
+    out_path = os.path.join(work_dir, name + ".json")
+    log_path = os.path.join(work_dir, name + ".log")
+    if os.path.exists(out_path):
+        os.unlink(out_path)
+    spec = dict(spec, out=out_path, engine=run.engine, variant=run.variant, task=run.task)
+    write_json(spec_path, spec)
+    t0 = time.time()
+    with open(log_path, "w") as lf:
+        p = subprocess.Popen([sys.executable, os.path.join(HERE, "worker.py"), spec_path],
+                             stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = p.wait(timeout=run.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            rc = None
+    wall = time.time() - t0
+    if os.path.exists(out_path):
+        res = read_json(out_path)
+    else:
+        tail = ""
+        try:
+            with open(log_path, "r", errors="replace") as f:
+                tail = f.read()[-2000:]
+        except OSError:
+            pass
+        why = f"timed out after {run.timeout} s" if rc is None else f"exited with status {rc} (no result)"
+        res = {"ok": False, "error": why, "log_tail": tail}
+    res["driver_wall_seconds"] = wall
+    res["log"] = log_path
+    status = "ok" if res.get("ok") else "FAILED: " + str(res.get("error", "?")).splitlines()[0][:200]
+    log(f"  [{wall:6.0f} s] {run.key:40s} {status}")
+    return res
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
+
+
+def compare_logits(test: np.ndarray, ref: np.ndarray) -> Dict[str, Any]:
+    """Per-position agreement of two [T, V] logit arrays (ref: the reference engine)."""
+    if test.shape != ref.shape:
+        raise ValueError(f"logits shapes differ: {test.shape} vs {ref.shape}")
+    a = test.astype(np.float64)
+    b = ref.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    std = b.std(axis=1)
+    srt = np.sort(b, axis=1)
+    margin = srt[:, -1] - srt[:, -2]
+    clear = margin >= NEAR_TIE_FRACTION * std
+    same = a.argmax(1) == b.argmax(1)
+    return {
+        "positions": int(a.shape[0]),
+        "rel_err": _rel(a, b),
+        "max_abs_err": float(np.abs(a - b).max()),
+        "max_abs_ref": float(np.abs(b).max()),
+        "cosine_min": float(cos.min()),
+        "cosine_mean": float(cos.mean()),
+        "argmax_agree": int(same.sum()),
+        "clear_margin_positions": int(clear.sum()),
+        "argmax_agree_where_clear": int((same & clear).sum()),
+        "ref_logit_std_mean": float(std.mean()),
+        "ref_margin_median": float(np.median(margin)),
+    }
+
+
+def compare_greedy(test: Dict[str, Any], ref: Dict[str, Any], ref_std: float) -> Dict[str, Any]:
+    """Greedy tokens of two engines: equal until the first near-tie?"""
+    ta, tb = test["greedy_tokens"], ref["greedy_tokens"]
+    k = first_divergence(ta, tb)
+    n = min(len(ta), len(tb))
+    tau = NEAR_TIE_FRACTION * ref_std
+    out: Dict[str, Any] = {"tokens": n, "agree_prefix": k, "near_tie_threshold": tau}
+    if k >= n:
+        out["verdict"] = "all equal"
+        out["ok"] = True
+        return out
+    ma = test["greedy_top2"][k]["margin"]
+    mb = ref["greedy_top2"][k]["margin"]
+    out.update(first_diff_step=k, margin_test=ma, margin_ref=mb)
+    out["ok"] = bool(min(ma, mb) < tau)
+    out["verdict"] = (f"equal for {k} tokens, then a near-tie (margin {min(ma, mb):.3g} < {tau:.3g})"
+                      if out["ok"] else f"DIVERGE at step {k} with a clear margin ({min(ma, mb):.3g})")
+    return out
+
+
+def evaluate_checks(results: Dict[str, Dict[str, Any]], geometry: str) -> List[Dict[str, Any]]:
+    """The cross-engine agreement checks from the check runs."""
+    checks: List[Dict[str, Any]] = []
+
+    def pair(test_key: str, ref_key: str, kind: str) -> None:
+        a, b = results.get(test_key), results.get(ref_key)
+        if not a or not b:
+            return
+        name = f"{test_key.split(':', 1)[1]} vs {ref_key.split(':', 1)[1]}"
+        if not (a.get("ok") and b.get("ok")):
+            checks.append({"name": name, "ok": False,
+                           "detail": "not run: " + "; ".join(str(x.get("error", ""))[:200]
+                                                              for x in (a, b) if not x.get("ok"))})
+            return
+        la, lb = np.load(a["logits_npy"]), np.load(b["logits_npy"])
+        c = compare_logits(la, lb)
+        g = compare_greedy(a, b, c["ref_logit_std_mean"])
+        if kind == "fp32":
+            ok = c["rel_err"] <= FP32_REL_TOL and c["argmax_agree_where_clear"] == c["clear_margin_positions"]
+            detail = (f"rel err {c['rel_err']:.2e} (<= {FP32_REL_TOL:g}), max abs {c['max_abs_err']:.2e} "
+                      f"of {c['max_abs_ref']:.2f}, argmax {c['argmax_agree']}/{c['positions']}; greedy "
+                      f"{g['verdict']}")
+        else:
+            ok = (c["cosine_min"] >= COSINE_MIN
+                  and c["argmax_agree_where_clear"] == c["clear_margin_positions"])
+            detail = (f"cosine min {c['cosine_min']:.5f} (>= {COSINE_MIN}), argmax "
+                      f"{c['argmax_agree_where_clear']}/{c['clear_margin_positions']} where clear "
+                      f"({c['argmax_agree']}/{c['positions']} all), rel err {c['rel_err']:.2e}; greedy "
+                      f"{g['verdict']}")
+        ok = bool(ok and g["ok"])
+        checks.append({"name": name, "kind": kind, "ok": ok, "detail": detail, "logits": c, "greedy": g})
+
+    if geometry == "lite-L4":
+        pair("check:dsv2ext:f32", "check:transformers:fp32-eager", "fp32")
+        pair("check:dsv2ext:bf16", "check:llama:BF16", "cross")
+        pair("check:dsv2ext:f32", "check:llama:BF16", "cross")
+        pair("check:dsv2ext:bf16", "check:transformers:fp32-eager", "cross")
+    else:
+        pair("check:dsv2ext:int8", "check:llama:Q8_0", "cross")
+    return checks
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def flops_per_prefill_token(cfg: Dict[str, Any], T: int) -> float:
+    """2 x active params without lm_head + attention (average context T/2)."""
+    k, E, L = cfg["num_experts_per_tok"], cfg["n_routed_experts"], cfg["num_hidden_layers"]
+    act = 0.0
+    for s in tensor_specs(cfg):
+        n = s.name
+        if n.startswith("model.embed_tokens") or n.startswith("lm_head"):
+            continue
+        act += s.numel * (k / E if ".experts." in n else 1.0)
+    H = cfg["num_attention_heads"]
+    attn = 2.0 * H * (cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"] + cfg["v_head_dim"]) * (T / 2.0) * L
+    return 2.0 * act + attn
+
+
+def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threads: int,
+                cfg: Dict[str, Any], workload: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per speed run, with rooflines."""
+    bw = (peaks["read_GBps"].get(str(threads)) or float("nan")) * 1e9
+    fma = (peaks["fma32_GFLOPs"].get(str(threads)) or float("nan")) * 1e9
+    rows = []
+    for key, r in results.items():
+        if not key.startswith("speed:"):
+            continue
+        _, eng, var = key.split(":", 2)
+        row: Dict[str, Any] = {"key": key, "engine": ENGINE_LABEL[eng], "variant": var, "ok": bool(r.get("ok"))}
+        row["dtype"] = {"f32": "fp32", "bf16": "bf16", "int8": "int8", "BF16": "bf16", "Q8_0": "q8_0"}.get(
+            var, var.split("-")[0])
+        if not r.get("ok"):
+            row["error"] = str(r.get("error", "?")).splitlines()[0][:300]
+            rows.append(row)
+            continue
+        row["prefill_tps"] = r["prefill"]["tokens_per_s"]
+        wbytes = r["weights"]["active_bytes"]
+        kvb = r["kv_cache"]["bytes_per_token"]
+        row["active_weight_bytes"] = wbytes
+        row["weight_bytes_total"] = r["weights"]["total_bytes"]
+        row["kv_bytes_per_token"] = kvb
+        row["peak_rss_bytes"] = r["peak_rss_bytes"]
+        row["load_seconds"] = r.get("load_seconds")
+        row["decode"] = {}
+        for ctx, d in r["decode"].items():
+            c = int(ctx)
+            read = wbytes + (c + workload["decode_tokens"] / 2.0) * kvb
+            roof = bw / read
+            row["decode"][ctx] = {"tps": d["tokens_per_s"], "roofline_tps": roof,
+                                  "roofline_fraction": d["tokens_per_s"] / roof, "bytes_per_token": read,
+                                  "prefill_tps": d["prefill_tokens_per_s"]}
+        fl = flops_per_prefill_token(cfg, workload["prefill"])
+        row["prefill_gflops"] = row["prefill_tps"] * fl / 1e9
+        row["prefill_fma_fraction"] = row["prefill_tps"] * fl / fma
+        if "profile" in r:
+            row["profile"] = r["profile"]
+        if "implementation" in r:
+            row["implementation"] = r["implementation"]
+        rows.append(row)
+    return rows
+
+
+def _anchor_of(row: Dict[str, Any], rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The dsv2ext row to compare an anchor with: same dtype class (q8_0 -> int8)."""
+    want = {"q8_0": "int8"}.get(row["dtype"], row["dtype"])
+    for r in rows:
+        if r["engine"] == "dsv2ext" and r["dtype"] == want and r["ok"]:
+            return r
+    return None
+
+
+def add_ratios(rows: List[Dict[str, Any]], contexts: List[int]) -> None:
+    for row in rows:
+        if row["engine"] == "dsv2ext" or not row["ok"]:
+            continue
+        ds = _anchor_of(row, rows)
+        if ds is None:
+            continue
+        rat = {"vs": f"dsv2ext {ds['variant']}", "prefill": ds["prefill_tps"] / row["prefill_tps"]}
+        for c in contexts:
+            a, b = ds["decode"].get(str(c)), row["decode"].get(str(c))
+            if a and b:
+                rat[f"decode@{c}"] = a["tps"] / b["tps"]
+        row["ratios"] = rat
+
+
+# ----------------------------------------------------------------------------- output
+
+def _fmt(x: Optional[float], nd: int = 1) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def table_lines(rows: List[Dict[str, Any]], contexts: List[int], prefill: int) -> List[str]:
+    """The main table as Markdown lines."""
+    hdr = ["engine", "weights", f"prefill tok/s ({prefill})"]
+    for c in contexts:
+        hdr += [f"decode tok/s @{c}", f"% roofline @{c}"]
+    if len(contexts) > 1:
+        hdr.append(f"@{contexts[-1]} / @{contexts[0]}")
+    hdr += ["peak RSS GiB", "KV B/token", "dsv2ext / this (prefill, " + ", ".join(f"decode@{c}" for c in contexts) + ")"]
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for r in rows:
+        name = f"{r['engine']} {r['variant']}"
+        if not r["ok"]:
+            lines.append("| " + " | ".join([name, r["dtype"], "error: " + r.get("error", "?")[:80]]
+                                         + ["-"] * (len(hdr) - 3)) + " |")
+            continue
+        cells = [name, r["dtype"], _fmt(r["prefill_tps"])]
+        for c in contexts:
+            d = r["decode"].get(str(c))
+            cells += [_fmt(d["tps"], 2) if d else "-", _fmt(100 * d["roofline_fraction"], 0) + "%" if d else "-"]
+        if len(contexts) > 1:
+            a, b = r["decode"].get(str(contexts[-1])), r["decode"].get(str(contexts[0]))
+            cells.append(_fmt(a["tps"] / b["tps"], 2) if a and b else "-")
+        cells += [_fmt(r["peak_rss_bytes"] / 2 ** 30, 2), _fmt(r["kv_bytes_per_token"], 0)]
+        rat = r.get("ratios")
+        if rat:
+            vals = [rat["prefill"]] + [rat.get(f"decode@{c}") for c in contexts]
+            cells.append(", ".join(_fmt(v, 2) + "x" if v else "-" for v in vals) + f" (vs {rat['vs']})")
+        else:
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets(rows: List[Dict[str, Any]], geometry: str, contexts: List[int]) -> List[Dict[str, Any]]:
+    """Issue-8 targets that this run measures, with the measured values."""
+    by = {(r["engine"], r["variant"]): r for r in rows if r["ok"]}
+    ds_b, ds_i = by.get(("dsv2ext", "bf16")), by.get(("dsv2ext", "int8"))
+    ll_b, ll_q = by.get(("llama.cpp", "BF16")), by.get(("llama.cpp", "Q8_0"))
+    out: List[Dict[str, Any]] = []
+    c0 = str(contexts[0])
+
+    def add(name: str, value: Optional[float], goal: float, unit: str = "") -> None:
+        out.append({"target": name, "value": value, "goal": goal, "unit": unit,
+                    "met": None if value is None else bool(value >= goal)})
+
+    def dec(r: Optional[Dict[str, Any]], c: str, f: str = "tps") -> Optional[float]:
+        return r["decode"][c][f] if r and c in r["decode"] else None
+
+    if geometry == "lite-L4":
+        add(f"decode bf16 @{c0}: fraction of roofline", dec(ds_b, c0, "roofline_fraction"), 0.80)
+        if ds_b and ll_b:
+            add(f"decode bf16 @{c0}: dsv2ext / llama.cpp BF16", dec(ds_b, c0) / dec(ll_b, c0), 1.3, "x")
+        add(f"decode int8 @{c0}: fraction of roofline", dec(ds_i, c0, "roofline_fraction"), 0.80)
+        if ds_i and ll_q:
+            add(f"decode int8 @{c0}: dsv2ext / llama.cpp Q8_0", dec(ds_i, c0) / dec(ll_q, c0), 1.3, "x")
+        if len(contexts) > 1 and ds_b:
+            cl = str(contexts[-1])
+            add(f"decode bf16 @{cl} / @{c0}", dec(ds_b, cl) / dec(ds_b, c0), 0.85, "x")
+        if ds_b and ll_b:
+            add("prefill bf16: dsv2ext / llama.cpp BF16", ds_b["prefill_tps"] / ll_b["prefill_tps"], 1.2, "x")
+        if ds_b:
+            add("prefill bf16: fraction of the fp32 FMA peak (whole prefill)", ds_b["prefill_fma_fraction"], 0.60)
+        for dt, hf in (("fp32", "fp32-eager"), ("bf16", "bf16-eager")):
+            ds = by.get(("dsv2ext", "f32" if dt == "fp32" else dt))
+            h = by.get(("transformers", hf))
+            if ds and h:
+                add(f"decode {dt} @{c0}: dsv2ext / transformers eager", dec(ds, c0) / dec(h, c0), 10.0, "x")
+                add(f"prefill {dt}: dsv2ext / transformers eager", ds["prefill_tps"] / h["prefill_tps"], 3.0, "x")
+    else:
+        add(f"decode int8 @{c0}: fraction of roofline", dec(ds_i, c0, "roofline_fraction"), 0.75)
+        if ds_i and ll_q:
+            add(f"decode int8 @{c0}: dsv2ext / llama.cpp Q8_0", dec(ds_i, c0) / dec(ll_q, c0), 1.3, "x")
+        if ds_i:
+            out.append({"target": "dsv2ext int8 peak RSS <= 24 GiB", "value": ds_i["peak_rss_bytes"] / 2 ** 30,
+                        "goal": 24.0, "unit": "GiB", "met": ds_i["peak_rss_bytes"] <= 24 * 2 ** 30})
+    return out
+
+
+def write_chart(path: str, rows: List[Dict[str, Any]], contexts: List[int], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r["ok"]]
+    if not ok:
+        return
+    names = [f"{r['engine']}\n{r['variant']}" for r in ok]
+    colors = ["#1f77b4" if r["engine"] == "dsv2ext" else "#ff7f0e" if r["engine"] == "llama.cpp" else "#7f7f7f"
+              for r in ok]
+    fig, axes = plt.subplots(1, 1 + len(contexts), figsize=(5 + 4.5 * len(contexts), 4.8))
+    x = np.arange(len(ok))
+    axes[0].bar(x, [r["prefill_tps"] for r in ok], color=colors)
+    axes[0].set_title("prefill tokens/s")
+    for i, c in enumerate(contexts):
+        ax = axes[1 + i]
+        vals = [r["decode"].get(str(c), {}).get("tps", 0.0) for r in ok]
+        roofs = [r["decode"].get(str(c), {}).get("roofline_tps", 0.0) for r in ok]
+        ax.bar(x, roofs, color="none", edgecolor="black", linestyle="--", linewidth=0.8, label="roofline")
+        ax.bar(x, vals, color=colors)
+        ax.set_title(f"decode tokens/s after {c} tokens")
+        ax.legend(loc="upper right", fontsize=7)
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_records(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Flat records: engine, dtype, metric, value, unit, ratios, date, CPU model, threads."""
+    recs = []
+    base = {k: meta[k] for k in ("date", "cpu_model", "threads", "geometry")}
+
+    def rec(r: Dict[str, Any], metric: str, value: Any, unit: str, ratio: Optional[float] = None) -> None:
+        d = dict(base, engine=r["engine"], variant=r["variant"], dtype=r["dtype"], metric=metric,
+                 value=value, unit=unit)
+        if ratio is not None:
+            d["ratios"] = {"dsv2ext_over_this": ratio, "vs": r["ratios"]["vs"]}
+        recs.append(d)
+
+    for r in rows:
+        if not r["ok"]:
+            rec(r, "error", r.get("error"), "")
+            continue
+        rat = r.get("ratios", {})
+        rec(r, f"prefill_tokens_per_s@{meta['workload']['prefill']}", r["prefill_tps"], "tokens/s",
+            rat.get("prefill"))
+        for c, d in r["decode"].items():
+            rec(r, f"decode_tokens_per_s@{c}", d["tps"], "tokens/s", rat.get(f"decode@{c}"))
+            rec(r, f"decode_roofline_fraction@{c}", d["roofline_fraction"], "fraction")
+            rec(r, f"decode_roofline_tokens_per_s@{c}", d["roofline_tps"], "tokens/s")
+        rec(r, "peak_rss", r["peak_rss_bytes"], "bytes")
+        rec(r, "kv_cache_per_token", r["kv_bytes_per_token"], "bytes")
+        rec(r, "active_weight_bytes_per_token", r["active_weight_bytes"], "bytes")
+        rec(r, "prefill_fma_peak_fraction", r["prefill_fma_fraction"], "fraction")
+    return recs
+
+
+def render_markdown(all_runs: Dict[str, Any]) -> str:
+    """RESULTS.md from every geometry's latest run."""
+    out = ["# Benchmark results", "",
+           "Written by `python benchmarks/run.py` (see benchmarks/README.md). Same weights for every engine, "
+           "same run, each engine in its own process. Ratios are dsv2ext / the row's engine, against the "
+           "dsv2ext row of the same weight type (fp32, bf16, int8 for Q8_0).", ""]
+    for geo in sorted(all_runs):
+        r = all_runs[geo]
+        m = r["meta"]
+        out += [f"## {geo}", "",
+                f"{m['date']} - {m['cpu_model']}, {m['threads']} threads, {m['logical_cpus']} logical CPUs, "
+                f"{m['memory_gib']:.0f} GiB RAM; {m['params'] / 1e9:.2f} B parameters, "
+                f"{m['active_params'] / 1e9:.3f} B active per token.", ""]
+        pk = r["peaks"]
+        t = str(m["threads"])
+        out.append(f"Machine: streaming read {_fmt(pk['read_GBps'].get('1'))} GB/s (1 thread), "
+                   f"{_fmt(pk['read_GBps'].get(t))} GB/s ({t} threads); fp32 FMA peak "
+                   f"{_fmt(pk['fma32_GFLOPs'].get(t), 0)} GFLOP/s, bf16 dot {_fmt(pk['bf16_GFLOPs'].get(t), 0)} "
+                   f"GFLOP/s, int8 dot {_fmt(pk['vnni_GOPs'].get(t), 0)} GOP/s ({t} threads).")
+        out.append("")
+        out += r["table"]
+        out.append("")
+        out.append("Roofline = read bandwidth / (active weight bytes per token in the engine's own format + "
+                   "KV cache bytes read per token at that context).")
+        out += ["", "### Same model?", ""]
+        for c in r["checks"]:
+            out.append(f"- {'PASS' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}")
+        if r.get("targets"):
+            out += ["", "### Issue-8 targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+            for tg in r["targets"]:
+                out.append(f"| {tg['target']} | {_fmt(tg['value'], 2)}{tg['unit']} | {tg['goal']}{tg['unit']} | "
+                           f"{'yes' if tg['met'] else 'no' if tg['met'] is not None else '-'} |")
+        prof = r.get("profile")
+        if prof:
+            out += ["", "### dsv2ext decode time per token", ""]
+            for name, p in prof.items():
+                per = p["seconds_per_token"]
+                tot = sum(per.values())
+                parts = ", ".join(f"{k} {1000 * v:.2f} ms ({100 * v / tot:.0f}%)" for k, v in per.items())
+                out.append(f"- {name} (context {p['context']}, {p['tokens']} tokens, {p['source']}): {parts}")
+        if r.get("chart"):
+            out += ["", f"![chart]({r['chart']})"]
+        out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
+    ap.add_argument("--geometry", default="lite-L4", choices=sorted(GEOMETRIES))
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: small prompts, one transformers variant (results go to cache/quick "
+                         "unless --out is given)")
+    ap.add_argument("--skip-llama", action="store_true", help="no llama.cpp runs")
+    ap.add_argument("--skip-transformers", action="store_true", help="no transformers runs")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated substrings: run only the workers whose key (task:engine:variant) "
+                         "contains one")
+    ap.add_argument("--out", default=None, help="where RESULTS.md, results.json and the chart go "
+                    "(default: benchmarks/, or benchmarks/cache/quick with --quick)")
+    ap.add_argument("--cache", default=os.path.join(HERE, "cache"), help="checkpoints, GGUFs, logs")
+    ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error("--threads: expected >= 1")
+    out_dir = args.out or (os.path.join(args.cache, "quick") if args.quick else HERE)
+    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(args.cache, exist_ok=True)
+    workload = dict(QUICK if args.quick else FULL)
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+    geometry = args.geometry
+    info = machine_info()
+    log(f"machine: {info['cpu_model']}, {info['logical_cpus']} CPUs, "
+        f"{(info['memory_bytes'] or 0) / 2 ** 30:.1f} GiB, ISA {' '.join(info['isa'])}")
+    peaks = measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick)
+    t = str(args.threads)
+    log(f"read bandwidth {peaks['read_GBps']['1']:.1f} GB/s (1 thread), {peaks['read_GBps'][t]:.1f} GB/s "
+        f"({t} threads); fp32 FMA {peaks['fma32_GFLOPs'][t]:.0f} GFLOP/s, bf16 dot "
+        f"{peaks['bf16_GFLOPs'][t] or float('nan'):.0f} GFLOP/s, int8 dot {peaks['vnni_GOPs'][t] or float('nan'):.0f} "
+        f"GOP/s")
+
+    ckpt = build_checkpoint(geometry, args.cache, seed=args.seed, log=log)
+    cfg = hf_config(geometry)
+    ggufs: Dict[str, str] = {}
+    if not args.skip_llama:
+        from gguf_export import export_gguf
+        for q in (["BF16", "Q8_0"] if geometry == "lite-L4" else ["Q8_0"]):
+            ggufs[q] = export_gguf(ckpt, cfg, q, log=log)
+    specs = tensor_specs(cfg)
+    params = sum(s.numel for s in specs)
+    economics: Dict[str, Any] = {}
+    try:
+        import dsv2ext.stats as dstats  # the project's own arithmetic
+        economics = dstats.stats(ckpt)
+    except Exception as ex:  # reported, not fatal: the benchmark does not need it
+        log(f"dsv2ext.stats unavailable: {type(ex).__name__}: {ex}")
+    active = economics.get("active_params") or 0
+
+    runs = plan_runs(geometry, args.quick, args.skip_llama, args.skip_transformers)
+    if args.only:
+        keys = [s.strip() for s in args.only.split(",") if s.strip()]
+        runs = [r for r in runs if any(k in r.key for k in keys)]
+    work = os.path.join(args.cache, "runs", geometry + ("-quick" if args.quick else ""))
+    os.makedirs(work, exist_ok=True)
+    n_ctx = max([workload["prefill"], workload["check_prompt"] + workload["check_greedy"]]
+                + [c + workload["decode_tokens"] + 8 for c in workload["decode_contexts"]]) + 64
+    base_spec = {"ckpt": ckpt, "threads": args.threads, "workload": workload, "n_ctx": n_ctx,
+                 "npy_dir": os.path.join(work, "logits")}
+    results: Dict[str, Dict[str, Any]] = {}
+    log(f"{len(runs)} worker runs, results in {work}")
+    for run in runs:
+        spec = dict(base_spec)
+        if run.engine == "llama":
+            spec["gguf"] = ggufs[run.variant]
+        results[run.key] = run_worker(run, spec, work, log)
+
+    checks = evaluate_checks(results, geometry)
+    print()
+    print("Same model?")
+    for c in checks:
+        print(f"  {'PASS' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}")
+
+    rows = engine_rows(results, peaks, args.threads, cfg, workload)
+    order = {"dsv2ext": 0, "llama.cpp": 1, "transformers": 2}
+    rows.sort(key=lambda r: (order[r["engine"]], r["variant"]))
+    add_ratios(rows, workload["decode_contexts"])
+    table = table_lines(rows, workload["decode_contexts"], workload["prefill"])
+    print()
+    print("\n".join(table))
+    tg = targets(rows, geometry, workload["decode_contexts"])
+    if tg:
+        print("\nIssue-8 targets:")
+        for x in tg:
+            met = "-" if x["met"] is None else ("met" if x["met"] else "MISSED")
+            print(f"  {met:6s} {x['target']}: {_fmt(x['value'], 3)}{x['unit']} (goal {x['goal']}{x['unit']})")
+    profiles = {f"{r['engine']} {r['variant']}": r["profile"] for r in rows if r.get("profile")}
+    for name, p in profiles.items():
+        per = p["seconds_per_token"]
+        print(f"\n{name} decode time per token (context {p['context']}): "
+              + ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in per.items()) + f"  [{p['source']}]")
+
+    date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    meta = {"date": date, "cpu_model": info["cpu_model"], "threads": args.threads, "geometry": geometry,
+            "logical_cpus": info["logical_cpus"], "memory_gib": (info["memory_bytes"] or 0) / 2 ** 30,
+            "params": params, "active_params": active, "quick": args.quick, "workload": workload,
+            "checkpoint": os.path.relpath(ckpt, HERE), "seed": args.seed}
+    chart_name = "results.png" if geometry == "lite-L4" else f"results-{geometry}.png"
+    try:
+        write_chart(os.path.join(out_dir, chart_name), rows, workload["decode_contexts"],
+                    f"{geometry}, {info['cpu_model']}, {args.threads} threads, {date}")
+    except Exception as ex:
+        log(f"chart not written: {type(ex).__name__}: {ex}")
+        chart_name = ""
+    entry = {"meta": meta, "machine": info, "peaks": peaks, "checks": checks, "rows": rows, "table": table,
+             "targets": tg, "profile": profiles, "chart": chart_name,
+             "records": results_records(rows, meta),
+             "economics": {k: economics[k] for k in ("total_params", "active_params", "active_params_no_lm_head",
+                                                     "flops_per_token") if k in economics}}
+    rpath = os.path.join(out_dir, "results.json")
+    allr: Dict[str, Any] = {}
+    if os.path.isfile(rpath):
+        try:
+            allr = read_json(rpath).get("geometries", {})
+        except (ValueError, OSError, AttributeError):
+            allr = {}
+    allr[geometry] = entry
+    write_json(rpath, {"geometries": allr})
+    with open(os.path.join(out_dir, "RESULTS.md"), "w", encoding="utf-8") as f:
+        f.write(render_markdown(allr))
+    log(f"wrote {os.path.join(out_dir, 'RESULTS.md')}, results.json, {chart_name}")
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
