@@ -53,11 +53,26 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+_WORST: Dict[str, float] = {}
+
+
 def assert_close(got: np.ndarray, ref: np.ndarray, what: str = "") -> float:
     assert got.shape == ref.shape, (got.shape, ref.shape)
     e = rel_err(got, ref)
     assert e <= RTOL, f"{what}: max abs error {e:.3g} x max|ref| > {RTOL}"
+    key = what.split("/")[0].split(" ")[0] or "?"
+    _WORST[key] = max(_WORST.get(key, 0.0), e)
     return e
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_worst_errors():
+    """Print the largest measured errors (visible with pytest -s)."""
+    yield
+    if _WORST:
+        print("\nlargest max|err| / max|ref| per comparison:")
+        for k in sorted(_WORST):
+            print(f"  {k:28s} {_WORST[k]:.3g}")
 
 
 # --------------------------------------------------------------------------- reference builders
@@ -451,6 +466,39 @@ def test_absorbed_and_decompressed_agree_on_a_random_cache():
         dsv2ext.set_num_threads(prev)
 
 
+class Int8Weight:
+    """A minimal int8-tagged weight (per-row groups of `group` columns share a scale)."""
+    __dsv2_dtype__ = "int8"
+
+    def __init__(self, w: np.ndarray, group: int) -> None:
+        rows, cols = w.shape
+        g = w.reshape(rows, cols // group, group)
+        self.scales = (np.abs(g).max(axis=2) / 127.0).astype(np.float32)
+        self.data = np.clip(np.rint(g / self.scales[..., None]), -127, 127).astype(np.int8).reshape(rows, cols)
+        self.shape = w.shape
+
+    def to_float32(self) -> np.ndarray:
+        rows, cols = self.shape
+        g = self.data.reshape(rows, self.scales.shape[1], -1).astype(np.float32) * self.scales[..., None]
+        return g.reshape(rows, cols)
+
+
+@pytest.mark.parametrize("T", [2, 12])
+def test_int8_kv_b_proj(T):
+    """kv_b_proj as an int8-tagged weight: both forms equal the fp32 result on the dequantized weight."""
+    rng = np.random.default_rng(31)
+    H, nope, rope, v, L = 4, 32, 16, 32, 64
+    cache = rng.standard_normal((2, 40, L + rope)).astype(np.float32)
+    w8 = Int8Weight((rng.standard_normal((H * (nope + v), L)) / 8).astype(np.float32), 32)
+    wf = w8.to_float32()
+    seq = rng.integers(0, 2, T).astype(np.int64)
+    pos = rng.permutation(40)[:T].astype(np.int64)
+    q = rng.standard_normal((T, H, nope + rope)).astype(np.float32)
+    ref = M.mla_attention_absorbed(q, cache, seq, pos, wf, 0.2)
+    for fn in (M.mla_attention_absorbed, M.mla_attention_decompressed):
+        assert_close(fn(q, cache, seq, pos, w8, 0.2), ref, f"int8 {fn.__name__}")
+
+
 def test_flops_rule():
     cfg = M.MLAConfig.from_hf_config(hf_config("v2", 2048, 16, None, 512, 128, 64, 128, LITE_YARN))
     f = M.mla_attention_flops(cfg, np.array([4095], np.int64))
@@ -579,6 +627,8 @@ def test_config_bad_inputs():
         M.rope_inv_freq(64, 10000, {"rope_type": "yarn", "factor": -2.0, "original_max_position_embeddings": 8})
     with pytest.raises(ValueError, match="config"):
         M.MLAConfig.from_hf_config({"kv_lora_rank": 512})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        M.rope_inv_freq(64, 10000, {**LITE_YARN, "partial_rotary_factor": 0.5})
 
 
 def test_kernel_bad_inputs():

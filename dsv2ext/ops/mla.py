@@ -167,6 +167,10 @@ def rope_inv_freq(dim: int, rope_theta: float = 10000.0, rope_scaling: Optional[
     if dim <= 0 or dim % 2 or dim > 1024:
         raise ValueError(f"dim: expected an even number of rotary channels in [2, 1024], got {dim}")
     rtype, rs = _rope_dict(rope_scaling)
+    prf = rs.get("partial_rotary_factor")
+    if prf is not None and float(prf) != 1.0:
+        raise ValueError(f"rope_scaling: partial_rotary_factor {prf} is not supported (MLA rotates all "
+                         f"qk_rope_head_dim channels)")
     theta = float(rs.get("rope_theta") or rope_theta)
     out = np.empty(dim // 2, dtype=np.float32)
     if rtype == "default":
