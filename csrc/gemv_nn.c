@@ -1,0 +1,116 @@
+/* gemv_nn.c - y = x W for T <= 4 rows (portable, AVX2 via the compiler, AVX-512). */
+#include "gemv_nn.h"
+#include "cpu.h"
+
+#include <immintrin.h>
+
+/* ---------------- portable / AVX2 (same source, vectorised by the compiler) ---------------- */
+#define NN_CB 64 /* columns per block */
+
+static inline __attribute__((always_inline)) void
+nn_generic(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W, int64_t c0, int64_t c1) {
+    const int64_t K = W->rows, N = W->cols;
+    for (int64_t cb = c0; cb < c1; cb += NN_CB) {
+        const int64_t nc = c1 - cb < NN_CB ? c1 - cb : NN_CB;
+        float acc[DSV2_GEMV_NN_MAX_T][NN_CB];
+        for (int t = 0; t < T; t++)
+            for (int64_t c = 0; c < NN_CB; c++) acc[t][c] = 0.0f;
+        for (int64_t k = 0; k < K; k++) {
+            float w[NN_CB];
+            if (W->dtype == DSV2_F32) {
+                const float *wr = (const float *)W->data + k * N + cb;
+                for (int64_t c = 0; c < nc; c++) w[c] = wr[c];
+            } else {
+                const uint16_t *wr = (const uint16_t *)W->data + k * N + cb;
+                for (int64_t c = 0; c < nc; c++) w[c] = dsv2_bf16_to_f32(wr[c]);
+            }
+            for (int t = 0; t < T; t++) {
+                const float xv = x[t * ldx + k];
+                for (int64_t c = 0; c < nc; c++) acc[t][c] += xv * w[c];
+            }
+        }
+        for (int t = 0; t < T; t++)
+            for (int64_t c = 0; c < nc; c++) y[t * ldy + cb + c] = acc[t][c];
+    }
+}
+
+static void nn_portable(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
+                        int64_t c0, int64_t c1) {
+    nn_generic(y, ldy, x, ldx, T, W, c0, c1);
+}
+
+DSV2_TARGET_AVX2 static void nn_avx2(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
+                                     const dsv2_mat *W, int64_t c0, int64_t c1) {
+    nn_generic(y, ldy, x, ldx, T, W, c0, c1);
+}
+
+/* ---------------- AVX-512: T rows x 64 columns in 4T accumulators ---------------- */
+DSV2_TARGET_AVX512 static inline __m512 nn_load_w(const dsv2_mat *W, int64_t k, int64_t c, __mmask16 m) {
+    if (W->dtype == DSV2_F32) return _mm512_maskz_loadu_ps(m, (const float *)W->data + k * W->cols + c);
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)W->data + k * W->cols + c);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+nn_block64_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, const dsv2_mat *W,
+                  int64_t cb, int64_t nc) {
+    const int64_t K = W->rows;
+    const __mmask16 m0 = tail_mask(nc), m1 = tail_mask(nc - 16), m2 = tail_mask(nc - 32), m3 = tail_mask(nc - 48);
+    __m512 acc[DSV2_GEMV_NN_MAX_T][4];
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        __m512 w0 = nn_load_w(W, k, cb, m0), w1 = nn_load_w(W, k, cb + 16, m1);
+        __m512 w2 = nn_load_w(W, k, cb + 32, m2), w3 = nn_load_w(W, k, cb + 48, m3);
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_set1_ps(x[t * ldx + k]);
+            acc[t][0] = _mm512_fmadd_ps(xv, w0, acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(xv, w1, acc[t][1]);
+            acc[t][2] = _mm512_fmadd_ps(xv, w2, acc[t][2]);
+            acc[t][3] = _mm512_fmadd_ps(xv, w3, acc[t][3]);
+        }
+    }
+    for (int t = 0; t < T; t++) {
+        float *yt = y + t * ldy + cb;
+        _mm512_mask_storeu_ps(yt, m0, acc[t][0]);
+        _mm512_mask_storeu_ps(yt + 16, m1, acc[t][1]);
+        _mm512_mask_storeu_ps(yt + 32, m2, acc[t][2]);
+        _mm512_mask_storeu_ps(yt + 48, m3, acc[t][3]);
+    }
+}
+
+#define NN512_T(TT)                                                                              \
+    DSV2_TARGET_AVX512 static void nn_avx512_t##TT(float *y, int64_t ldy, const float *x, int64_t ldx, \
+                                                   const dsv2_mat *W, int64_t c0, int64_t c1) {  \
+        for (int64_t cb = c0; cb < c1; cb += 64)                                                  \
+            nn_block64_avx512(y, ldy, x, ldx, TT, W, cb, c1 - cb < 64 ? c1 - cb : 64);            \
+    }
+NN512_T(1)
+NN512_T(2)
+NN512_T(3)
+NN512_T(4)
+
+int dsv2_gemv_nn(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
+                 int64_t c0, int64_t c1) {
+    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
+    if (T <= 0 || c0 >= c1) return DSV2_OK;
+    if (T > DSV2_GEMV_NN_MAX_T || c0 < 0 || c1 > W->cols) return DSV2_ERR_ARG;
+    int isa = dsv2_isa();
+    if (isa == DSV2_ISA_AVX512) {
+        switch (T) {
+        case 1: nn_avx512_t1(y, ldy, x, ldx, W, c0, c1); break;
+        case 2: nn_avx512_t2(y, ldy, x, ldx, W, c0, c1); break;
+        case 3: nn_avx512_t3(y, ldy, x, ldx, W, c0, c1); break;
+        default: nn_avx512_t4(y, ldy, x, ldx, W, c0, c1); break;
+        }
+    } else if (isa == DSV2_ISA_AVX2) {
+        nn_avx2(y, ldy, x, ldx, T, W, c0, c1);
+    } else {
+        nn_portable(y, ldy, x, ldx, T, W, c0, c1);
+    }
+    return DSV2_OK;
+}

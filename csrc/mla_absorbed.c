@@ -1,0 +1,332 @@
+/* mla_absorbed.c - MLA attention in absorbed form over the latent cache.
+ *
+ * Per token: Qa[h] = [W_UK_h^T q_nope_h | q_pe_h] (kv_lora + rope wide), scores against
+ * the token's cached rows (one wide key shared by all heads: a [H, W] x [W, n] product),
+ * online softmax in fp32 per block of rows, o_lat[h] = sum_j p_j c_j (kv_lora wide),
+ * o_h = W_UV_h o_lat[h].  Long contexts are split into key ranges processed in
+ * parallel and merged (flash-decoding); work items are pulled dynamically so ragged
+ * batches balance over the threads. */
+#include "mla.h"
+#include "blas.h"
+#include "gemv.h"
+#include "gemv_nn.h"
+#include "linear.h"
+#include "mla_tiles.h"
+#include "scratch.h"
+#include "threadpool.h"
+#include "vexp.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#define KB 64                /* cached rows per online-softmax block */
+#define MIN_SPLIT 256        /* fewest rows per work item when a token's rows are split */
+#define CHUNK_BYTES (16u << 20) /* bound of the per-chunk query/latent-output buffers */
+
+typedef struct {
+    int64_t t, j0, j1, slot; /* slot < 0: whole row range, write the result directly */
+} work_item;
+
+typedef struct {
+    const float *qa;          /* [Tc, H, Wd] */
+    float *olat;              /* [Tc, H, L] */
+    float *part;              /* [nslots, H, L + 2] */
+    const float *cache;
+    int64_t S, Wd, L, H;
+    const int64_t *seq;
+    const work_item *items;
+    int64_t n_items;
+    atomic_long next;
+    atomic_int err;
+    float scale;
+} attn_job;
+
+static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)b; (void)e; (void)tid;
+    attn_job *j = (attn_job *)ctx;
+    const int64_t H = j->H, L = j->L, Wd = j->Wd;
+    float *scr = (float *)malloc(((size_t)H * (size_t)L + (size_t)H * KB + 2 * (size_t)H) * sizeof(float));
+    if (!scr) {
+        atomic_store(&j->err, DSV2_ERR_NOMEM);
+        return;
+    }
+    float *O = scr, *Sb = O + H * L, *m = Sb + H * KB, *l = m + H;
+    for (;;) {
+        int64_t i = atomic_fetch_add(&j->next, 1);
+        if (i >= j->n_items) break;
+        const work_item *it = &j->items[i];
+        const float *Q = j->qa + it->t * H * Wd;
+        const float *K = j->cache + (size_t)j->seq[it->t] * (size_t)j->S * (size_t)Wd;
+        for (int64_t h = 0; h < H; h++) {
+            m[h] = -INFINITY;
+            l[h] = 0.0f;
+        }
+        memset(O, 0, (size_t)H * (size_t)L * sizeof(float));
+        for (int64_t jb = it->j0; jb < it->j1; jb += KB) {
+            const int64_t nb = it->j1 - jb < KB ? it->j1 - jb : KB;
+            const float *Kb = K + jb * Wd;
+            dsv2_mla_scores(Sb, KB, Q, Wd, H, Kb, Wd, nb, Wd);
+            for (int64_t h = 0; h < H; h++) {
+                float *sh = Sb + h * KB;
+                const float mx = dsv2_vmax(sh, nb) * j->scale;
+                if (mx > m[h] || mx != mx) { /* NaN scores propagate */
+                    if (l[h] > 0.0f) {
+                        const float a = expf(m[h] - mx);
+                        l[h] *= a;
+                        dsv2_vscale(O + h * L, L, a);
+                    }
+                    m[h] = mx;
+                }
+                l[h] += dsv2_vexp_shift_sum(sh, nb, j->scale, m[h]);
+            }
+            dsv2_mla_pv_acc(O, L, Sb, KB, H, Kb, Wd, nb, L);
+        }
+        if (it->slot < 0) {
+            float *dst = j->olat + it->t * H * L;
+            for (int64_t h = 0; h < H; h++) {
+                const float inv = 1.0f / l[h];
+                for (int64_t c = 0; c < L; c++) dst[h * L + c] = O[h * L + c] * inv;
+            }
+        } else {
+            float *dst = j->part + it->slot * H * (L + 2);
+            memcpy(dst, O, (size_t)H * (size_t)L * sizeof(float));
+            memcpy(dst + H * L, m, (size_t)H * sizeof(float));
+            memcpy(dst + H * L + H, l, (size_t)H * sizeof(float));
+        }
+    }
+    free(scr);
+}
+
+typedef struct {
+    float *olat;
+    const float *part;
+    const int64_t *first_slot, *n_slots; /* per token; n_slots 0 = direct */
+    int64_t H, L;
+} merge_job;
+
+static void merge_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    const merge_job *j = (const merge_job *)ctx;
+    const int64_t H = j->H, L = j->L, P = H * (L + 2);
+    for (int64_t t = b; t < e; t++) {
+        const int64_t ns = j->n_slots[t];
+        if (ns == 0) continue;
+        const float *p0 = j->part + j->first_slot[t] * P;
+        for (int64_t h = 0; h < H; h++) {
+            float M = -INFINITY;
+            for (int64_t k = 0; k < ns; k++) {
+                float mk = p0[k * P + H * L + h];
+                if (mk > M) M = mk;
+            }
+            float *dst = j->olat + t * H * L + h * L;
+            memset(dst, 0, (size_t)L * sizeof(float));
+            float den = 0.0f;
+            for (int64_t k = 0; k < ns; k++) {
+                const float *pk = p0 + k * P;
+                const float w = expf(pk[H * L + h] - M);
+                den += w * pk[H * L + H + h];
+                const float *ok = pk + h * L;
+                for (int64_t c = 0; c < L; c++) dst[c] += w * ok[c];
+            }
+            const float inv = 1.0f / den;
+            for (int64_t c = 0; c < L; c++) dst[c] *= inv;
+        }
+    }
+}
+
+/* q_lat for T <= 8 tokens: items = (head, column block) */
+typedef struct {
+    float *qa;
+    const float *q;
+    const dsv2_mat *kv_b;
+    int64_t T, H, dqk, Wd, nope, v, L, ncb;
+    atomic_int err;
+} qlat_job;
+
+#define QL_CB 128
+
+static void qlat_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    qlat_job *j = (qlat_job *)ctx;
+    for (int64_t i = b; i < e; i++) {
+        const int64_t h = i / j->ncb, cb = (i % j->ncb) * QL_CB;
+        const int64_t c1 = cb + QL_CB < j->L ? cb + QL_CB : j->L;
+        dsv2_mat Wuk = dsv2_mat_rows(j->kv_b, h * (j->nope + j->v), j->nope);
+        for (int64_t t0 = 0; t0 < j->T; t0 += DSV2_GEMV_NN_MAX_T) {
+            int tt = (int)(j->T - t0 < DSV2_GEMV_NN_MAX_T ? j->T - t0 : DSV2_GEMV_NN_MAX_T);
+            int rc = dsv2_gemv_nn(j->qa + (t0 * j->H + h) * j->Wd, j->H * j->Wd, j->q + (t0 * j->H + h) * j->dqk,
+                                  j->H * j->dqk, tt, &Wuk, cb, c1);
+            if (rc) atomic_store(&j->err, rc);
+        }
+    }
+}
+
+/* o = W_UV o_lat for T <= 8 tokens: items = (head, 16-row block) */
+typedef struct {
+    float *o;
+    const float *olat;
+    const dsv2_mat *kv_b;
+    int64_t T, H, nope, v, L, nrb;
+} out_job;
+
+static void out_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    const out_job *j = (const out_job *)ctx;
+    for (int64_t i = b; i < e; i++) {
+        const int64_t h = i / j->nrb, r0 = (i % j->nrb) * 16;
+        const int64_t r1 = r0 + 16 < j->v ? r0 + 16 : j->v;
+        dsv2_mat Wuv = dsv2_mat_rows(j->kv_b, h * (j->nope + j->v) + j->nope, j->v);
+        for (int64_t t0 = 0; t0 < j->T; t0 += DSV2_GEMV_MAX_T) {
+            int tt = (int)(j->T - t0 < DSV2_GEMV_MAX_T ? j->T - t0 : DSV2_GEMV_MAX_T);
+            dsv2_gemv_rows(j->o + t0 * j->H * j->v + h * j->v, j->H * j->v, j->olat + (t0 * j->H + h) * j->L,
+                           j->H * j->L, tt, &Wuv, r0, r1);
+        }
+    }
+}
+
+/* q_pe copy into the absorbed query rows */
+static void copy_qpe(float *qa, const float *q, int64_t T, const dsv2_mla_dims *dm) {
+    const int64_t H = dm->n_heads, dqk = dm->nope + dm->rope, Wd = dm->kv_lora + dm->rope;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < H; h++)
+            memcpy(qa + (t * H + h) * Wd + dm->kv_lora, q + (t * H + h) * dqk + dm->nope,
+                   (size_t)dm->rope * sizeof(float));
+}
+
+static int absorb_queries(float *qa, const float *q, int64_t T, const dsv2_mat *kv_b, const dsv2_mla_dims *dm) {
+    const int64_t H = dm->n_heads, dqk = dm->nope + dm->rope, Wd = dm->kv_lora + dm->rope, L = dm->kv_lora;
+    copy_qpe(qa, q, T, dm);
+    if (T <= DSV2_LINEAR_GEMV_MAX_T && (kv_b->dtype == DSV2_F32 || kv_b->dtype == DSV2_BF16)) {
+        qlat_job j = {qa, q, kv_b, T, H, dqk, Wd, dm->nope, dm->v, L, (L + QL_CB - 1) / QL_CB};
+        atomic_init(&j.err, 0);
+        dsv2_parallel_for(H * j.ncb, 1, qlat_task, &j);
+        return atomic_load(&j.err);
+    }
+    /* many tokens (or int8 weights): sgemm per head, W_UK_h widened to fp32 if needed */
+    float *wbuf = NULL;
+    if (kv_b->dtype != DSV2_F32) {
+        wbuf = (float *)dsv2_scratch_alloc((size_t)dm->nope * (size_t)L * sizeof(float));
+        if (!wbuf) return DSV2_ERR_NOMEM;
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const int64_t r0 = h * (dm->nope + dm->v);
+        const float *Wuk;
+        if (wbuf) {
+            dsv2_mat_rows_to_f32(wbuf, kv_b, r0, r0 + dm->nope);
+            Wuk = wbuf;
+        } else {
+            Wuk = (const float *)kv_b->data + r0 * L;
+        }
+        dsv2_sgemm_nn((int)T, (int)L, (int)dm->nope, q + h * dqk, (int)(H * dqk), Wuk, (int)L, 0.0f,
+                      qa + h * Wd, (int)(H * Wd));
+    }
+    dsv2_scratch_free(wbuf);
+    return DSV2_OK;
+}
+
+static int project_out(float *o, const float *olat, int64_t T, const dsv2_mat *kv_b, const dsv2_mla_dims *dm) {
+    const int64_t H = dm->n_heads, L = dm->kv_lora, v = dm->v;
+    if (T <= DSV2_LINEAR_GEMV_MAX_T) {
+        out_job j = {o, olat, kv_b, T, H, dm->nope, v, L, (v + 15) / 16};
+        dsv2_parallel_for(H * j.nrb, 1, out_task, &j);
+        return DSV2_OK;
+    }
+    for (int64_t h = 0; h < H; h++) {
+        dsv2_mat Wuv = dsv2_mat_rows(kv_b, h * (dm->nope + v) + dm->nope, v);
+        int rc = dsv2_linear_ex(o + h * v, H * v, olat + h * L, H * L, &Wuv, T);
+        if (rc) return rc;
+    }
+    return DSV2_OK;
+}
+
+static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache, const int64_t *seq,
+                          const int64_t *pos, int64_t T, const dsv2_mat *kv_b, const dsv2_mla_dims *dm,
+                          float scale) {
+    const int64_t H = dm->n_heads, L = dm->kv_lora, Wd = dm->kv_lora + dm->rope;
+    const int nthreads = dsv2_get_num_threads();
+    int64_t total = 0;
+    for (int64_t t = 0; t < T; t++) total += pos[t] + 1;
+    int64_t span = (total + 4 * (int64_t)nthreads - 1) / (4 * (int64_t)nthreads);
+    if (span < MIN_SPLIT) span = MIN_SPLIT;
+    span = (span + KB - 1) / KB * KB;
+    int64_t n_items = 0, n_slots = 0;
+    for (int64_t t = 0; t < T; t++) {
+        int64_t k = (pos[t] + span) / span; /* ceil((pos + 1) / span) */
+        n_items += k;
+        if (k > 1) n_slots += k;
+    }
+    float *qa = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)Wd * sizeof(float));
+    float *olat = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)L * sizeof(float));
+    work_item *items = (work_item *)malloc((size_t)n_items * sizeof(work_item));
+    int64_t *first = (int64_t *)malloc((size_t)T * 2 * sizeof(int64_t));
+    float *part = n_slots ? (float *)dsv2_scratch_alloc((size_t)n_slots * (size_t)H * (size_t)(L + 2) * sizeof(float)) : NULL;
+    int rc = DSV2_OK;
+    if (!qa || !olat || !items || !first || (n_slots && !part)) {
+        rc = DSV2_ERR_NOMEM;
+        goto done;
+    }
+    int64_t *nsl = first + T;
+    {
+        int64_t ii = 0, slot = 0;
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t len = pos[t] + 1, k = (len + span - 1) / span;
+            first[t] = slot;
+            nsl[t] = k > 1 ? k : 0;
+            for (int64_t s = 0; s < k; s++) {
+                items[ii].t = t;
+                items[ii].j0 = s * span;
+                items[ii].j1 = (s + 1) * span < len ? (s + 1) * span : len;
+                items[ii].slot = k > 1 ? slot++ : -1;
+                ii++;
+            }
+        }
+    }
+    rc = absorb_queries(qa, q, T, kv_b, dm);
+    if (rc) goto done;
+    {
+        attn_job j;
+        j.qa = qa; j.olat = olat; j.part = part; j.cache = cache->data;
+        j.S = cache->S; j.Wd = Wd; j.L = L; j.H = H; j.seq = seq;
+        j.items = items; j.n_items = n_items; j.scale = scale;
+        atomic_init(&j.next, 0);
+        atomic_init(&j.err, 0);
+        int64_t nw = n_items < nthreads ? n_items : nthreads;
+        dsv2_parallel_for(nw, 1, attn_task, &j);
+        rc = atomic_load(&j.err);
+        if (rc) goto done;
+    }
+    if (n_slots) {
+        merge_job mj = {olat, part, first, nsl, H, L};
+        dsv2_parallel_for(T, 1, merge_task, &mj);
+    }
+    rc = project_out(o, olat, T, kv_b, dm);
+done:
+    dsv2_scratch_free(qa);
+    dsv2_scratch_free(olat);
+    free(items);
+    free(first);
+    dsv2_scratch_free(part);
+    return rc;
+}
+
+int dsv2_mla_attn_absorbed(float *o, const float *q, const dsv2_mla_cache *cache, const int64_t *seq,
+                           const int64_t *pos, int64_t T, const dsv2_mat *kv_b, const dsv2_mla_dims *dm,
+                           float scale) {
+    const int64_t H = dm->n_heads, dqk = dm->nope + dm->rope, Wd = dm->kv_lora + dm->rope;
+    if (T < 0 || H <= 0 || dm->nope <= 0 || dm->rope <= 0 || dm->v <= 0 || dm->kv_lora <= 0) return DSV2_ERR_ARG;
+    if (kv_b->rows != H * (dm->nope + dm->v) || kv_b->cols != dm->kv_lora) return DSV2_ERR_ARG;
+    if (cache->B <= 0 || cache->S <= 0 || !(scale > 0.0f)) return DSV2_ERR_ARG;
+    for (int64_t t = 0; t < T; t++)
+        if (seq[t] < 0 || seq[t] >= cache->B || pos[t] < 0 || pos[t] >= cache->S) return DSV2_ERR_RANGE;
+    int64_t per_tok = H * (Wd + dm->kv_lora) * (int64_t)sizeof(float);
+    int64_t tc = (int64_t)CHUNK_BYTES / per_tok;
+    if (tc < 8) tc = 8;
+    if (tc > INT32_MAX / (H * Wd)) tc = INT32_MAX / (H * Wd);
+    for (int64_t t0 = 0; t0 < T; t0 += tc) {
+        const int64_t n = T - t0 < tc ? T - t0 : tc;
+        int rc = absorbed_chunk(o + t0 * H * dm->v, q + t0 * H * dqk, cache, seq + t0, pos + t0, n, kv_b, dm, scale);
+        if (rc) return rc;
+    }
+    return DSV2_OK;
+}

@@ -1,0 +1,211 @@
+/* mla_tiles.c - q k^T and p c tiles for latent attention. */
+#include "mla_tiles.h"
+#include "cpu.h"
+
+#include <immintrin.h>
+
+/* ---------------- portable / AVX2 (same source, vectorised by the compiler) ---------------- */
+static inline __attribute__((always_inline)) float dot_generic(const float *a, const float *b, int64_t D) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+        for (int i = 0; i < 8; i++) acc[i] += a[d + i] * b[d + i];
+    for (; d < D; d++) acc[0] += a[d] * b[d];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+static inline __attribute__((always_inline)) void
+scores_generic(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const float *k, int64_t ldk,
+               int64_t n, int64_t D) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t h = 0; h < H; h++) s[h * lds + j] = dot_generic(q + h * ldq, k + j * ldk, D);
+}
+
+static inline __attribute__((always_inline)) void
+pv_generic(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const float *c, int64_t ldc,
+           int64_t n, int64_t Dv) {
+    for (int64_t h = 0; h < H; h++) {
+        float *oh = o + h * ldo;
+        for (int64_t j = 0; j < n; j++) {
+            const float pj = p[h * ldp + j];
+            const float *cj = c + j * ldc;
+            for (int64_t d = 0; d < Dv; d++) oh[d] += pj * cj[d];
+        }
+    }
+}
+
+static void scores_portable(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const float *k,
+                            int64_t ldk, int64_t n, int64_t D) {
+    scores_generic(s, lds, q, ldq, H, k, ldk, n, D);
+}
+DSV2_TARGET_AVX2 static void scores_avx2(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                                         const float *k, int64_t ldk, int64_t n, int64_t D) {
+    scores_generic(s, lds, q, ldq, H, k, ldk, n, D);
+}
+static void pv_portable(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const float *c,
+                        int64_t ldc, int64_t n, int64_t Dv) {
+    pv_generic(o, ldo, p, ldp, H, c, ldc, n, Dv);
+}
+DSV2_TARGET_AVX2 static void pv_avx2(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
+                                     const float *c, int64_t ldc, int64_t n, int64_t Dv) {
+    pv_generic(o, ldo, p, ldp, H, c, ldc, n, Dv);
+}
+
+/* ---------------- AVX-512 ---------------- */
+static inline __mmask16 tmask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
+}
+
+/* the 4 sums of a0..a3 as one xmm */
+DSV2_TARGET_AVX512 static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* 4 query rows x 4 key rows; rows past the end are clamped to the last one
+ * (computed, not stored).  Key tiles outer: each key row is brought in once (from
+ * memory, for a cache being streamed) and used by every query row, with the next
+ * tile's rows prefetched while the current one is processed. */
+DSV2_TARGET_AVX512 static void scores_avx512(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                                             const float *k, int64_t ldk, int64_t n, int64_t D) {
+    const int64_t Df = D & ~(int64_t)15;
+    const __mmask16 mt = tmask(D - Df);
+    for (int64_t j0 = 0; j0 < n; j0 += 4) {
+        const int64_t nj = n - j0 < 4 ? n - j0 : 4;
+        const float *k0 = k + j0 * ldk;
+        const float *k1 = k + (j0 + (nj > 1 ? 1 : 0)) * ldk;
+        const float *k2 = k + (j0 + (nj > 2 ? 2 : 0)) * ldk;
+        const float *k3 = k + (j0 + (nj > 3 ? 3 : 0)) * ldk;
+        const int64_t jn = j0 + 4 < n ? j0 + 4 : j0; /* next tile (prefetch) */
+        const int64_t nn = n - jn < 4 ? n - jn : 4;
+        const char *p0 = (const char *)(k + jn * ldk), *p1 = (const char *)(k + (jn + (nn > 1 ? 1 : 0)) * ldk);
+        const char *p2 = (const char *)(k + (jn + (nn > 2 ? 2 : 0)) * ldk), *p3 = (const char *)(k + (jn + (nn > 3 ? 3 : 0)) * ldk);
+        for (int64_t h0 = 0; h0 < H; h0 += 4) {
+            const int64_t nh = H - h0 < 4 ? H - h0 : 4;
+            const int pf = h0 == 0; /* prefetch during the first pass over the tile only */
+            const float *q0 = q + h0 * ldq;
+            const float *q1 = q + (h0 + (nh > 1 ? 1 : 0)) * ldq;
+            const float *q2 = q + (h0 + (nh > 2 ? 2 : 0)) * ldq;
+            const float *q3 = q + (h0 + (nh > 3 ? 3 : 0)) * ldq;
+            __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+            __m512 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+            __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
+            __m512 a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+#define SC_STEP(LOAD)                                                                    \
+    {                                                                                    \
+        __m512 kv0 = LOAD(k0), kv1 = LOAD(k1), kv2 = LOAD(k2), kv3 = LOAD(k3);           \
+        __m512 qv = LOAD(q0);                                                            \
+        a00 = _mm512_fmadd_ps(qv, kv0, a00); a01 = _mm512_fmadd_ps(qv, kv1, a01);        \
+        a02 = _mm512_fmadd_ps(qv, kv2, a02); a03 = _mm512_fmadd_ps(qv, kv3, a03);        \
+        qv = LOAD(q1);                                                                   \
+        a10 = _mm512_fmadd_ps(qv, kv0, a10); a11 = _mm512_fmadd_ps(qv, kv1, a11);        \
+        a12 = _mm512_fmadd_ps(qv, kv2, a12); a13 = _mm512_fmadd_ps(qv, kv3, a13);        \
+        qv = LOAD(q2);                                                                   \
+        a20 = _mm512_fmadd_ps(qv, kv0, a20); a21 = _mm512_fmadd_ps(qv, kv1, a21);        \
+        a22 = _mm512_fmadd_ps(qv, kv2, a22); a23 = _mm512_fmadd_ps(qv, kv3, a23);        \
+        qv = LOAD(q3);                                                                   \
+        a30 = _mm512_fmadd_ps(qv, kv0, a30); a31 = _mm512_fmadd_ps(qv, kv1, a31);        \
+        a32 = _mm512_fmadd_ps(qv, kv2, a32); a33 = _mm512_fmadd_ps(qv, kv3, a33);        \
+    }
+            if (pf) {
+                for (int64_t d = 0; d < Df; d += 16) {
+                    _mm_prefetch(p0 + d * 4, _MM_HINT_T0);
+                    _mm_prefetch(p1 + d * 4, _MM_HINT_T0);
+                    _mm_prefetch(p2 + d * 4, _MM_HINT_T0);
+                    _mm_prefetch(p3 + d * 4, _MM_HINT_T0);
+#define LD_FULL(p) _mm512_loadu_ps((p) + d)
+                    SC_STEP(LD_FULL)
+                }
+            } else {
+                for (int64_t d = 0; d < Df; d += 16) {
+                    SC_STEP(LD_FULL)
+#undef LD_FULL
+                }
+            }
+            if (Df < D) {
+#define LD_TAIL(p) _mm512_maskz_loadu_ps(mt, (p) + Df)
+                SC_STEP(LD_TAIL)
+#undef LD_TAIL
+            }
+#undef SC_STEP
+            float r[4][4];
+            _mm_storeu_ps(r[0], reduce4(a00, a01, a02, a03));
+            _mm_storeu_ps(r[1], reduce4(a10, a11, a12, a13));
+            _mm_storeu_ps(r[2], reduce4(a20, a21, a22, a23));
+            _mm_storeu_ps(r[3], reduce4(a30, a31, a32, a33));
+            for (int64_t hh = 0; hh < nh; hh++)
+                for (int64_t jj = 0; jj < nj; jj++) s[(h0 + hh) * lds + j0 + jj] = r[hh][jj];
+        }
+    }
+}
+
+/* NH heads x 64 columns of o, accumulated over the n rows of c */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH, const float *c, int64_t ldc,
+               int64_t n, int64_t c0, int64_t nc) {
+    const __mmask16 m0 = tmask(nc), m1 = tmask(nc - 16), m2 = tmask(nc - 32), m3 = tmask(nc - 48);
+    __m512 acc[4][4];
+    for (int h = 0; h < NH; h++) {
+        float *oh = o + h * ldo + c0;
+        acc[h][0] = _mm512_maskz_loadu_ps(m0, oh);
+        acc[h][1] = _mm512_maskz_loadu_ps(m1, oh + 16);
+        acc[h][2] = _mm512_maskz_loadu_ps(m2, oh + 32);
+        acc[h][3] = _mm512_maskz_loadu_ps(m3, oh + 48);
+    }
+    for (int64_t j = 0; j < n; j++) {
+        const float *cj = c + j * ldc + c0;
+        __m512 v0 = _mm512_maskz_loadu_ps(m0, cj), v1 = _mm512_maskz_loadu_ps(m1, cj + 16);
+        __m512 v2 = _mm512_maskz_loadu_ps(m2, cj + 32), v3 = _mm512_maskz_loadu_ps(m3, cj + 48);
+        for (int h = 0; h < NH; h++) {
+            __m512 pb = _mm512_set1_ps(p[h * ldp + j]);
+            acc[h][0] = _mm512_fmadd_ps(pb, v0, acc[h][0]);
+            acc[h][1] = _mm512_fmadd_ps(pb, v1, acc[h][1]);
+            acc[h][2] = _mm512_fmadd_ps(pb, v2, acc[h][2]);
+            acc[h][3] = _mm512_fmadd_ps(pb, v3, acc[h][3]);
+        }
+    }
+    for (int h = 0; h < NH; h++) {
+        float *oh = o + h * ldo + c0;
+        _mm512_mask_storeu_ps(oh, m0, acc[h][0]);
+        _mm512_mask_storeu_ps(oh + 16, m1, acc[h][1]);
+        _mm512_mask_storeu_ps(oh + 32, m2, acc[h][2]);
+        _mm512_mask_storeu_ps(oh + 48, m3, acc[h][3]);
+    }
+}
+
+DSV2_TARGET_AVX512 static void pv_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
+                                         const float *c, int64_t ldc, int64_t n, int64_t Dv) {
+    for (int64_t c0 = 0; c0 < Dv; c0 += 64) {
+        const int64_t nc = Dv - c0 < 64 ? Dv - c0 : 64;
+        int64_t h0 = 0;
+        for (; h0 + 4 <= H; h0 += 4) pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 4, c, ldc, n, c0, nc);
+        switch (H - h0) {
+        case 3: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 3, c, ldc, n, c0, nc); break;
+        case 2: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 2, c, ldc, n, c0, nc); break;
+        case 1: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 1, c, ldc, n, c0, nc); break;
+        default: break;
+        }
+    }
+}
+
+void dsv2_mla_scores(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const float *k, int64_t ldk,
+                     int64_t n, int64_t D) {
+    if (H <= 0 || n <= 0) return;
+    int isa = dsv2_isa();
+    if (isa == DSV2_ISA_AVX512) scores_avx512(s, lds, q, ldq, H, k, ldk, n, D);
+    else if (isa == DSV2_ISA_AVX2) scores_avx2(s, lds, q, ldq, H, k, ldk, n, D);
+    else scores_portable(s, lds, q, ldq, H, k, ldk, n, D);
+}
+
+void dsv2_mla_pv_acc(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const float *c, int64_t ldc,
+                     int64_t n, int64_t Dv) {
+    if (H <= 0 || n <= 0) return;
+    int isa = dsv2_isa();
+    if (isa == DSV2_ISA_AVX512) pv_avx512(o, ldo, p, ldp, H, c, ldc, n, Dv);
+    else if (isa == DSV2_ISA_AVX2) pv_avx2(o, ldo, p, ldp, H, c, ldc, n, Dv);
+    else pv_portable(o, ldo, p, ldp, H, c, ldc, n, Dv);
+}
