@@ -11,7 +11,7 @@
 /* Blocks smaller than this are plain malloc/free. */
 #define DSV2_SCRATCH_MIN_KEEP ((size_t)256 << 10)
 /* Most bytes kept cached. */
-#define DSV2_SCRATCH_MAX_CACHED ((size_t)512 << 20)
+#define DSV2_SCRATCH_MAX_CACHED ((size_t)256 << 20)
 
 // -> a 64-byte aligned block of at least `bytes` bytes, or NULL
 void *dsv2_scratch_alloc(size_t bytes);

@@ -8,6 +8,7 @@
 
 #include "../csrc/mla.h"
 #include "../csrc/rope.h"
+#include "../csrc/scratch.h"
 
 /* ---------------- helpers ---------------- */
 
@@ -446,6 +447,13 @@ static PyObject *py_mla_attention_block(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_scratch_trim(PyObject *self, PyObject *noargs) {
+    Py_BEGIN_ALLOW_THREADS
+    dsv2_scratch_trim();
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 PyMethodDef dsv2py_mla_methods[] = {
     {"rope_inv_freq", py_rope_inv_freq, METH_VARARGS,
      "rope_inv_freq(out [dim/2], yarn, theta, factor, orig_max_pos, beta_fast, beta_slow, mscale, mscale_all_dim, "
@@ -462,4 +470,5 @@ PyMethodDef dsv2py_mla_methods[] = {
      "mla_attention_block(out, hidden, cache, seq_ids, positions, inv_freq, q_proj, q_a_proj, q_a_layernorm, q_b_proj, "
      "kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj, H, nope, rope, v, kv_lora, q_lora, eps, scale, "
      "attention_factor, interleaved, mode)"},
+    {"scratch_trim", py_scratch_trim, METH_NOARGS, "scratch_trim(): release the cached work buffers of the kernels"},
     {NULL, NULL, 0, NULL}};

@@ -499,6 +499,30 @@ def test_int8_kv_b_proj(T):
         assert_close(fn(q, cache, seq, pos, w8, 0.2), ref, f"int8 {fn.__name__}")
 
 
+def test_config_from_model_config():
+    """MLAConfig from the package's ModelConfig (official configurations)."""
+    config = pytest.importorskip("dsv2ext.config")
+    lite = M.MLAConfig.from_model_config(config.ModelConfig.named("deepseek-v2-lite"))
+    assert (lite.num_heads, lite.q_lora_rank, lite.latent_dim) == (16, None, 576)
+    assert lite.softmax_scale == pytest.approx(0.1147214, abs=5e-8)
+    np.testing.assert_array_equal(lite.inv_freq, M.rope_inv_freq(64, 10000, LITE_YARN)[0])
+    v3 = M.MLAConfig.from_model_config(config.ModelConfig.named("deepseek-v3"))
+    assert (v3.num_heads, v3.q_lora_rank, v3.rope_interleave) == (128, 1536, True)
+    assert v3.softmax_scale == pytest.approx(0.1352338, abs=5e-8)
+    with pytest.raises(TypeError, match="config"):
+        M.MLAConfig.from_model_config({"num_attention_heads": 16})
+
+
+def test_scratch_release_then_reuse():
+    ref = Ref("v2", 64, 2, None, 32, 16, 8, 16, PLAIN, seed=41)
+    x = rand_hidden(300, 64, 42)
+    cache = M.new_latent_cache(ref.mcfg, 1, 300)
+    a = block(ref, x, cache, np.zeros(300), np.arange(300))
+    M.release_scratch_memory()
+    b = block(ref, x, cache, np.zeros(300), np.arange(300))
+    np.testing.assert_array_equal(a, b)
+
+
 def test_flops_rule():
     cfg = M.MLAConfig.from_hf_config(hf_config("v2", 2048, 16, None, 512, 128, 64, 128, LITE_YARN))
     f = M.mla_attention_flops(cfg, np.array([4095], np.int64))

@@ -66,6 +66,7 @@ __all__ = [
     "mla_attention_flops",
     "mla_choose_mode",
     "mla_attention_block",
+    "release_scratch_memory",
 ]
 
 MLA_MODES: Dict[str, int] = {"auto": 0, "absorbed": 1, "decompressed": 2}
@@ -737,3 +738,13 @@ def mla_attention_block(hidden: np.ndarray, weights: MLAWeights, cfg: MLAConfig,
         float(cfg.rms_norm_eps), float(cfg.softmax_scale), float(cfg.rope_attention_factor),
         bool(cfg.rope_interleave), _mode_id(mode))
     return out
+
+
+def release_scratch_memory() -> None:
+    """Free the work buffers the kernels keep between calls.
+
+    Large temporaries of the MLA kernels (decompressed keys, absorbed queries, ...) are kept
+    after a call, up to 256 MiB in all, so that the next call does not pay the page faults of
+    fresh memory; this returns them to the system (e.g. after a long prompt).
+    """
+    _C.scratch_trim()
