@@ -3,14 +3,38 @@
 C kernels (multi-head latent attention, latent KV compression, DeepSeekMoE)
 behind a CPython extension, and a Python package that assembles them into a
 model with a ``generate()`` loop.
+
+>>> import dsv2ext
+>>> model = dsv2ext.load()          # the bundled model, or dsv2ext.load("checkpoint/dir")
+>>> print(model.generate("def fibonacci(n):", max_new_tokens=32).text)
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ._native import _C
 from . import ops
+from .config import ConfigError, ModelConfig
 from .dtypes import BF16
+from .model import DeepseekV2, default_model_path, load
+from .safetensors import CheckpointError
+from .stats import stats
 from .threads import get_isa, get_num_threads, set_isa, set_num_threads
+from .tokenizer import TokenizerError
 
 __version__ = "0.1.0"
 
-__all__ = ["BF16", "ops", "set_num_threads", "get_num_threads", "get_isa", "set_isa", "__version__"]
+_default_model = None
+
+
+def generate(prompt: Any, max_new_tokens: int = 64, **kwargs: Any):
+    """Generate with the bundled model (loaded once). See :meth:`DeepseekV2.generate`."""
+    global _default_model
+    if _default_model is None:
+        _default_model = load()
+    return _default_model.generate(prompt, max_new_tokens, **kwargs)
+
+
+__all__ = ["BF16", "ops", "load", "generate", "DeepseekV2", "ModelConfig", "ConfigError", "CheckpointError",
+           "TokenizerError", "stats", "default_model_path", "set_num_threads", "get_num_threads", "get_isa",
+           "set_isa", "__version__"]

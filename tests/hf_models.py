@@ -1,0 +1,116 @@
+"""Small DeepSeek-V2 / V3 checkpoints made with transformers, for the tests.
+
+Weights are random but of non-trivial scale (Linear weights ~ N(0, 1/fan_in),
+norms ~ 1 + N(0, 0.1^2), V3 correction bias ~ N(0, 0.1^2)) so that logits are
+not flat and greedy decoding has clear margins.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+VOCAB = 256
+
+
+def v2_config(**over: Any):
+    from transformers import DeepseekV2Config
+
+    kw: Dict[str, Any] = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, q_lora_rank=None, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1,
+        topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+    )
+    kw.update(over)
+    return DeepseekV2Config(**kw)
+
+
+def v3_config(**over: Any):
+    from transformers import DeepseekV3Config
+
+    kw: Dict[str, Any] = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=3, num_attention_heads=4, q_lora_rank=24, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, n_group=4,
+        topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+    )
+    kw.update(over)
+    return DeepseekV3Config(**kw)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+
+
+def init_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "rotary_emb" in name:
+                continue
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "e_score_correction_bias" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2:
+                fan_in = p.shape[-1]
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+        # embeddings of unit scale
+        model.model.embed_tokens.weight.copy_(torch.randn(model.model.embed_tokens.weight.shape, generator=g))
+
+
+def make_model(kind: str = "v2", seed: int = 0, **over: Any):
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+
+    cfg = v2_config(**over) if kind == "v2" else v3_config(**over)
+    torch.manual_seed(seed)
+    model = (DeepseekV2ForCausalLM if kind == "v2" else DeepseekV3ForCausalLM)(cfg)
+    init_weights(model, seed)
+    return model.eval()
+
+
+def save(model, path: str, dtype: torch.dtype = torch.float32, shard: Optional[str] = None) -> str:
+    m = model.to(dtype)
+    kw = {"max_shard_size": shard} if shard else {}
+    m.save_pretrained(path, **kw)
+    model.to(torch.float32)
+    return path
+
+
+def reference(path: str):
+    """The checkpoint loaded back by transformers, in fp32 (bf16 weights upcast)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def to_hub_spelling(path: str) -> None:
+    """Rewrite config.json in the hub remote-code spelling (rope_scaling + rope_theta)."""
+    p = os.path.join(path, "config.json")
+    with open(p) as f:
+        c = json.load(f)
+    rp = c.pop("rope_parameters", None) or {}
+    c["rope_theta"] = rp.pop("rope_theta", 10000.0)
+    if rp.get("rope_type", "default") != "default":
+        rp["type"] = rp.pop("rope_type")
+        c["rope_scaling"] = rp
+    else:
+        c["rope_scaling"] = None
+    c["auto_map"] = {"AutoConfig": "configuration_deepseek.DeepseekV2Config"}
+    c["aux_loss_alpha"] = 0.001
+    c["seq_aux"] = True
+    if c["model_type"] == "deepseek_v3":
+        c["topk_method"] = "noaux_tc"
+        c["scoring_func"] = "sigmoid"
+    else:
+        c.setdefault("scoring_func", "softmax")
+    with open(p, "w") as f:
+        json.dump(c, f)
