@@ -60,7 +60,9 @@ class Tokenizer:
         self.eos_token = _token_content(cfg.get("eos_token"))
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.add_bos_token = bool(cfg.get("add_bos_token", self.bos_token_id is not None))
+        # DeepSeek's tokenizer_config.json says add_bos_token: true (LlamaTokenizerFast honours it);
+        # without the flag only the tokenizer.json post-processor decides, as in transformers
+        self.add_bos_token = bool(cfg.get("add_bos_token", False))
         tmpl = cfg.get("chat_template")
         if isinstance(tmpl, list):  # named templates: take "default"
             named = {t.get("name"): t.get("template") for t in tmpl if isinstance(t, dict)}

@@ -114,3 +114,45 @@ def to_hub_spelling(path: str) -> None:
         c.setdefault("scoring_func", "softmax")
     with open(p, "w") as f:
         json.dump(c, f)
+
+
+DEEPSEEK_CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ 'User: ' + message['content'] + '\n\n' }}{% elif message['role'] == 'assistant' %}"
+    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+
+
+def make_tokenizer(path: str, vocab_size: int) -> int:
+    """Train a byte-level BPE of exactly ``vocab_size`` ids (0 pad, 1 bos, 2 eos) into ``path``.
+
+    Writes tokenizer.json and tokenizer_config.json (with DeepSeek's chat template).
+    Returns the vocabulary size.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    os.makedirs(path, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+              "import os\nimport sys\n\nclass Foo(object):\n    def __init__(self, x):\n        self.x = x\n",
+              "for i in range(10):\n    print(i, 'héllo wörld', \"naïve\")\n"] * 50
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                      special_tokens=[(BOS, 1)])
+    n = tok.get_vocab_size()
+    assert n <= vocab_size, n
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": BOS, "eos_token": EOS, "add_bos_token": True,
+                   "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": DEEPSEEK_CHAT_TEMPLATE,
+                   "model_max_length": 512}, f)
+    return n
