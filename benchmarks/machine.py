@@ -10,9 +10,10 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from typing import Any, Dict, List, Optional
 
-__all__ = ["cpu_model", "machine_info", "measure_peaks"]
+__all__ = ["cpu_model", "machine_info", "measure_peaks", "cpu_busy", "wait_until_idle"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,6 +69,39 @@ def machine_info() -> Dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
     }
+
+
+def _cpu_times() -> Optional[List[int]]:
+    try:
+        with open("/proc/stat", "r", encoding="utf-8") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_busy(interval: float = 1.0) -> Optional[float]:
+    """Fraction of all CPUs busy (not idle / iowait) during ``interval`` seconds, from /proc/stat."""
+    a = _cpu_times()
+    time.sleep(interval)
+    b = _cpu_times()
+    if a is None or b is None:
+        return None
+    d = [y - x for x, y in zip(a, b)]
+    total = sum(d)
+    idle = d[3] + (d[4] if len(d) > 4 else 0)
+    return (total - idle) / total if total > 0 else None
+
+
+def wait_until_idle(max_seconds: float, busy_below: float = 0.15) -> Optional[float]:
+    """Wait (at most ``max_seconds``) until other processes leave the CPUs mostly idle.
+
+    Returns the last busy fraction measured (None where /proc/stat is unreadable).
+    """
+    t0 = time.time()
+    busy = cpu_busy(1.0)
+    while busy is not None and busy >= busy_below and time.time() - t0 < max_seconds:
+        busy = cpu_busy(2.0)
+    return busy
 
 
 def _binary(cache: str) -> str:

@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 
 from checkpoint import GEOMETRIES, build_checkpoint, hf_config, tensor_specs  # noqa: E402
 from common import FULL, QUICK, first_divergence, read_json, write_json  # noqa: E402
-from machine import machine_info, measure_peaks  # noqa: E402
+from machine import cpu_busy, machine_info, measure_peaks, wait_until_idle  # noqa: E402
 
 #: relative-error bound of dsv2ext fp32 vs transformers fp32 logits
 FP32_REL_TOL = 1e-4
@@ -266,7 +266,8 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
         if not key.startswith("speed:"):
             continue
         _, eng, var = key.split(":", 2)
-        row: Dict[str, Any] = {"key": key, "engine": ENGINE_LABEL[eng], "variant": var, "ok": bool(r.get("ok"))}
+        row: Dict[str, Any] = {"key": key, "engine": ENGINE_LABEL[eng], "variant": var, "ok": bool(r.get("ok")),
+                               "cpu_busy_before": r.get("cpu_busy_before")}
         row["dtype"] = {"f32": "fp32", "bf16": "bf16", "int8": "int8", "BF16": "bf16", "Q8_0": "q8_0"}.get(
             var, var.split("-")[0])
         if not r.get("ok"):
@@ -410,7 +411,7 @@ def targets(rows: List[Dict[str, Any]], geometry: str, contexts: List[int]) -> L
     return out
 
 
-def write_chart(path: str, rows: List[Dict[str, Any]], contexts: List[int], title: str) -> None:
+def write_chart(path: str, rows: List[Dict[str, Any]], contexts: List[int], prefill: int, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -424,15 +425,21 @@ def write_chart(path: str, rows: List[Dict[str, Any]], contexts: List[int], titl
               for r in ok]
     fig, axes = plt.subplots(1, 1 + len(contexts), figsize=(5 + 4.5 * len(contexts), 4.8))
     x = np.arange(len(ok))
-    axes[0].bar(x, [r["prefill_tps"] for r in ok], color=colors)
-    axes[0].set_title("prefill tokens/s")
+    pv = [r["prefill_tps"] for r in ok]
+    axes[0].bar(x, pv, color=colors)
+    axes[0].set_title(f"prefill tokens/s ({prefill}-token prompt)")
+    for xi, v in zip(x, pv):
+        axes[0].text(xi, v, f"{v:.3g}", ha="center", va="bottom", fontsize=7)
     for i, c in enumerate(contexts):
         ax = axes[1 + i]
         vals = [r["decode"].get(str(c), {}).get("tps", 0.0) for r in ok]
         roofs = [r["decode"].get(str(c), {}).get("roofline_tps", 0.0) for r in ok]
         ax.bar(x, roofs, color="none", edgecolor="black", linestyle="--", linewidth=0.8, label="roofline")
         ax.bar(x, vals, color=colors)
-        ax.set_title(f"decode tokens/s after {c} tokens")
+        for xi, v, rf in zip(x, vals, roofs):
+            if v > 0:
+                ax.text(xi, v, f"{v:.3g}\n{100 * v / rf:.0f}%", ha="center", va="bottom", fontsize=7)
+        ax.set_title(f"decode tokens/s after {c} tokens (% of roofline)")
         ax.legend(loc="upper right", fontsize=7)
     for ax in axes:
         ax.set_xticks(x)
@@ -499,6 +506,12 @@ def render_markdown(all_runs: Dict[str, Any]) -> str:
         out.append("")
         out.append("Roofline = read bandwidth / (active weight bytes per token in the engine's own format + "
                    "KV cache bytes read per token at that context).")
+        busy = [(x["engine"] + " " + x["variant"], x.get("cpu_busy_before")) for x in r["rows"]]
+        loud = [f"{n} {100 * b:.0f}%" for n, b in busy if b is not None and b >= 0.15]
+        if loud:
+            out += ["", "**Other processes were using the CPUs** when these were measured (busy fraction of "
+                    "all CPUs in the second before): " + ", ".join(loud) + ". Their numbers are low; "
+                    "2-thread spin-waiting engines (llama.cpp) suffer most."]
         out += ["", "### Same model?", ""]
         for c in r["checks"]:
             out.append(f"- {'PASS' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}")
@@ -540,6 +553,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "(default: benchmarks/, or benchmarks/cache/quick with --quick)")
     ap.add_argument("--cache", default=os.path.join(HERE, "cache"), help="checkpoints, GGUFs, logs")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before each worker, wait up to this long for other processes to leave the CPUs "
+                         "idle (< 15%% busy); the busy fraction is recorded either way")
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error("--threads: expected >= 1")
@@ -574,7 +590,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     params = sum(s.numel for s in specs)
     economics: Dict[str, Any] = {}
     try:
-        import dsv2ext.stats as dstats  # the project's own arithmetic
+        import importlib
+        dstats = importlib.import_module("dsv2ext.stats")  # the project's own arithmetic
         economics = dstats.stats(ckpt)
     except Exception as ex:  # reported, not fatal: the benchmark does not need it
         log(f"dsv2ext.stats unavailable: {type(ex).__name__}: {ex}")
@@ -596,7 +613,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         spec = dict(base_spec)
         if run.engine == "llama":
             spec["gguf"] = ggufs[run.variant]
+        busy = (wait_until_idle(args.wait_idle) if args.wait_idle > 0 else cpu_busy(1.0))
+        if busy is not None and busy >= 0.15:
+            log(f"  note: other processes keep {100 * busy:.0f}% of the CPUs busy before {run.key}")
         results[run.key] = run_worker(run, spec, work, log)
+        results[run.key]["cpu_busy_before"] = busy
 
     checks = evaluate_checks(results, geometry)
     print()
@@ -630,7 +651,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "checkpoint": os.path.relpath(ckpt, HERE), "seed": args.seed}
     chart_name = "results.png" if geometry == "lite-L4" else f"results-{geometry}.png"
     try:
-        write_chart(os.path.join(out_dir, chart_name), rows, workload["decode_contexts"],
+        write_chart(os.path.join(out_dir, chart_name), rows, workload["decode_contexts"], workload["prefill"],
                     f"{geometry}, {info['cpu_model']}, {args.threads} threads, {date}")
     except Exception as ex:
         log(f"chart not written: {type(ex).__name__}: {ex}")

@@ -13,6 +13,7 @@ the process's ``ru_maxrss``) and lets the driver time-box each one.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -168,7 +169,9 @@ class DsEngine(Engine):
         hook = getattr(m, "profile", None)
         if callable(hook):
             try:
-                return {"source": "model.profile", **hook(ids, n)}
+                got = hook(ids, n)
+                if isinstance(got, dict) and isinstance(got.get("seconds_per_token"), dict):
+                    return {"source": "model.profile", "context": len(ids), "tokens": n, **got}
             except TypeError:
                 pass
         ops = self.dsv2ext.ops
@@ -350,10 +353,15 @@ class LlamaEngine(Engine):
             self.load_log = f.read()
         os.unlink(log)
         self.n_ctx = n_ctx
+        self._keep_all = logits_all
         self.llm.verbose = False
 
     def _last_logits(self) -> np.ndarray:
-        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+        """Logits of the last evaluated token (llama-cpp-python keeps scores only with logits_all)."""
+        if self._keep_all:
+            return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+        n_vocab = self.llm.n_vocab()
+        return np.array(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(n_vocab,)), dtype=np.float32)
 
     def logits_all(self, ids: List[int]) -> np.ndarray:
         self.llm.reset()
@@ -373,8 +381,7 @@ class LlamaEngine(Engine):
         return toks, tops
 
     def prefill(self, ids: List[int]) -> float:
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear() if hasattr(self.llm._ctx, "kv_cache_clear") else None
+        self.llm.reset()  # the next eval() drops the cached tokens
         t0 = time.perf_counter()
         self.llm.eval(ids)
         return time.perf_counter() - t0
@@ -383,11 +390,11 @@ class LlamaEngine(Engine):
         self.llm.reset()
         t0 = time.perf_counter()
         self.llm.eval(ids)
-        tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        tok = int(np.argmax(self._last_logits()))
         t1 = time.perf_counter()
         for _ in range(n):
             self.llm.eval([tok])
-            tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            tok = int(np.argmax(self._last_logits()))
         t2 = time.perf_counter()
         return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": n}
 
@@ -430,7 +437,11 @@ def make_engine(spec: Dict[str, Any], logits_all: bool) -> Engine:
     if eng == "transformers":
         return HFEngine(spec["ckpt"], var, th)
     if eng == "llama":
-        return LlamaEngine(spec["gguf"], var, th, int(spec["n_ctx"]), logits_all)
+        n_ctx = int(spec["n_ctx"])
+        if logits_all:  # llama-cpp-python allocates n_ctx x vocab fp32 scores: keep it small
+            w = spec["workload"]
+            n_ctx = 256 * math.ceil((w["check_prompt"] + w["check_greedy"] + 16) / 256)
+        return LlamaEngine(spec["gguf"], var, th, n_ctx, logits_all)
     raise ValueError(f"engine: unknown {eng!r}")
 
 
