@@ -463,28 +463,42 @@ def task_check(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def task_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Prefill, decode at each context (shortest first), KV bytes, weight bytes, profile.
+
+    The result file is rewritten after every stage (``partial``: true), so a
+    run killed at its time box still reports what it measured.
+    """
     w = spec["workload"]
+    contexts = sorted(int(c) for c in spec.get("contexts") or w["decode_contexts"])
     e = make_engine(spec, logits_all=False)
-    res: Dict[str, Any] = {"load_seconds": getattr(e, "load_s", None), "dtype": e.dtype}
+    res: Dict[str, Any] = {"ok": True, "partial": True, "load_seconds": getattr(e, "load_s", None),
+                           "dtype": e.dtype, "decode": {}}
     if hasattr(e, "impl"):
         res["implementation"] = e.impl
+
+    def save() -> None:
+        res["peak_rss_bytes"] = peak_rss_bytes()
+        write_json(spec["out"], dict(res, spec={k: v for k, v in spec.items() if k != "workload"}))
+
     # warm-up: touches every expert once (page cache, lazy allocations, thread pools)
     e.decode(prompt_ids(min(128, w["prefill"]), seed=10), 4)
+    res["kv_cache"] = e.kv_bytes_per_token()
+    res["weights"] = e.active_weight_bytes()
     pre = [e.prefill(prompt_ids(w["prefill"], seed=11 + r)) for r in range(w["prefill_reps"])]
     res["prefill"] = {"tokens": w["prefill"], "seconds": pre, "tokens_per_s": w["prefill"] / min(pre)}
-    res["decode"] = {}
-    for ctx in w["decode_contexts"]:
+    save()
+    for i, ctx in enumerate(contexts):
         d = e.decode(prompt_ids(ctx, seed=20 + ctx), w["decode_tokens"])
         d["tokens_per_s"] = d["tokens"] / d["decode_s"]
         d["prefill_tokens_per_s"] = ctx / d["prefill_s"]
         res["decode"][str(ctx)] = d
-    res["kv_cache"] = e.kv_bytes_per_token()
-    res["weights"] = e.active_weight_bytes()
-    prof_ctx = w["decode_contexts"][0]
-    prof = e.profile(prompt_ids(prof_ctx, seed=20 + prof_ctx), w["profile_tokens"])
-    if prof is not None:
-        res["profile"] = prof
-    res["peak_rss_bytes"] = peak_rss_bytes()
+        if i == 0:
+            res["kv_cache"] = e.kv_bytes_per_token()  # transformers: measured on this context's cache
+            prof = e.profile(prompt_ids(ctx, seed=20 + ctx), w["profile_tokens"])
+            if prof is not None:
+                res["profile"] = prof
+        save()
+    res.pop("partial")
     return res
 
 
@@ -498,7 +512,14 @@ def main() -> int:
         res = fn(spec)
         res["ok"] = True
     except BaseException as ex:  # the driver reports it; the process still exits cleanly
-        res = {"ok": False, "error": f"{type(ex).__name__}: {ex}", "traceback": traceback.format_exc()}
+        res = {}
+        if os.path.exists(out):  # a speed run's partial results stay usable
+            try:
+                res = read_json(out)
+            except ValueError:
+                res = {}
+        res.update({"ok": "prefill" in res, "error": f"{type(ex).__name__}: {ex}",
+                    "traceback": traceback.format_exc()})
     res["wall_seconds"] = time.perf_counter() - t0
     res["peak_rss_bytes"] = peak_rss_bytes()
     res["spec"] = {k: v for k, v in spec.items() if k != "workload"}
