@@ -22,7 +22,9 @@
  * crossover with sgemm measured near 32 tokens at V2-Lite shapes; bf16
  * weights also spare sgemm's widening; and the pool's dynamic split copes
  * better than OpenBLAS's static one when the cores are shared). */
+#ifndef DSV2_MLP_GEMV_MAX_T
 #define DSV2_MLP_GEMV_MAX_T 32
+#endif
 /* Tokens per matrix-product pass (bounds the [T, 2I] scratch). */
 #define DSV2_MLP_GEMM_CHUNK 512
 
