@@ -307,7 +307,8 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
             c = int(ctx)
             read = wbytes + (c + workload["decode_tokens"] / 2.0) * kvb
             roof = bw / read
-            row["decode"][ctx] = {"tps": d["tokens_per_s"], "roofline_tps": roof,
+            row["decode"][ctx] = {"tps": d["tokens_per_s"], "tps_mean": d.get("tokens_per_s_mean"),
+                                  "roofline_tps": roof,
                                   "roofline_fraction": d["tokens_per_s"] / roof, "bytes_per_token": read,
                                   "prefill_tps": d["prefill_tokens_per_s"]}
         fl = flops_per_prefill_token(cfg, workload["prefill"])
@@ -497,6 +498,8 @@ def results_records(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[Di
             rat.get("prefill"))
         for c, d in r["decode"].items():
             rec(r, f"decode_tokens_per_s@{c}", d["tps"], "tokens/s", rat.get(f"decode@{c}"))
+            if d.get("tps_mean") is not None:
+                rec(r, f"decode_tokens_per_s_mean@{c}", d["tps_mean"], "tokens/s")
             rec(r, f"decode_roofline_fraction@{c}", d["roofline_fraction"], "fraction")
             rec(r, f"decode_roofline_tokens_per_s@{c}", d["roofline_tps"], "tokens/s")
         rec(r, "peak_rss", r["peak_rss_bytes"], "bytes")
@@ -528,7 +531,8 @@ def render_markdown(all_runs: Dict[str, Any]) -> str:
         out.append("")
         out += r["table"]
         out.append("")
-        out.append("Roofline = read bandwidth / (active weight bytes per token in the engine's own format + "
+        out.append("Decode tokens/s = 1 / median time of the 64 steps (the mean is in results.json). "
+                   "Roofline = read bandwidth / (active weight bytes per token in the engine's own format + "
                    "KV cache bytes read per token at that context).")
         busy = [(x["engine"] + " " + x["variant"], x.get("cpu_busy_before")) for x in r["rows"]]
         loud = [f"{n} {100 * b:.0f}%" for n, b in busy if b is not None and b >= 0.15]
