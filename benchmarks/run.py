@@ -660,13 +660,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"  note: other processes keep {100 * busy:.0f}% of the CPUs busy before {run.key}")
         results[run.key] = run_worker(run, spec, work, log)
         results[run.key]["cpu_busy_before"] = busy
+        # the read bandwidth between workers: other processes may hold it down at times; keep the best
+        probe = measure_peaks(args.cache, sorted({1, args.threads}), quick=True, read_only=True)
+        for t_, v in probe["read_GBps"].items():
+            if v is not None and (peaks["read_GBps"].get(t_) or 0) < v:
+                peaks["read_GBps"][t_] = v
 
     # the bandwidth probe again: other processes may have held it down at the start; keep the best
     again = measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick, read_only=True)
     for t_, v in again["read_GBps"].items():
         if v is not None and (peaks["read_GBps"].get(t_) or 0) < v:
             peaks["read_GBps"][t_] = v
-    log(f"read bandwidth at the end {again['read_GBps']}; using {peaks['read_GBps']}")
+    log(f"read bandwidth at the end {again['read_GBps']}; using the best seen in the run {peaks['read_GBps']}")
 
     checks = evaluate_checks(results, geometry)
     print()
