@@ -115,6 +115,20 @@ static int fill_tensor(PyArrayObject *a, dsv2_dtype dt, dsv2py_tensor *out) {
     return 0;
 }
 
+/* The arrays behind a dtype-tagged weight come from getattr: hold them for the
+ * whole call (a computed attribute may return a temporary, and another thread
+ * may rebind the attribute while the kernel runs without the GIL). */
+static int hold(PyObject *arr, const char *name, const char *attr) {
+    int rc = dsv2py_keep(arr);
+    if (rc <= 0) return rc;
+    if (Py_REFCNT(arr) < 2) { /* no call frame to hold it, and we hold the only reference */
+        PyErr_Format(PyExc_TypeError, "%s.%s: must be an array stored on the weight object, not a temporary",
+                     name, attr);
+        return -1;
+    }
+    return 0;
+}
+
 int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out) {
     char buf[256];
     if (ndim < 1 || ndim > 4) {
@@ -154,12 +168,12 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
     if (!strcmp(t, "bf16")) {
         snprintf(buf, sizeof buf, "%s.data", name);
         PyArrayObject *a = check_array(data, buf, NPY_UINT16, ndim, shape, 0, "uint16 (bfloat16 bits)");
-        if (!a) goto done;
+        if (!a || hold(data, name, "data") < 0) goto done;
         rc = fill_tensor(a, DSV2_BF16, out);
     } else if (!strcmp(t, "int8")) {
         snprintf(buf, sizeof buf, "%s.data", name);
         PyArrayObject *a = check_array(data, buf, NPY_INT8, ndim, shape, 0, NULL);
-        if (!a) goto done;
+        if (!a || hold(data, name, "data") < 0) goto done;
         fill_tensor(a, DSV2_I8, out);
         PyObject *sc = PyObject_GetAttrString(obj, "scales");
         if (!sc) goto done;
@@ -173,6 +187,10 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
             sshape[ndim - 1] = ng;
             int ok = ng > 0 && cols % ng == 0;
             for (int i = 0; i < ndim - 1; i++) ok = ok && (int64_t)PyArray_DIM(s, i) == sshape[i];
+            if (ok && hold(sc, name, "scales") < 0) {
+                Py_DECREF(sc);
+                goto done;
+            }
             if (!ok) {
                 char want[128];
                 sshape[ndim - 1] = DSV2PY_ANY;

@@ -50,6 +50,11 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
 /* Same, None accepted: returns 1 when None (out untouched), 0 when parsed. */
 int dsv2py_weight_opt(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out);
 
+/* Keep `obj` alive until the current dsv2ext._C call returns (module.c runs
+ * every binding with a per-call keep list).  Returns 0, or -1 with an
+ * exception set; 1 when called outside a _C call (nothing kept). */
+int dsv2py_keep(PyObject *obj);
+
 /* The 2-D weight as a matrix; for a 3-D stacked weight, matrix e. */
 dsv2_mat dsv2py_mat(const dsv2py_tensor *t);
 dsv2_mat dsv2py_mat_at(const dsv2py_tensor *t, int64_t e);
