@@ -7,7 +7,7 @@ void dsv2py_fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape) {
     size_t off = 0;
     off += (size_t)snprintf(buf + off, n - off, "[");
     for (int i = 0; i < ndim && off < n; i++) {
-        if (shape[i] < 0)
+        if (!shape || shape[i] < 0) /* NULL: no sizes given, any rank-ndim shape */
             off += (size_t)snprintf(buf + off, n - off, "%s?", i ? ", " : "");
         else
             off += (size_t)snprintf(buf + off, n - off, "%s%lld", i ? ", " : "", (long long)shape[i]);
