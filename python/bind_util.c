@@ -164,7 +164,13 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
     }
     int rc = -1;
     PyObject *data = PyObject_GetAttrString(obj, "data");
-    if (!data) goto done;
+    if (!data) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: a weight tagged '%s' needs a .data array", name, t);
+        }
+        goto done;
+    }
     if (!strcmp(t, "bf16")) {
         snprintf(buf, sizeof buf, "%s.data", name);
         PyArrayObject *a = check_array(data, buf, NPY_UINT16, ndim, shape, 0, "uint16 (bfloat16 bits)");
@@ -176,7 +182,14 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
         if (!a || hold(data, name, "data") < 0) goto done;
         fill_tensor(a, DSV2_I8, out);
         PyObject *sc = PyObject_GetAttrString(obj, "scales");
-        if (!sc) goto done;
+        if (!sc) {
+            if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "%s: an int8 weight needs a .scales array (float32 [..., rows, cols / group])",
+                             name);
+            }
+            goto done;
+        }
         snprintf(buf, sizeof buf, "%s.scales", name);
         int64_t sshape[4];
         for (int i = 0; i < ndim; i++) sshape[i] = out->shape[i];
