@@ -134,7 +134,7 @@ static int check_router_weight(PyObject *o, int64_t d, dsv2py_tensor *t) {
 
 static PyObject *raise_route(int rc, const char *func) {
     if (rc == DSV2_ERR_NONFINITE)
-        return PyErr_Format(PyExc_ValueError,
+        return PyErr_Format(dsv2py_NonFiniteError ? dsv2py_NonFiniteError : PyExc_ValueError,
                             "%s: router logits contain NaN or Inf (check x and router_weight); "
                             "routing is undefined for non-finite logits",
                             func);

@@ -266,9 +266,12 @@ int dsv2py_no_overlap(PyArrayObject *a, const char *an, PyArrayObject *b, const 
     return 0;
 }
 
+PyObject *dsv2py_NonFiniteError = NULL;
+
 PyObject *dsv2py_raise(int code, const char *func) {
     PyObject *exc = PyExc_RuntimeError;
     if (code == DSV2_ERR_NOMEM) exc = PyExc_MemoryError;
+    else if (code == DSV2_ERR_NONFINITE && dsv2py_NonFiniteError) exc = dsv2py_NonFiniteError;
     else if (code == DSV2_ERR_ARG || code == DSV2_ERR_RANGE || code == DSV2_ERR_NONFINITE) exc = PyExc_ValueError;
     else if (code == DSV2_ERR_DTYPE) exc = PyExc_TypeError;
     PyErr_Format(exc, "%s: %s", func, dsv2_strerror(code));

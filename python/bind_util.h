@@ -62,6 +62,10 @@ dsv2_mat dsv2py_mat_at(const dsv2py_tensor *t, int64_t e);
 /* Raise ValueError if the memory of arrays a and b overlaps. Returns 0/-1. */
 int dsv2py_no_overlap(PyArrayObject *a, const char *an, PyArrayObject *b, const char *bn);
 
+/* dsv2ext._C.NonFiniteError(ValueError, FloatingPointError): NaN/Inf where a kernel's
+ * policy rejects it (router logits).  Created by the module init. */
+extern PyObject *dsv2py_NonFiniteError;
+
 /* Turn a kernel error code into an exception; returns NULL. */
 PyObject *dsv2py_raise(int code, const char *func);
 

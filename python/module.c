@@ -101,6 +101,18 @@ PyMODINIT_FUNC PyInit__C(void) {
     }
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
+    if (!dsv2py_NonFiniteError) {
+        PyObject *bases = PyTuple_Pack(2, PyExc_ValueError, PyExc_FloatingPointError);
+        if (!bases) goto fail;
+        dsv2py_NonFiniteError = PyErr_NewExceptionWithDoc(
+            "dsv2ext._C.NonFiniteError",
+            "NaN or Inf where a kernel cannot give a meaningful result (e.g. MoE router logits).\n"
+            "Both a ValueError (a bad input) and a FloatingPointError (a numerical fault).",
+            bases, NULL);
+        Py_DECREF(bases);
+        if (!dsv2py_NonFiniteError) goto fail;
+    }
+    if (PyModule_AddObjectRef(m, "NonFiniteError", dsv2py_NonFiniteError) < 0) goto fail;
     PyObject *modname = PyModule_GetNameObject(m);
     if (!modname) goto fail;
     for (size_t k = 0; k < n; k++) {

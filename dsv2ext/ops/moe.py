@@ -19,10 +19,14 @@ holding the gate rows ``[0, I)`` then the up rows ``[I, 2I)``, and
 Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument before
 any kernel runs.
 
-NaN policy: routing is undefined for NaN / Inf router logits, so
-:func:`moe_route` and :func:`moe_block` raise ``ValueError`` when any logit is
-not finite (nothing is written to ``out``).  NaN in expert weights or in the
-activations of a token that routes normally simply propagates.
+NaN / Inf policy: routing is undefined for NaN / Inf router logits, so
+:func:`moe_route` and :func:`moe_block` raise :class:`NonFiniteError` (a
+``ValueError`` and a ``FloatingPointError``) when any logit is not finite
+(nothing is written to ``out``); a non-finite ``correction_bias`` or
+``routed_scaling_factor`` is a ``ValueError``.  NaN / Inf in expert weights,
+in :func:`swiglu_mlp` / :func:`moe_experts` / :func:`moe_combine` inputs, or in
+the activations of a token that routes normally simply propagate to that
+token's output.
 """
 from __future__ import annotations
 
@@ -34,7 +38,10 @@ import numpy as np
 from .._native import _C
 from ._util import Weight, check_f32, new_out
 
+NonFiniteError = _C.NonFiniteError
+
 __all__ = [
+    "NonFiniteError",
     "MoEConfig",
     "StackedExperts",
     "moe_route",
