@@ -259,7 +259,7 @@ def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, atten
     np.ndarray
         ``x`` itself.
     """
-    check_f32(x, "x")
+    check_f32(x, "x", contiguous=False)  # strided views are allowed here
     if x.ndim == 2:
         view = x[:, None, :]
     elif x.ndim == 3:

@@ -296,8 +296,13 @@ def moe_dispatch(ids: np.ndarray, n_experts: int) -> Tuple[np.ndarray, np.ndarra
     """
     if isinstance(n_experts, bool) or not isinstance(n_experts, (int, np.integer)) or n_experts < 1:
         raise ValueError(f"n_experts: expected an int >= 1, got {n_experts!r}")
-    if not isinstance(ids, np.ndarray) or ids.ndim != 2:
-        raise TypeError("ids: expected a 2-D numpy int64 array [T, k]")
+    if not isinstance(ids, np.ndarray):
+        raise TypeError(f"ids: expected a 2-D numpy int64 array [T, k], got {type(ids).__name__}")
+    if ids.ndim != 2:
+        raise ValueError(f"ids: expected 2 dimensions [T, k], got shape {ids.shape}")
+    if not ids.flags.c_contiguous:
+        raise ValueError(f"ids: expected a C-contiguous array (use numpy.ascontiguousarray), got shape "
+                         f"{ids.shape} with strides {ids.strides}")
     order = np.empty(ids.shape[0] * ids.shape[1], np.int64)
     offsets = np.empty(int(n_experts) + 1, np.int64)
     _C.moe_dispatch(offsets, order, ids)
