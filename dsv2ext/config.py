@@ -61,8 +61,17 @@ class ConfigError(ValueError):
         return ConfigError(self.message, field=self.field, value=self.value, source=source)
 
 
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """repr() for messages: never fails (ints over 4300 digits) and never floods (long lists)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an int of about {int(value.bit_length() * 0.30103)} digits>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _bad(field: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"config field {field!r} = {value!r}: {expected}", field=field, value=value)
+    return ConfigError(f"config field {field!r} = {_short_repr(value)}: {expected}", field=field, value=value)
 
 
 def _missing(field: str, why: str = "") -> ConfigError:
@@ -87,7 +96,10 @@ def _check_float(field: str, value: Any, *, positive: bool = False,
                  minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(field, value, f"expected a number, got {type(value).__name__}")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an integer too large for a float (JSON allows 1e400 spelled out)
+        raise _bad(field, value, "expected a finite number (too large for a float)") from None
     if not math.isfinite(out):
         raise _bad(field, value, "expected a finite number")
     if positive and not out > 0.0:
@@ -464,9 +476,15 @@ class ModelConfig:
                 text = fh.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"not UTF-8 text: {exc}", source=path) from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON: {exc}", source=path) from None
+        except RecursionError:
+            raise ConfigError("not valid JSON: nested too deeply", source=path) from None
+        except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
             raise ConfigError(f"not valid JSON: {exc}", source=path) from None
         try:
             return cls.from_dict(d)
@@ -641,8 +659,8 @@ def _parse_rope(d: Mapping[str, Any], max_pos: Any) -> dict[str, Any]:
         for k, v in rp.items():
             if k in merged and merged[k] != v:
                 raise ConfigError(
-                    f"config fields 'rope_scaling.{k}' = {merged[k]!r} and 'rope_parameters.{k}' = "
-                    f"{v!r} disagree", field=f"rope_parameters.{k}", value=v)
+                    f"config fields 'rope_scaling.{k}' = {_short_repr(merged[k])} and 'rope_parameters.{k}' = "
+                    f"{_short_repr(v)} disagree", field=f"rope_parameters.{k}", value=v)
             merged[k] = v
     elif rp:
         where, merged = "rope_parameters", rp
@@ -654,8 +672,8 @@ def _parse_rope(d: Mapping[str, Any], max_pos: Any) -> dict[str, Any]:
 
     t_new, t_old = merged.get("rope_type"), merged.get("type")
     if t_new is not None and t_old is not None and t_new != t_old:
-        raise ConfigError(f"config fields '{where}.rope_type' = {t_new!r} and '{where}.type' = "
-                          f"{t_old!r} disagree", field=f"{where}.rope_type", value=t_new)
+        raise ConfigError(f"config fields '{where}.rope_type' = {_short_repr(t_new)} and '{where}.type' = "
+                          f"{_short_repr(t_old)} disagree", field=f"{where}.rope_type", value=t_new)
     rope_type = t_new if t_new is not None else (t_old if t_old is not None else "default")
     type_field = f"{where}.rope_type" if t_new is not None else f"{where}.type"
     if rope_type not in ROPE_TYPES:
@@ -664,8 +682,8 @@ def _parse_rope(d: Mapping[str, Any], max_pos: Any) -> dict[str, Any]:
 
     theta_top, theta_in = d.get("rope_theta"), merged.get("rope_theta")
     if theta_top is not None and theta_in is not None and theta_top != theta_in:
-        raise ConfigError(f"config fields 'rope_theta' = {theta_top!r} and '{where}.rope_theta' = "
-                          f"{theta_in!r} disagree", field="rope_theta", value=theta_top)
+        raise ConfigError(f"config fields 'rope_theta' = {_short_repr(theta_top)} and '{where}.rope_theta' = "
+                          f"{_short_repr(theta_in)} disagree", field="rope_theta", value=theta_top)
     theta = theta_in if theta_in is not None else theta_top
     theta_field = f"{where}.rope_theta" if theta_in is not None else "rope_theta"
     out: dict[str, Any] = {
@@ -687,8 +705,8 @@ def _parse_rope(d: Mapping[str, Any], max_pos: Any) -> dict[str, Any]:
     orig_top = d.get("original_max_position_embeddings")
     if orig_in is not None and orig_top is not None and orig_in != orig_top:
         raise ConfigError(
-            f"config fields 'original_max_position_embeddings' = {orig_top!r} and "
-            f"'{where}.original_max_position_embeddings' = {orig_in!r} disagree",
+            f"config fields 'original_max_position_embeddings' = {_short_repr(orig_top)} and "
+            f"'{where}.original_max_position_embeddings' = {_short_repr(orig_in)} disagree",
             field="original_max_position_embeddings", value=orig_top)
     orig = orig_in if orig_in is not None else orig_top
     # transformers falls back to max_position_embeddings when it is absent
