@@ -87,7 +87,8 @@ static int check_inv_freq(PyObject *o, int64_t rope, PyArrayObject **out) {
 
 static int check_pos_float(double x, const char *name) {
     if (!(x > 0.0) || !isfinite(x)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a finite value > 0, got %g", name, x);
+        char gb[32];
+        PyErr_Format(PyExc_ValueError, "%s: expected a finite value > 0, got %s", name, dsv2py_g(gb, sizeof gb, x));
         return -1;
     }
     return 0;
@@ -95,7 +96,8 @@ static int check_pos_float(double x, const char *name) {
 
 static int check_eps(double eps) {
     if (!(eps >= 0.0) || eps > 1.0) {
-        PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %g", eps);
+        char gb[32];
+        PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %s", dsv2py_g(gb, sizeof gb, eps));
         return -1;
     }
     return 0;

@@ -16,6 +16,8 @@
 #endif
 #include <numpy/arrayobject.h>
 
+#include <stdio.h>
+
 #include "../csrc/dsv2.h"
 
 /* shape entries: >= 0 must match exactly, DSV2PY_ANY accepts any size >= 1 */
@@ -71,6 +73,13 @@ PyObject *dsv2py_raise(int code, const char *func);
 
 /* Format a shape for messages: "[T, 2048]" (DSV2PY_ANY printed as '?'). */
 void dsv2py_fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape);
+
+/* x formatted with "%g" into buf, for messages: PyErr_Format has no float
+ * conversions (a "%g" there is printed literally and the value dropped). */
+static inline const char *dsv2py_g(char *buf, size_t n, double x) {
+    snprintf(buf, n, "%g", x);
+    return buf;
+}
 
 static inline void *dsv2py_data(PyArrayObject *a) { return PyArray_DATA(a); }
 static inline int64_t dsv2py_dim(PyArrayObject *a, int i) { return (int64_t)PyArray_DIM(a, i); }
