@@ -134,6 +134,10 @@ _ROPE_KEYS = frozenset({
 })
 
 
+_F32_MAX = 3.4028234663852886e38
+_F32_MIN_NORMAL = 1.1754943508222875e-38
+
+
 def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     """YaRN magnitude correction ``0.1 * mscale * ln(scale) + 1`` (1 when ``scale <= 1``)."""
     if scale <= 1.0:
@@ -250,6 +254,9 @@ class ModelConfig:
         put("norm_topk_prob", _check_bool("norm_topk_prob", self.norm_topk_prob))
         put("routed_scaling_factor",
             _check_float("routed_scaling_factor", self.routed_scaling_factor, positive=True))
+        if self.routed_scaling_factor > 3.0e38:  # the kernels scale in float32
+            raise _bad("routed_scaling_factor", self.routed_scaling_factor,
+                       "expected a number <= 3e38 (float32 range)")
         put("n_group", _check_int("n_group", self.n_group, 1))
         put("topk_group", _check_int("topk_group", self.topk_group, 1))
         if v3:
@@ -300,6 +307,8 @@ class ModelConfig:
 
         # --- norms and rope --------------------------------------------
         put("rms_norm_eps", _check_float("rms_norm_eps", self.rms_norm_eps, positive=True))
+        if self.rms_norm_eps > 1.0:  # the RMSNorm kernels take 0 <= eps <= 1
+            raise _bad("rms_norm_eps", self.rms_norm_eps, "expected a number <= 1")
         put("rope_theta", _check_float("rope_theta", self.rope_theta, positive=True))
         put("rope_type", _check_choice("rope_type", self.rope_type, ROPE_TYPES))
         put("rope_interleave", _check_bool("rope_interleave", self.rope_interleave))
@@ -333,6 +342,28 @@ class ModelConfig:
                 if getattr(self, name) is not None:
                     raise _bad(name, getattr(self, name),
                                "only meaningful with rope_type 'yarn' (rope_type is 'default')")
+
+        # --- what the float32 kernels can represent ----------------------
+        # theta and factor enter the rotary table as float32: outside the normal float32 range
+        # the table holds Inf/NaN; an attention factor or softmax scale that overflows float32
+        # makes every score non-finite.  Reject them here, naming the field, not at run time.
+        if not _F32_MIN_NORMAL <= self.rope_theta <= _F32_MAX:
+            raise _bad("rope_theta", self.rope_theta, "expected a number in the float32 range [1.2e-38, 3.4e38]")
+        if self.rope_type == "yarn":
+            if self.rope_factor > _F32_MAX:
+                raise _bad("rope_factor", self.rope_factor, "expected a number <= 3.4e38 (float32 range)")
+            if self.rope_original_max_position_embeddings > 2**53:
+                raise _bad("rope_original_max_position_embeddings", self.rope_original_max_position_embeddings,
+                           "expected an integer <= 2**53")
+        for name in ("softmax_scale", "rope_attention_factor"):
+            val = getattr(self, name)
+            if not (0.0 < val <= _F32_MAX):
+                raise ConfigError(f"config: the derived {name} = {val!r} is not a positive float32 number "
+                                  f"(check rope_scaling mscale / mscale_all_dim / factor)", field=name, value=val)
+        if self.n_routed_experts > 0 and self.n_group > self.n_routed_experts:
+            raise _bad("n_group", self.n_group, f"more groups than n_routed_experts ({self.n_routed_experts})")
+        if self.n_routed_experts > 0 and self.topk_group > self.n_group:
+            raise _bad("topk_group", self.topk_group, f"larger than n_group ({self.n_group})")
 
         # --- tokens ----------------------------------------------------
         if self.bos_token_id is not None:
