@@ -11,12 +11,14 @@ extern PyMethodDef dsv2py_quant_methods[] __attribute__((weak));
 extern PyMethodDef dsv2py_model_methods[] __attribute__((weak));
 
 /* ---- per-call keep-alive list ----
- * Every _C function runs through a trampoline that gives the call a list of
- * objects to keep alive until it returns (dsv2py_keep): the `.data` / `.scales`
- * arrays of dtype-tagged weights are fetched with getattr and would otherwise
- * be borrowed only, so a wrapper whose attribute is computed on access (a
- * property returning a fresh array) or reassigned by another thread while the
- * kernel runs without the GIL could free the memory the kernel reads. */
+ * Every METH_VARARGS function of _C runs through a trampoline that gives the
+ * call a list of objects to keep alive until it returns (dsv2py_keep): the
+ * `.data` / `.scales` arrays of dtype-tagged weights come from getattr and
+ * would otherwise only be borrowed, so a wrapper whose attribute is computed
+ * on access (a property returning a fresh array), or rebound by another thread
+ * while the kernel runs without the GIL, could free memory the kernel reads.
+ * The trampolines are plain functions of the module (one per method index), so
+ * the functions keep their names, __self__ and pickling. */
 static _Thread_local PyObject *keep_list = NULL;
 
 int dsv2py_keep(PyObject *obj) {
@@ -24,36 +26,31 @@ int dsv2py_keep(PyObject *obj) {
     return PyList_Append(keep_list, obj) < 0 ? -1 : 0;
 }
 
-typedef struct {
-    PyMethodDef orig;   /* the binding's own entry */
-    PyObject *module;   /* borrowed: single-phase module, never freed */
-} wrapped_fn;
+#define MAX_WRAPPED 100
+static PyCFunction wrapped[MAX_WRAPPED]; /* the bindings' own functions, by index */
 
-static PyObject *call_kept(PyObject *capsule, PyObject *args, PyObject *kwargs) {
-    const wrapped_fn *w = (const wrapped_fn *)PyCapsule_GetPointer(capsule, "dsv2ext._C.fn");
-    if (!w) return NULL;
+static PyObject *call_kept(int i, PyObject *self, PyObject *args) {
     PyObject *keep = PyList_New(0);
     if (!keep) return NULL;
     PyObject *prev = keep_list;
     keep_list = keep;
-    PyObject *r;
-    int flags = w->orig.ml_flags & ~(METH_CLASS | METH_STATIC | METH_COEXIST);
-    if (flags == (METH_VARARGS | METH_KEYWORDS))
-        r = ((PyCFunctionWithKeywords)(void (*)(void))w->orig.ml_meth)(w->module, args, kwargs);
-    else
-        r = w->orig.ml_meth(w->module, args);
+    PyObject *r = wrapped[i](self, args);
     keep_list = prev;
     Py_DECREF(keep);
     return r;
 }
 
-static PyObject *tramp_varargs(PyObject *cap, PyObject *args) { return call_kept(cap, args, NULL); }
-static PyObject *tramp_varkw(PyObject *cap, PyObject *args, PyObject *kw) { return call_kept(cap, args, kw); }
-static PyObject *tramp_noargs(PyObject *cap, PyObject *unused) { return call_kept(cap, NULL, NULL); }
-static PyObject *tramp_o(PyObject *cap, PyObject *arg) { return call_kept(cap, arg, NULL); }
+#define TRAMP(i) \
+    static PyObject *tramp_##i(PyObject *self, PyObject *args) { return call_kept(i, self, args); }
+#define TRAMP10(p) TRAMP(p##0) TRAMP(p##1) TRAMP(p##2) TRAMP(p##3) TRAMP(p##4) \
+                   TRAMP(p##5) TRAMP(p##6) TRAMP(p##7) TRAMP(p##8) TRAMP(p##9)
+#define NAME10(p) tramp_##p##0, tramp_##p##1, tramp_##p##2, tramp_##p##3, tramp_##p##4, \
+                  tramp_##p##5, tramp_##p##6, tramp_##p##7, tramp_##p##8, tramp_##p##9
+TRAMP10() TRAMP10(1) TRAMP10(2) TRAMP10(3) TRAMP10(4) TRAMP10(5) TRAMP10(6) TRAMP10(7) TRAMP10(8) TRAMP10(9)
+static const PyCFunction tramps[MAX_WRAPPED] = {NAME10(), NAME10(1), NAME10(2), NAME10(3), NAME10(4),
+                                                NAME10(5), NAME10(6), NAME10(7), NAME10(8), NAME10(9)};
 
-static PyMethodDef *all_methods = NULL; /* trampolines (or originals for other calling conventions) */
-static wrapped_fn *all_wrapped = NULL;
+static PyMethodDef *all_methods = NULL;
 
 static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "dsv2ext._C",
                                        "C kernels of dsv2ext (see dsv2ext.ops for the documented API).",
@@ -74,31 +71,22 @@ PyMODINIT_FUNC PyInit__C(void) {
     for (size_t i = 0; i < ntab; i++) n += count(tables[i]);
     if (!all_methods) {
         all_methods = (PyMethodDef *)PyMem_RawCalloc(n + 1, sizeof(PyMethodDef));
-        all_wrapped = (wrapped_fn *)PyMem_RawCalloc(n + 1, sizeof(wrapped_fn));
-        if (!all_methods || !all_wrapped) {
-            PyMem_RawFree(all_methods);
-            PyMem_RawFree(all_wrapped);
-            all_methods = NULL;
-            all_wrapped = NULL;
-            return PyErr_NoMemory();
-        }
+        if (!all_methods) return PyErr_NoMemory();
         size_t k = 0;
+        int nw = 0;
         for (size_t i = 0; i < ntab; i++)
-            for (size_t j = 0; j < count(tables[i]); j++, k++) {
-                const PyMethodDef *d = &tables[i][j];
-                all_wrapped[k].orig = *d;
-                all_methods[k] = *d;
-                switch (d->ml_flags) {
-                case METH_VARARGS: all_methods[k].ml_meth = tramp_varargs; break;
-                case METH_VARARGS | METH_KEYWORDS:
-                    all_methods[k].ml_meth = (PyCFunction)(void (*)(void))tramp_varkw;
-                    break;
-                case METH_NOARGS: all_methods[k].ml_meth = tramp_noargs; break;
-                case METH_O: all_methods[k].ml_meth = tramp_o; break;
-                default: all_wrapped[k].orig.ml_name = NULL; break; /* called as is (no keep list) */
+            for (size_t j = 0; j < count(tables[i]); j++) {
+                all_methods[k] = tables[i][j];
+                /* METH_VARARGS: through a trampoline; other conventions are called as they are
+                 * (dsv2py_keep then reports "no call frame" and temporaries are refused) */
+                if (all_methods[k].ml_flags == METH_VARARGS && nw < MAX_WRAPPED) {
+                    wrapped[nw] = all_methods[k].ml_meth;
+                    all_methods[k].ml_meth = tramps[nw++];
                 }
+                k++;
             }
     }
+    moduledef.m_methods = all_methods;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
     if (!dsv2py_NonFiniteError) {
@@ -113,27 +101,7 @@ PyMODINIT_FUNC PyInit__C(void) {
         if (!dsv2py_NonFiniteError) goto fail;
     }
     if (PyModule_AddObjectRef(m, "NonFiniteError", dsv2py_NonFiniteError) < 0) goto fail;
-    PyObject *modname = PyModule_GetNameObject(m);
-    if (!modname) goto fail;
-    for (size_t k = 0; k < n; k++) {
-        PyObject *self = m, *cap = NULL;
-        if (all_wrapped[k].orig.ml_name) {
-            all_wrapped[k].module = m;
-            cap = PyCapsule_New(&all_wrapped[k], "dsv2ext._C.fn", NULL);
-            if (!cap) goto fail_name;
-            self = cap;
-        }
-        PyObject *fn = PyCFunction_NewEx(&all_methods[k], self, modname);
-        Py_XDECREF(cap);
-        if (!fn) goto fail_name;
-        int rc = PyModule_AddObjectRef(m, all_methods[k].ml_name, fn);
-        Py_DECREF(fn);
-        if (rc < 0) goto fail_name;
-    }
-    Py_DECREF(modname);
     return m;
-fail_name:
-    Py_DECREF(modname);
 fail:
     Py_DECREF(m);
     return NULL;
