@@ -84,11 +84,16 @@ def _missing(field: str, why: str = "") -> ConfigError:
 # scalar checks shared by from_dict() and ModelConfig.__post_init__
 # ---------------------------------------------------------------------------
 
+_INT_MAX = 2**31 - 1  # sizes, counts and token ids: the kernels index with int32 / BLAS ints
+
+
 def _check_int(field: str, value: Any, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(field, value, f"expected an integer, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise _bad(field, value, f"expected an integer >= {minimum}")
+    if value > _INT_MAX:
+        raise _bad(field, value, "expected an integer < 2**31")
     return int(value)
 
 
@@ -352,9 +357,6 @@ class ModelConfig:
         if self.rope_type == "yarn":
             if self.rope_factor > _F32_MAX:
                 raise _bad("rope_factor", self.rope_factor, "expected a number <= 3.4e38 (float32 range)")
-            if self.rope_original_max_position_embeddings > 2**53:
-                raise _bad("rope_original_max_position_embeddings", self.rope_original_max_position_embeddings,
-                           "expected an integer <= 2**53")
         for name in ("softmax_scale", "rope_attention_factor"):
             val = getattr(self, name)
             if not (0.0 < val <= _F32_MAX):
