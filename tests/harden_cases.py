@@ -75,8 +75,9 @@ def ref_rope(x: np.ndarray, pos: np.ndarray, inv: np.ndarray, af: float = 1.0) -
 
 
 def ref_mla_attention(q: np.ndarray, cache: np.ndarray, seq: np.ndarray, pos: np.ndarray,
-                      kv_b: np.ndarray, scale: float) -> np.ndarray:
-    """Non-absorbed MLA attention in float64."""
+                      kv_b: np.ndarray, scale: float, magnitude: bool = False) -> np.ndarray:
+    """Non-absorbed MLA attention in float64.  ``magnitude``: sum_j p_j |v_j| instead (the size
+    of the terms of each output, the scale of its rounding error when the sum cancels)."""
     T, Hh, dqk = q.shape
     Lr = kv_b.shape[1]
     rope = cache.shape[2] - Lr
@@ -93,7 +94,7 @@ def ref_mla_attention(q: np.ndarray, cache: np.ndarray, seq: np.ndarray, pos: np
             s = (k_nope @ q[t, h, :nope] + kpe @ q[t, h, nope:]) * scale
             p = np.exp(s - s.max())
             p /= p.sum()
-            out[t, h] = p @ vals
+            out[t, h] = p @ (np.abs(vals) if magnitude else vals)
     return out
 
 

@@ -206,7 +206,7 @@ def test_fuzz_linear(data):
 @kernel_settings
 @given(st.data())
 def test_fuzz_swiglu(data):
-    T = data.draw(st.integers(1, 24))   # row-dot kernels up to 16 tokens, sgemm above
+    T = data.draw(st.integers(1, 48))   # row-dot kernels up to 32 tokens (DSV2_MLP_GEMV_MAX_T), sgemm above
     d = data.draw(st.integers(1, 96))
     I_ = data.draw(st.integers(1, 80))
     x = data.draw(f32_array((T, d)))
@@ -278,7 +278,9 @@ def test_fuzz_mla_attention(p, mode, data):
             scale = data.draw(st.sampled_from([0.0, -1.0, float("nan"), float("inf")]))
         return check_raises(lambda: ops.mla_attention(q, cache, seq, pos, kvb, scale, mode), name)
     out = ops.mla_attention(q, cache, seq, pos, kvb, scale, mode)
-    assert_close(out, ref_mla_attention(q, cache, seq, pos, kvb, scale))
+    # error scale: the terms p_j |v_j| (an output that cancels to ~0 still has O(|v|) rounding)
+    assert_close(out, ref_mla_attention(q, cache, seq, pos, kvb, scale),
+                 scale=ref_mla_attention(q, cache, seq, pos, kvb, scale, magnitude=True).max())
 
 
 @kernel_settings
@@ -351,7 +353,9 @@ def moe_problem(draw):
     k = draw(st.integers(1, E))
     d = draw(st.integers(1, 48))
     I_ = draw(st.integers(1, 40))
-    T = draw(st.integers(1, 40))    # > 16 tokens per expert switches to sgemm
+    T = draw(st.integers(1, 48))    # > 32 tokens per expert (DSV2_MLP_GEMV_MAX_T) switches to sgemm
+    if draw(st.integers(0, 3)) == 0:
+        E = k = 1                   # every token goes to the one expert: both paths are reached
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = rng.standard_normal((T, d)).astype(np.float32)
     experts = [tuple((rng.standard_normal(s) * s[1] ** -0.5).astype(np.float32)
