@@ -124,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     try:
         return int(a.fn(a) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:  # FloatingPointError: NaN logits
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -61,8 +61,17 @@ class ConfigError(ValueError):
         return ConfigError(self.message, field=self.field, value=self.value, source=source)
 
 
+def _short_repr(value: Any, limit: int = 200) -> str:
+    """repr() for messages: never fails (ints over 4300 digits) and never floods (long lists)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<an int of about {int(value.bit_length() * 0.30103)} digits>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _bad(field: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"config field {field!r} = {value!r}: {expected}", field=field, value=value)
+    return ConfigError(f"config field {field!r} = {_short_repr(value)}: {expected}", field=field, value=value)
 
 
 def _missing(field: str, why: str = "") -> ConfigError:
@@ -75,11 +84,16 @@ def _missing(field: str, why: str = "") -> ConfigError:
 # scalar checks shared by from_dict() and ModelConfig.__post_init__
 # ---------------------------------------------------------------------------
 
+_INT_MAX = 2**31 - 1  # sizes, counts and token ids: the kernels index with int32 / BLAS ints
+
+
 def _check_int(field: str, value: Any, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad(field, value, f"expected an integer, got {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise _bad(field, value, f"expected an integer >= {minimum}")
+    if value > _INT_MAX:
+        raise _bad(field, value, "expected an integer < 2**31")
     return int(value)
 
 
@@ -87,7 +101,10 @@ def _check_float(field: str, value: Any, *, positive: bool = False,
                  minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _bad(field, value, f"expected a number, got {type(value).__name__}")
-    out = float(value)
+    try:
+        out = float(value)
+    except OverflowError:  # an integer too large for a float (JSON allows 1e400 spelled out)
+        raise _bad(field, value, "expected a finite number (too large for a float)") from None
     if not math.isfinite(out):
         raise _bad(field, value, "expected a finite number")
     if positive and not out > 0.0:
@@ -120,6 +137,10 @@ _ROPE_KEYS = frozenset({
     "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate", "attention_factor",
     "partial_rotary_factor",
 })
+
+
+_F32_MAX = 3.4028234663852886e38
+_F32_MIN_NORMAL = 1.1754943508222875e-38
 
 
 def _yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -238,6 +259,9 @@ class ModelConfig:
         put("norm_topk_prob", _check_bool("norm_topk_prob", self.norm_topk_prob))
         put("routed_scaling_factor",
             _check_float("routed_scaling_factor", self.routed_scaling_factor, positive=True))
+        if self.routed_scaling_factor > 3.0e38:  # the kernels scale in float32
+            raise _bad("routed_scaling_factor", self.routed_scaling_factor,
+                       "expected a number <= 3e38 (float32 range)")
         put("n_group", _check_int("n_group", self.n_group, 1))
         put("topk_group", _check_int("topk_group", self.topk_group, 1))
         if v3:
@@ -288,6 +312,8 @@ class ModelConfig:
 
         # --- norms and rope --------------------------------------------
         put("rms_norm_eps", _check_float("rms_norm_eps", self.rms_norm_eps, positive=True))
+        if self.rms_norm_eps > 1.0:  # the RMSNorm kernels take 0 <= eps <= 1
+            raise _bad("rms_norm_eps", self.rms_norm_eps, "expected a number <= 1")
         put("rope_theta", _check_float("rope_theta", self.rope_theta, positive=True))
         put("rope_type", _check_choice("rope_type", self.rope_type, ROPE_TYPES))
         put("rope_interleave", _check_bool("rope_interleave", self.rope_interleave))
@@ -321,6 +347,25 @@ class ModelConfig:
                 if getattr(self, name) is not None:
                     raise _bad(name, getattr(self, name),
                                "only meaningful with rope_type 'yarn' (rope_type is 'default')")
+
+        # --- what the float32 kernels can represent ----------------------
+        # theta and factor enter the rotary table as float32: outside the normal float32 range
+        # the table holds Inf/NaN; an attention factor or softmax scale that overflows float32
+        # makes every score non-finite.  Reject them here, naming the field, not at run time.
+        if not _F32_MIN_NORMAL <= self.rope_theta <= _F32_MAX:
+            raise _bad("rope_theta", self.rope_theta, "expected a number in the float32 range [1.2e-38, 3.4e38]")
+        if self.rope_type == "yarn":
+            if self.rope_factor > _F32_MAX:
+                raise _bad("rope_factor", self.rope_factor, "expected a number <= 3.4e38 (float32 range)")
+        for name in ("softmax_scale", "rope_attention_factor"):
+            val = getattr(self, name)
+            if not (0.0 < val <= _F32_MAX):
+                raise ConfigError(f"config: the derived {name} = {val!r} is not a positive float32 number "
+                                  f"(check rope_scaling mscale / mscale_all_dim / factor)", field=name, value=val)
+        if self.n_routed_experts > 0 and self.n_group > self.n_routed_experts:
+            raise _bad("n_group", self.n_group, f"more groups than n_routed_experts ({self.n_routed_experts})")
+        if self.n_routed_experts > 0 and self.topk_group > self.n_group:
+            raise _bad("topk_group", self.topk_group, f"larger than n_group ({self.n_group})")
 
         # --- tokens ----------------------------------------------------
         if self.bos_token_id is not None:
@@ -464,9 +509,15 @@ class ModelConfig:
                 text = fh.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"not UTF-8 text: {exc}", source=path) from None
         try:
             d = json.loads(text)
         except json.JSONDecodeError as exc:
+            raise ConfigError(f"not valid JSON: {exc}", source=path) from None
+        except RecursionError:
+            raise ConfigError("not valid JSON: nested too deeply", source=path) from None
+        except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
             raise ConfigError(f"not valid JSON: {exc}", source=path) from None
         try:
             return cls.from_dict(d)
@@ -641,8 +692,8 @@ def _parse_rope(d: Mapping[str, Any], max_pos: Any) -> dict[str, Any]:
         for k, v in rp.items():
             if k in merged and merged[k] != v:
                 raise ConfigError(
-                    f"config fields 'rope_scaling.{k}' = {merged[k]!r} and 'rope_parameters.{k}' = "
-                    f"{v!r} disagree", field=f"rope_parameters.{k}", value=v)
+                    f"config fields 'rope_scaling.{k}' = {_short_repr(merged[k])} and 'rope_parameters.{k}' = "
+                    f"{_short_repr(v)} disagree", field=f"rope_parameters.{k}", value=v)
             merged[k] = v
     elif rp:
         where, merged = "rope_parameters", rp
@@ -654,8 +705,8 @@ def _parse_rope(d: Mapping[str, Any], max_pos: Any) -> dict[str, Any]:
 
     t_new, t_old = merged.get("rope_type"), merged.get("type")
     if t_new is not None and t_old is not None and t_new != t_old:
-        raise ConfigError(f"config fields '{where}.rope_type' = {t_new!r} and '{where}.type' = "
-                          f"{t_old!r} disagree", field=f"{where}.rope_type", value=t_new)
+        raise ConfigError(f"config fields '{where}.rope_type' = {_short_repr(t_new)} and '{where}.type' = "
+                          f"{_short_repr(t_old)} disagree", field=f"{where}.rope_type", value=t_new)
     rope_type = t_new if t_new is not None else (t_old if t_old is not None else "default")
     type_field = f"{where}.rope_type" if t_new is not None else f"{where}.type"
     if rope_type not in ROPE_TYPES:
@@ -664,8 +715,8 @@ def _parse_rope(d: Mapping[str, Any], max_pos: Any) -> dict[str, Any]:
 
     theta_top, theta_in = d.get("rope_theta"), merged.get("rope_theta")
     if theta_top is not None and theta_in is not None and theta_top != theta_in:
-        raise ConfigError(f"config fields 'rope_theta' = {theta_top!r} and '{where}.rope_theta' = "
-                          f"{theta_in!r} disagree", field="rope_theta", value=theta_top)
+        raise ConfigError(f"config fields 'rope_theta' = {_short_repr(theta_top)} and '{where}.rope_theta' = "
+                          f"{_short_repr(theta_in)} disagree", field="rope_theta", value=theta_top)
     theta = theta_in if theta_in is not None else theta_top
     theta_field = f"{where}.rope_theta" if theta_in is not None else "rope_theta"
     out: dict[str, Any] = {
@@ -687,8 +738,8 @@ def _parse_rope(d: Mapping[str, Any], max_pos: Any) -> dict[str, Any]:
     orig_top = d.get("original_max_position_embeddings")
     if orig_in is not None and orig_top is not None and orig_in != orig_top:
         raise ConfigError(
-            f"config fields 'original_max_position_embeddings' = {orig_top!r} and "
-            f"'{where}.original_max_position_embeddings' = {orig_in!r} disagree",
+            f"config fields 'original_max_position_embeddings' = {_short_repr(orig_top)} and "
+            f"'{where}.original_max_position_embeddings' = {_short_repr(orig_in)} disagree",
             field="original_max_position_embeddings", value=orig_top)
     orig = orig_in if orig_in is not None else orig_top
     # transformers falls back to max_position_embeddings when it is absent

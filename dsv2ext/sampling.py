@@ -86,10 +86,16 @@ def select_token(logits: np.ndarray, params: SamplingParams, rng: Optional[np.ra
     Returns
     -------
     int
+
+    Raises
+    ------
+    FloatingPointError
+        If the logits contain NaN or +Inf (greedy decoding would silently pick an overflowed
+        logit, sampling would turn it into NaN probabilities).
     """
     x = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if np.isnan(x).any():
-        raise FloatingPointError("the model produced NaN logits")
+    if np.isnan(x).any() or np.isposinf(x).any():  # -inf is a masked token, NaN / +inf a numerical fault
+        raise FloatingPointError("the model produced NaN or +Inf logits")
     if params.greedy:
         return int(np.argmax(x))
     x = x / params.temperature

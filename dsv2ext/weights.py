@@ -163,6 +163,27 @@ def _norm_f32(w: Weight) -> np.ndarray:
     return w.to_float32() if isinstance(w, BF16) else np.ascontiguousarray(w, dtype=np.float32)
 
 
+def _check_counts(cfg: ModelConfig, have: set, reader: CheckpointReader) -> None:
+    """Fail fast when config.json claims far more layers or experts than the files hold.
+
+    ``expected_tensors`` lists ~10 names per layer and 3 per expert: a config claiming 10**9
+    layers (or experts) would take minutes and gigabytes before reporting the first missing
+    tensor.  The last layer's and the last expert's names are probed first instead.
+    """
+    L = cfg.num_hidden_layers
+    probes = [f"model.layers.{L - 1}.input_layernorm.weight"]
+    if cfg.n_routed_experts:
+        f, k = cfg.moe_layer_freq, cfg.first_k_dense_replace
+        first_moe = -(-k // f) * f  # the first multiple of moe_layer_freq >= first_k_dense_replace
+        if first_moe < L:
+            probes.append(f"model.layers.{first_moe}.mlp.experts.{cfg.n_routed_experts - 1}.gate_proj.weight")
+    missing = [p for p in probes if p not in have]
+    if missing:
+        raise CheckpointError(f"checkpoint {reader.directory!r} lacks tensors the config requires: "
+                              f"{', '.join(missing)} (num_hidden_layers={L}, n_routed_experts="
+                              f"{cfg.n_routed_experts}; does config.json match the weights?)")
+
+
 def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str] = None,
                  progress: Optional[bool] = None) -> ModelWeights:
     """Read and check every tensor of the causal LM.
@@ -182,8 +203,9 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
         A tensor is missing, unexpected, or has the wrong shape (the message
         names the tensor and its file).
     """
-    want = expected_tensors(cfg)
     have = set(reader.names())
+    _check_counts(cfg, have, reader)
+    want = expected_tensors(cfg)
     missing = [n for n in want if n not in have]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -20,7 +20,9 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     dsv2py_tensor w;
     if (dsv2py_weight(o_w, "weight", 1, wshape, &w) < 0) return NULL;
     if (w.dtype == DSV2_I8) return PyErr_Format(PyExc_TypeError, "weight: int8 norm weights are not supported");
-    if (!(eps >= 0.0) || eps > 1.0) return PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %g", eps);
+    char gb[32];
+    if (!(eps >= 0.0) || eps > 1.0)
+        return PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %s", dsv2py_g(gb, sizeof gb, eps));
     if (out != x && dsv2py_no_overlap(out, "out", x, "x") < 0) return NULL;
     dsv2_mat wm = dsv2py_mat(&w);
     int rc;

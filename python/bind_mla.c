@@ -87,7 +87,8 @@ static int check_inv_freq(PyObject *o, int64_t rope, PyArrayObject **out) {
 
 static int check_pos_float(double x, const char *name) {
     if (!(x > 0.0) || !isfinite(x)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected a finite value > 0, got %g", name, x);
+        char gb[32];
+        PyErr_Format(PyExc_ValueError, "%s: expected a finite value > 0, got %s", name, dsv2py_g(gb, sizeof gb, x));
         return -1;
     }
     return 0;
@@ -95,7 +96,8 @@ static int check_pos_float(double x, const char *name) {
 
 static int check_eps(double eps) {
     if (!(eps >= 0.0) || eps > 1.0) {
-        PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %g", eps);
+        char gb[32];
+        PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %s", dsv2py_g(gb, sizeof gb, eps));
         return -1;
     }
     return 0;
@@ -122,7 +124,7 @@ static PyArrayObject *check_cache(PyObject *o, int64_t width, int writable) {
     int64_t shp[3] = {DSV2PY_ANY, DSV2PY_ANY, width};
     PyArrayObject *c = dsv2py_array(o, "cache", NPY_FLOAT32, 3, shp, writable);
     if (!c) return NULL;
-    if (check_int32(dsv2py_dim(c, 1) * width, "cache: max sequence length x row width") < 0) return NULL;
+    if (check_int32(dsv2py_dim(c, 1) * dsv2py_dim(c, 2), "cache: max sequence length x row width") < 0) return NULL;
     return c;
 }
 
@@ -365,6 +367,11 @@ static PyObject *py_mla_attention_block(PyObject *self, PyObject *args) {
                             "config: num_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, kv_lora_rank must be > 0 "
                             "and q_lora_rank >= 0");
     if (rope & 1) return PyErr_Format(PyExc_ValueError, "config: qk_rope_head_dim must be even, got %lld", rope);
+    /* each size < 2**31 first, so that the products below cannot overflow int64 */
+    if (check_int32(H, "config: num_heads") < 0 || check_int32(nope, "config: qk_nope_head_dim") < 0 ||
+        check_int32(rope, "config: qk_rope_head_dim") < 0 || check_int32(v, "config: v_head_dim") < 0 ||
+        check_int32(L, "config: kv_lora_rank") < 0 || check_int32(ql, "config: q_lora_rank") < 0)
+        return NULL;
     if (check_mode(mode) < 0) return NULL;
     if (check_int32(H * (nope + rope), "config: num_heads x qk_head_dim") < 0 ||
         check_int32(H * (nope + v), "config: num_heads x (qk_nope_head_dim + v_head_dim)") < 0)

@@ -61,7 +61,9 @@ static int parse_cfg(int64_t E, long long top_k, long long n_group, long long to
         return -1;
     }
     if (!isfinite(scale) || fabs(scale) > 3.0e38) {
-        PyErr_Format(PyExc_ValueError, "routed_scaling_factor: expected a finite number, got %g", scale);
+        char gb[32];
+        PyErr_Format(PyExc_ValueError, "routed_scaling_factor: expected a finite number (|x| <= 3e38), got %s",
+                     dsv2py_g(gb, sizeof gb, scale));
         return -1;
     }
     if (has_bias && cfg->topk_method != DSV2_TOPK_NOAUX_TC) {
@@ -110,8 +112,9 @@ static int parse_bias(PyObject *o, int64_t E, PyArrayObject **out) {
     const float *p = (const float *)PyArray_DATA(b);
     for (int64_t i = 0; i < E; i++)
         if (!isfinite(p[i])) {
-            PyErr_Format(PyExc_ValueError, "correction_bias: element %lld is not finite (%g)", (long long)i,
-                         (double)p[i]);
+            char gb[32];
+            PyErr_Format(PyExc_ValueError, "correction_bias: element %lld is not finite (%s)", (long long)i,
+                         dsv2py_g(gb, sizeof gb, (double)p[i]));
             return -1;
         }
     *out = b;
@@ -134,7 +137,7 @@ static int check_router_weight(PyObject *o, int64_t d, dsv2py_tensor *t) {
 
 static PyObject *raise_route(int rc, const char *func) {
     if (rc == DSV2_ERR_NONFINITE)
-        return PyErr_Format(PyExc_ValueError,
+        return PyErr_Format(dsv2py_NonFiniteError ? dsv2py_NonFiniteError : PyExc_ValueError,
                             "%s: router logits contain NaN or Inf (check x and router_weight); "
                             "routing is undefined for non-finite logits",
                             func);

@@ -7,7 +7,7 @@ void dsv2py_fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape) {
     size_t off = 0;
     off += (size_t)snprintf(buf + off, n - off, "[");
     for (int i = 0; i < ndim && off < n; i++) {
-        if (shape[i] < 0)
+        if (!shape || shape[i] < 0) /* NULL: no sizes given, any rank-ndim shape */
             off += (size_t)snprintf(buf + off, n - off, "%s?", i ? ", " : "");
         else
             off += (size_t)snprintf(buf + off, n - off, "%s%lld", i ? ", " : "", (long long)shape[i]);
@@ -115,6 +115,20 @@ static int fill_tensor(PyArrayObject *a, dsv2_dtype dt, dsv2py_tensor *out) {
     return 0;
 }
 
+/* The arrays behind a dtype-tagged weight come from getattr: hold them for the
+ * whole call (a computed attribute may return a temporary, and another thread
+ * may rebind the attribute while the kernel runs without the GIL). */
+static int hold(PyObject *arr, const char *name, const char *attr) {
+    int rc = dsv2py_keep(arr);
+    if (rc <= 0) return rc;
+    if (Py_REFCNT(arr) < 2) { /* no call frame to hold it, and we hold the only reference */
+        PyErr_Format(PyExc_TypeError, "%s.%s: must be an array stored on the weight object, not a temporary",
+                     name, attr);
+        return -1;
+    }
+    return 0;
+}
+
 int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out) {
     char buf[256];
     if (ndim < 1 || ndim > 4) {
@@ -150,19 +164,32 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
     }
     int rc = -1;
     PyObject *data = PyObject_GetAttrString(obj, "data");
-    if (!data) goto done;
+    if (!data) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: a weight tagged '%s' needs a .data array", name, t);
+        }
+        goto done;
+    }
     if (!strcmp(t, "bf16")) {
         snprintf(buf, sizeof buf, "%s.data", name);
         PyArrayObject *a = check_array(data, buf, NPY_UINT16, ndim, shape, 0, "uint16 (bfloat16 bits)");
-        if (!a) goto done;
+        if (!a || hold(data, name, "data") < 0) goto done;
         rc = fill_tensor(a, DSV2_BF16, out);
     } else if (!strcmp(t, "int8")) {
         snprintf(buf, sizeof buf, "%s.data", name);
         PyArrayObject *a = check_array(data, buf, NPY_INT8, ndim, shape, 0, NULL);
-        if (!a) goto done;
+        if (!a || hold(data, name, "data") < 0) goto done;
         fill_tensor(a, DSV2_I8, out);
         PyObject *sc = PyObject_GetAttrString(obj, "scales");
-        if (!sc) goto done;
+        if (!sc) {
+            if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "%s: an int8 weight needs a .scales array (float32 [..., rows, cols / group])",
+                             name);
+            }
+            goto done;
+        }
         snprintf(buf, sizeof buf, "%s.scales", name);
         int64_t sshape[4];
         for (int i = 0; i < ndim; i++) sshape[i] = out->shape[i];
@@ -173,6 +200,10 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
             sshape[ndim - 1] = ng;
             int ok = ng > 0 && cols % ng == 0;
             for (int i = 0; i < ndim - 1; i++) ok = ok && (int64_t)PyArray_DIM(s, i) == sshape[i];
+            if (ok && hold(sc, name, "scales") < 0) {
+                Py_DECREF(sc);
+                goto done;
+            }
             if (!ok) {
                 char want[128];
                 sshape[ndim - 1] = DSV2PY_ANY;
@@ -235,9 +266,12 @@ int dsv2py_no_overlap(PyArrayObject *a, const char *an, PyArrayObject *b, const 
     return 0;
 }
 
+PyObject *dsv2py_NonFiniteError = NULL;
+
 PyObject *dsv2py_raise(int code, const char *func) {
     PyObject *exc = PyExc_RuntimeError;
     if (code == DSV2_ERR_NOMEM) exc = PyExc_MemoryError;
+    else if (code == DSV2_ERR_NONFINITE && dsv2py_NonFiniteError) exc = dsv2py_NonFiniteError;
     else if (code == DSV2_ERR_ARG || code == DSV2_ERR_RANGE || code == DSV2_ERR_NONFINITE) exc = PyExc_ValueError;
     else if (code == DSV2_ERR_DTYPE) exc = PyExc_TypeError;
     PyErr_Format(exc, "%s: %s", func, dsv2_strerror(code));

@@ -16,6 +16,8 @@
 #endif
 #include <numpy/arrayobject.h>
 
+#include <stdio.h>
+
 #include "../csrc/dsv2.h"
 
 /* shape entries: >= 0 must match exactly, DSV2PY_ANY accepts any size >= 1 */
@@ -50,6 +52,11 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
 /* Same, None accepted: returns 1 when None (out untouched), 0 when parsed. */
 int dsv2py_weight_opt(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out);
 
+/* Keep `obj` alive until the current dsv2ext._C call returns (module.c runs
+ * every binding with a per-call keep list).  Returns 0, or -1 with an
+ * exception set; 1 when called outside a _C call (nothing kept). */
+int dsv2py_keep(PyObject *obj);
+
 /* The 2-D weight as a matrix; for a 3-D stacked weight, matrix e. */
 dsv2_mat dsv2py_mat(const dsv2py_tensor *t);
 dsv2_mat dsv2py_mat_at(const dsv2py_tensor *t, int64_t e);
@@ -57,11 +64,22 @@ dsv2_mat dsv2py_mat_at(const dsv2py_tensor *t, int64_t e);
 /* Raise ValueError if the memory of arrays a and b overlaps. Returns 0/-1. */
 int dsv2py_no_overlap(PyArrayObject *a, const char *an, PyArrayObject *b, const char *bn);
 
+/* dsv2ext._C.NonFiniteError(ValueError, FloatingPointError): NaN/Inf where a kernel's
+ * policy rejects it (router logits).  Created by the module init. */
+extern PyObject *dsv2py_NonFiniteError;
+
 /* Turn a kernel error code into an exception; returns NULL. */
 PyObject *dsv2py_raise(int code, const char *func);
 
 /* Format a shape for messages: "[T, 2048]" (DSV2PY_ANY printed as '?'). */
 void dsv2py_fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape);
+
+/* x formatted with "%g" into buf, for messages: PyErr_Format has no float
+ * conversions (a "%g" there is printed literally and the value dropped). */
+static inline const char *dsv2py_g(char *buf, size_t n, double x) {
+    snprintf(buf, n, "%g", x);
+    return buf;
+}
 
 static inline void *dsv2py_data(PyArrayObject *a) { return PyArray_DATA(a); }
 static inline int64_t dsv2py_dim(PyArrayObject *a, int i) { return (int64_t)PyArray_DIM(a, i); }

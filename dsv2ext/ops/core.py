@@ -5,6 +5,11 @@ float32 arrays or :class:`dsv2ext.BF16` (bfloat16 bits as uint16); nothing is
 converted silently: a wrong dtype, shape, layout or a read-only ``out`` raises
 ``TypeError`` / ``ValueError`` naming the argument.  The GIL is released while
 a kernel runs.
+
+NaN / Inf policy: activations and weights are not scanned; NaN / Inf propagate
+through the arithmetic (a NaN in row t of ``x`` makes row t of the output NaN,
+a NaN in row n of a linear weight makes column n NaN; other rows and columns are
+unaffected).  A non-finite or out-of-range ``eps`` is a ``ValueError``.
 """
 from __future__ import annotations
 

@@ -39,6 +39,13 @@ All arrays are NumPy, float32 activations (C-contiguous, aligned, never converte
 weights are float32 arrays or :class:`dsv2ext.BF16` (``kv_b_proj`` may also be an int8-tagged
 weight).  Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument before any
 kernel runs.  The GIL is released while kernels run.
+
+NaN / Inf policy: the activations (``hidden``, ``q``, the cache rows) and weights are not
+scanned; NaN / Inf in them propagate through the arithmetic to the outputs of the tokens
+that depend on them (a NaN query gives that token NaN outputs, a NaN cache row gives NaN
+outputs to every token attending to it) - no exception, no effect on other tokens.
+Non-finite *parameters* are rejected with ``ValueError``: ``inv_freq`` entries,
+``softmax_scale``, ``attention_factor``, ``eps``, RoPE/YaRN settings.
 """
 from __future__ import annotations
 
@@ -252,7 +259,7 @@ def apply_rope(x: np.ndarray, positions: np.ndarray, inv_freq: np.ndarray, atten
     np.ndarray
         ``x`` itself.
     """
-    check_f32(x, "x")
+    check_f32(x, "x", contiguous=False)  # strided views are allowed here
     if x.ndim == 2:
         view = x[:, None, :]
     elif x.ndim == 3:

@@ -19,10 +19,14 @@ holding the gate rows ``[0, I)`` then the up rows ``[I, 2I)``, and
 Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument before
 any kernel runs.
 
-NaN policy: routing is undefined for NaN / Inf router logits, so
-:func:`moe_route` and :func:`moe_block` raise ``ValueError`` when any logit is
-not finite (nothing is written to ``out``).  NaN in expert weights or in the
-activations of a token that routes normally simply propagates.
+NaN / Inf policy: routing is undefined for NaN / Inf router logits, so
+:func:`moe_route` and :func:`moe_block` raise :class:`NonFiniteError` (a
+``ValueError`` and a ``FloatingPointError``) when any logit is not finite
+(nothing is written to ``out``); a non-finite ``correction_bias`` or
+``routed_scaling_factor`` is a ``ValueError``.  NaN / Inf in expert weights,
+in :func:`swiglu_mlp` / :func:`moe_experts` / :func:`moe_combine` inputs, or in
+the activations of a token that routes normally simply propagate to that
+token's output.
 """
 from __future__ import annotations
 
@@ -34,7 +38,10 @@ import numpy as np
 from .._native import _C
 from ._util import Weight, check_f32, new_out
 
+NonFiniteError = _C.NonFiniteError
+
 __all__ = [
+    "NonFiniteError",
     "MoEConfig",
     "StackedExperts",
     "moe_route",
@@ -289,8 +296,13 @@ def moe_dispatch(ids: np.ndarray, n_experts: int) -> Tuple[np.ndarray, np.ndarra
     """
     if isinstance(n_experts, bool) or not isinstance(n_experts, (int, np.integer)) or n_experts < 1:
         raise ValueError(f"n_experts: expected an int >= 1, got {n_experts!r}")
-    if not isinstance(ids, np.ndarray) or ids.ndim != 2:
-        raise TypeError("ids: expected a 2-D numpy int64 array [T, k]")
+    if not isinstance(ids, np.ndarray):
+        raise TypeError(f"ids: expected a 2-D numpy int64 array [T, k], got {type(ids).__name__}")
+    if ids.ndim != 2:
+        raise ValueError(f"ids: expected 2 dimensions [T, k], got shape {ids.shape}")
+    if not ids.flags.c_contiguous:
+        raise ValueError(f"ids: expected a C-contiguous array (use numpy.ascontiguousarray), got shape "
+                         f"{ids.shape} with strides {ids.strides}")
     order = np.empty(ids.shape[0] * ids.shape[1], np.int64)
     offsets = np.empty(int(n_experts) + 1, np.int64)
     _C.moe_dispatch(offsets, order, ids)

@@ -1,0 +1,192 @@
+"""Concurrency and interruption.
+
+* Every long-running kernel releases the GIL: two threads calling it at the same moment overlap
+  in wall time (>= 50 % of the shorter call) while the main thread keeps running Python code
+  (no pause longer than half a call; a GIL-holding call would pause it for the whole call).
+  Sizes are grown until one call takes >= 0.3 s.
+* Two threads generating with two models (and with one shared model) at once give exactly
+  the tokens of the same calls made one after the other (greedy and seeded sampling).
+* KeyboardInterrupt (``_thread.interrupt_main()`` from a timer thread) during a long
+  generate returns control within 1 s, and the model then generates exactly what it did
+  before the interruption.
+"""
+from __future__ import annotations
+
+import _thread
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dsv2ext
+from dsv2ext import ops
+from harden_cases import SANITIZED, mla_config, mla_weights, moe_weights
+
+
+def _grow(make, min_s=0.15, max_size=1 << 15):
+    """(call, seconds) with the smallest size n (doubling from 8) whose call takes >= min_s."""
+    n = 8
+    while True:
+        fn = make(n)
+        fn()  # warm-up (scratch buffers)
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_s or n >= max_size:
+            return fn, dt
+        n *= 2 if dt > min_s / 8 else 4
+
+
+def _kernels():
+    rng = np.random.default_rng(0)
+
+    def linear(n):
+        x, w = rng.standard_normal((n, 1024), dtype=np.float32), rng.standard_normal((1024, 1024), dtype=np.float32)
+        return lambda: ops.linear(x, w)
+
+    def compress(n):  # linear + RMSNorm + RoPE + cache writes
+        inv, _ = ops.rope_inv_freq(64)
+        h = rng.standard_normal((n, 1024), dtype=np.float32)
+        wa, wn = rng.standard_normal((576, 1024), dtype=np.float32) * 0.03, np.ones(512, np.float32)
+        cache = np.zeros((1, n, 576), np.float32)
+        seq, pos = np.zeros(n, np.int64), np.arange(n, dtype=np.int64)
+        return lambda: ops.mla_compress_kv(h, wa, wn, cache, seq, pos, inv)
+
+    def swiglu(n):
+        x = rng.standard_normal((n, 512), dtype=np.float32)
+        g, u, d = (rng.standard_normal(s, dtype=np.float32) * 0.05 for s in ((1024, 512), (1024, 512), (512, 1024)))
+        return lambda: ops.swiglu_mlp(x, g, u, d)
+
+    def mla(n):
+        cfg, w = mla_config(), mla_weights(np.random.default_rng(1), d=32)
+        cache = rng.standard_normal((1, n, cfg.latent_dim), dtype=np.float32)
+        q = rng.standard_normal((n, cfg.num_heads, cfg.qk_head_dim), dtype=np.float32)
+        seq, pos = np.zeros(n, np.int64), np.arange(n, dtype=np.int64)
+        return lambda: ops.mla_attention(q, cache, seq, pos, w.kv_b_proj, cfg.softmax_scale, "absorbed")
+
+    def moe(n):
+        mo = moe_weights(np.random.default_rng(2))
+        x = rng.standard_normal((n, 32), dtype=np.float32)
+        return lambda: ops.moe_block(x, mo["router"], mo["experts"], mo["shared"], mo["cfg"])
+
+    return {"linear": linear, "mla_compress_kv": compress, "swiglu_mlp": swiglu, "mla_attention": mla,
+            "moe_block": moe}
+
+
+@pytest.mark.skipif(SANITIZED, reason="timing test; meaningless under ASan")
+@pytest.mark.parametrize("name", sorted(_kernels()))
+def test_kernels_release_the_gil(name):
+    """Two threads run the kernel at once while the main thread keeps ticking in Python.
+
+    With the GIL released the two calls overlap in wall time and the main thread's ticks never
+    stop for long; a call holding the GIL would freeze the ticks for its whole duration (checked
+    against ``sorted()`` of a long list, which holds the GIL: the largest gap equals the call).
+    """
+    fn, single = _grow(_kernels()[name], min_s=0.3)
+    barrier = threading.Barrier(3)
+    spans = [None, None]
+
+    def run(i):
+        barrier.wait()
+        t0 = time.perf_counter()
+        fn()
+        spans[i] = (t0, time.perf_counter())
+
+    ths = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ths:
+        t.start()
+    barrier.wait()
+    ticks = [time.perf_counter()]
+    while any(t.is_alive() for t in ths):
+        ticks.append(time.perf_counter())
+    for t in ths:
+        t.join()
+    (a0, a1), (b0, b1) = spans
+    shorter = min(a1 - a0, b1 - b0)
+    overlap = min(a1, b1) - max(a0, b0)
+    gap = float(np.max(np.diff(ticks)))
+    assert overlap >= 0.5 * shorter, f"{name}: the two calls overlap {overlap:.3f} s of {shorter:.3f} s"
+    assert gap < 0.5 * shorter, (f"{name}: Python code in another thread stalled {gap:.3f} s during calls of "
+                                 f">= {shorter:.3f} s: the kernel holds the GIL (one call alone: {single:.3f} s)")
+
+
+@pytest.fixture(scope="module")
+def two_models():
+    a, b = dsv2ext.load(), dsv2ext.load()
+    yield a, b
+    a.close()
+    b.close()
+
+
+JOBS = [("def fibonacci(n):", dict(max_new_tokens=24, temperature=0.0)),
+        ("import numpy as np\n", dict(max_new_tokens=24, temperature=0.9, top_p=0.95, seed=7))]
+
+
+def _run_threads(targets):
+    results = [None] * len(targets)
+    errors = []
+    barrier = threading.Barrier(len(targets))
+
+    def run(i, fn):
+        try:
+            barrier.wait()
+            results[i] = fn()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    ths = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(targets)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def test_two_models_in_two_threads_match_sequential(two_models):
+    a, b = two_models
+    want = [a.generate(JOBS[0][0], **JOBS[0][1]).token_ids, b.generate(JOBS[1][0], **JOBS[1][1]).token_ids]
+    for _ in range(3):
+        got = _run_threads([lambda: a.generate(JOBS[0][0], **JOBS[0][1]).token_ids,
+                            lambda: b.generate(JOBS[1][0], **JOBS[1][1]).token_ids])
+        assert got == want
+    # one model shared by both threads
+    got = _run_threads([lambda: a.generate(JOBS[0][0], **JOBS[0][1]).token_ids,
+                        lambda: a.generate(JOBS[1][0], **JOBS[1][1]).token_ids])
+    assert got == want
+
+
+def test_keyboard_interrupt_during_generate(two_models):
+    m = two_models[0]
+    # no eos: the generation below can only end by length (about a minute) or by the interrupt
+    model = dsv2ext.DeepseekV2(dataclasses.replace(m.config, eos_token_id=()), m.weights, m.tokenizer, {})
+    prompt = "def parse(text):"
+    before = model.generate(prompt, max_new_tokens=8, temperature=0).token_ids
+    done = threading.Event()
+    sent = []
+
+    def fire():
+        if not done.wait(1.0):
+            sent.append(time.perf_counter())
+            _thread.interrupt_main()
+
+    timer = threading.Thread(target=fire)
+    timer.start()
+    t_start = time.perf_counter()
+    try:
+        model.generate(prompt, max_new_tokens=1500, temperature=0)
+        done.set()
+        pytest.fail("generate() finished before the interrupt")
+    except KeyboardInterrupt:
+        caught = time.perf_counter()
+    finally:
+        done.set()
+        timer.join()
+    assert sent, "the timer did not fire"
+    assert caught - sent[0] < 1.0, f"KeyboardInterrupt took {caught - sent[0]:.2f} s to arrive"
+    assert caught - t_start < 10.0
+    # the model is still usable and unchanged
+    assert model.generate(prompt, max_new_tokens=8, temperature=0).token_ids == before
+    assert m.generate(prompt, max_new_tokens=8, temperature=0).token_ids == before
