@@ -158,6 +158,14 @@ def run_worker(run: Run, spec: Dict[str, Any], work_dir: str, log: Any) -> Dict[
     return res
 
 
+def keep_best(peaks: Dict[str, Any], new: Dict[str, Any]) -> None:
+    """Raise every ceiling in ``peaks`` to ``new``'s where that is higher (in place)."""
+    for metric in ("read_GBps", "fma32_GFLOPs", "bf16_GFLOPs", "vnni_GOPs"):
+        for t, v in new.get(metric, {}).items():
+            if v is not None and (peaks[metric].get(t) or 0) < v:
+                peaks[metric][t] = v
+
+
 # ----------------------------------------------------------------------------- checks
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -660,18 +668,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"  note: other processes keep {100 * busy:.0f}% of the CPUs busy before {run.key}")
         results[run.key] = run_worker(run, spec, work, log)
         results[run.key]["cpu_busy_before"] = busy
-        # the read bandwidth between workers: other processes may hold it down at times; keep the best
-        probe = measure_peaks(args.cache, sorted({1, args.threads}), quick=True, read_only=True)
-        for t_, v in probe["read_GBps"].items():
-            if v is not None and (peaks["read_GBps"].get(t_) or 0) < v:
-                peaks["read_GBps"][t_] = v
+        # the machine's ceilings between workers: other processes may hold them down at times; keep the best
+        keep_best(peaks, measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick))
 
     # the bandwidth probe again: other processes may have held it down at the start; keep the best
-    again = measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick, read_only=True)
-    for t_, v in again["read_GBps"].items():
-        if v is not None and (peaks["read_GBps"].get(t_) or 0) < v:
-            peaks["read_GBps"][t_] = v
-    log(f"read bandwidth at the end {again['read_GBps']}; using the best seen in the run {peaks['read_GBps']}")
+    again = measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick)
+    keep_best(peaks, again)
+    log(f"read bandwidth at the end {again['read_GBps']} GB/s; using the best seen in the run: read "
+        f"{peaks['read_GBps']} GB/s, fp32 FMA {peaks['fma32_GFLOPs']} GFLOP/s")
 
     checks = evaluate_checks(results, geometry)
     print()
