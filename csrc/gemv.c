@@ -1,6 +1,7 @@
-/* gemv.c - row-dot kernels (portable, AVX2, AVX-512), fp32 and bf16 weights. */
+/* gemv.c - row-dot kernels (portable, AVX2, AVX-512), fp32, bf16 and int8 weights. */
 #include "gemv.h"
 #include "cpu.h"
+#include "quant.h"
 
 #include <immintrin.h>
 
@@ -125,6 +126,10 @@ GEMV512_T(4)
 void dsv2_gemv_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
                     const dsv2_mat *W, int64_t r0, int64_t r1) {
     if (T <= 0 || r0 >= r1) return;
+    if (W->dtype == DSV2_I8) {
+        dsv2_gemv_i8_rows(y, ldy, x, ldx, T, W, r0, r1);
+        return;
+    }
     int isa = dsv2_isa();
     if (W->dtype == DSV2_F32 || W->dtype == DSV2_BF16) {
         if (isa == DSV2_ISA_AVX512) {
@@ -170,6 +175,8 @@ void dsv2_mat_rows_to_f32(float *out, const dsv2_mat *W, int64_t r0, int64_t r1)
     } else if (W->dtype == DSV2_BF16) {
         const uint16_t *w = (const uint16_t *)W->data + r0 * K;
         for (int64_t i = 0; i < (r1 - r0) * K; i++) out[i] = dsv2_bf16_to_f32(w[i]);
+    } else if (W->dtype == DSV2_I8) {
+        dsv2_dequant_i8_rows(out, W, r0, r1);
     } else {
         for (int64_t r = r0; r < r1; r++)
             for (int64_t k = 0; k < K; k++) out[(r - r0) * K + k] = dsv2_mat_get(W, r, k);

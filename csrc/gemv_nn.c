@@ -1,4 +1,5 @@
-/* gemv_nn.c - y = x W for T <= 4 rows (portable, AVX2 via the compiler, AVX-512). */
+/* gemv_nn.c - y = x W for T <= 4 rows (portable, AVX2 via the compiler, AVX-512);
+ * fp32, bf16 and int8 (block-scaled, dequantized in registers) weights. */
 #include "gemv_nn.h"
 #include "cpu.h"
 
@@ -20,9 +21,13 @@ nn_generic(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2
             if (W->dtype == DSV2_F32) {
                 const float *wr = (const float *)W->data + k * N + cb;
                 for (int64_t c = 0; c < nc; c++) w[c] = wr[c];
-            } else {
+            } else if (W->dtype == DSV2_BF16) {
                 const uint16_t *wr = (const uint16_t *)W->data + k * N + cb;
                 for (int64_t c = 0; c < nc; c++) w[c] = dsv2_bf16_to_f32(wr[c]);
+            } else {
+                const int8_t *wr = (const int8_t *)W->data + k * N + cb;
+                const float *sr = W->scale + k * (N / W->group);
+                for (int64_t c = 0; c < nc; c++) w[c] = (float)wr[c] * sr[(cb + c) / W->group];
             }
             for (int t = 0; t < T; t++) {
                 const float xv = x[t * ldx + k];
@@ -47,6 +52,12 @@ DSV2_TARGET_AVX2 static void nn_avx2(float *y, int64_t ldy, const float *x, int6
 /* ---------------- AVX-512: T rows x 64 columns in 4T accumulators ---------------- */
 DSV2_TARGET_AVX512 static inline __m512 nn_load_w(const dsv2_mat *W, int64_t k, int64_t c, __mmask16 m) {
     if (W->dtype == DSV2_F32) return _mm512_maskz_loadu_ps(m, (const float *)W->data + k * W->cols + c);
+    if (W->dtype == DSV2_I8) { /* the 16 columns lie in one scale block (checked by the caller) */
+        if (!m) return _mm512_setzero_ps(); /* a chunk past the end: no scale to read */
+        __m128i b = _mm_maskz_loadu_epi8(m, (const int8_t *)W->data + k * W->cols + c);
+        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+        return _mm512_mul_ps(v, _mm512_set1_ps(W->scale[k * (W->cols / W->group) + c / W->group]));
+    }
     __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)W->data + k * W->cols + c);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
@@ -96,18 +107,20 @@ NN512_T(4)
 
 int dsv2_gemv_nn(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
                  int64_t c0, int64_t c1) {
-    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
+    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16 && W->dtype != DSV2_I8) return DSV2_ERR_DTYPE;
+    if (W->dtype == DSV2_I8 && (!W->scale || W->group < 1 || W->cols % W->group)) return DSV2_ERR_ARG;
     if (T <= 0 || c0 >= c1) return DSV2_OK;
     if (T > DSV2_GEMV_NN_MAX_T || c0 < 0 || c1 > W->cols) return DSV2_ERR_ARG;
     int isa = dsv2_isa();
-    if (isa == DSV2_ISA_AVX512) {
+    /* int8 in AVX-512 registers: every 16-column chunk must lie in one scale block */
+    if (isa == DSV2_ISA_AVX512 && (W->dtype != DSV2_I8 || (W->group % 16 == 0 && c0 % 16 == 0))) {
         switch (T) {
         case 1: nn_avx512_t1(y, ldy, x, ldx, W, c0, c1); break;
         case 2: nn_avx512_t2(y, ldy, x, ldx, W, c0, c1); break;
         case 3: nn_avx512_t3(y, ldy, x, ldx, W, c0, c1); break;
         default: nn_avx512_t4(y, ldy, x, ldx, W, c0, c1); break;
         }
-    } else if (isa == DSV2_ISA_AVX2) {
+    } else if (isa >= DSV2_ISA_AVX2) {
         nn_avx2(y, ldy, x, ldx, T, W, c0, c1);
     } else {
         nn_portable(y, ldy, x, ldx, T, W, c0, c1);

@@ -37,7 +37,7 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
     const int64_t N = W->rows, K = W->cols;
     if (T < 0 || N <= 0 || K <= 0 || ldx < K || ldy < N) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
-    if (T <= DSV2_LINEAR_GEMV_MAX_T || W->dtype == DSV2_I8) {
+    if (T <= DSV2_LINEAR_GEMV_MAX_T) {
         for (int64_t t0 = 0; t0 < T; t0 += DSV2_LINEAR_GEMV_MAX_T) {
             int tt = (int)(T - t0 < DSV2_LINEAR_GEMV_MAX_T ? T - t0 : DSV2_LINEAR_GEMV_MAX_T);
             gemv_job j = {y + t0 * ldy, ldy, x + t0 * ldx, ldx, W, tt};
@@ -51,7 +51,7 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
         dsv2_sgemm_nt((int)T, (int)N, (int)K, x, (int)ldx, (const float *)W->data, (int)K, 0.0f, y, (int)ldy);
         return DSV2_OK;
     }
-    /* bf16: widen a panel of rows (~2 MiB of fp32) at a time */
+    /* bf16 / int8: widen (dequantize) a panel of rows (~2 MiB of fp32) at a time */
     int64_t P = (int64_t)(2u << 20) / (K * 4);
     if (P < 16) P = 16;
     P = (P + 15) / 16 * 16;

@@ -197,13 +197,13 @@ static void copy_qpe(float *qa, const float *q, int64_t T, const dsv2_mla_dims *
 static int absorb_queries(float *qa, const float *q, int64_t T, const dsv2_mat *kv_b, const dsv2_mla_dims *dm) {
     const int64_t H = dm->n_heads, dqk = dm->nope + dm->rope, Wd = dm->kv_lora + dm->rope, L = dm->kv_lora;
     copy_qpe(qa, q, T, dm);
-    if (T <= DSV2_LINEAR_GEMV_MAX_T && (kv_b->dtype == DSV2_F32 || kv_b->dtype == DSV2_BF16)) {
+    if (T <= DSV2_LINEAR_GEMV_MAX_T) {
         qlat_job j = {qa, q, kv_b, T, H, dqk, Wd, dm->nope, dm->v, L, (L + QL_CB - 1) / QL_CB};
         atomic_init(&j.err, 0);
         dsv2_parallel_for(H * j.ncb, 1, qlat_task, &j);
         return atomic_load(&j.err);
     }
-    /* many tokens (or int8 weights): sgemm per head, W_UK_h widened to fp32 if needed */
+    /* many tokens: sgemm per head, W_UK_h widened (dequantized) to fp32 if needed */
     float *wbuf = NULL;
     if (kv_b->dtype != DSV2_F32) {
         wbuf = (float *)dsv2_scratch_alloc((size_t)dm->nope * (size_t)L * sizeof(float));
