@@ -76,7 +76,25 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_get_int8_activations(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(dsv2_get_i8_act() == DSV2_I8_ACT_FP32 ? "fp32" : "int16");
+}
+
+static PyObject *py_set_int8_activations(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:set_int8_activations", &name)) return NULL;
+    int mode;
+    if (!strcmp(name, "int16")) mode = DSV2_I8_ACT_INT16;
+    else if (!strcmp(name, "fp32")) mode = DSV2_I8_ACT_FP32;
+    else return PyErr_Format(PyExc_ValueError, "mode: expected 'int16' or 'fp32', got '%s'", name);
+    dsv2_set_i8_act(mode);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef dsv2py_quant_methods[] = {
+    {"get_int8_activations", py_get_int8_activations, METH_NOARGS, "get_int8_activations() -> 'int16' | 'fp32'"},
+    {"set_int8_activations", py_set_int8_activations, METH_VARARGS,
+     "set_int8_activations(mode): activations of int8 row-dot products, 'int16' (fast) or 'fp32' (exact)"},
     {"quantize_int8", py_quantize_int8, METH_VARARGS,
      "quantize_int8(q, scales, w, group): int8 codes q [rows, cols] and fp32 scales [rows, cols / group] of w"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(out, w): out [rows, cols] float32 = the values of w"},
