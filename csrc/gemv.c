@@ -72,51 +72,45 @@ DSV2_TARGET_AVX512 static inline __m512 load16_w_avx512(const dsv2_mat *W, int64
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-/* 4 weight rows x T activation rows, T a compile-time constant after inlining */
-DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-gemv_tile4_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T,
-                  const dsv2_mat *W, int64_t r) {
-    const int64_t K = W->cols;
-    __m512 acc[DSV2_GEMV_MAX_T][4];
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        __mmask16 m = (K - k >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
-        __m512 w0 = load16_w_avx512(W, r, k, m), w1 = load16_w_avx512(W, r + 1, k, m);
-        __m512 w2 = load16_w_avx512(W, r + 2, k, m), w3 = load16_w_avx512(W, r + 3, k, m);
-        for (int t = 0; t < T; t++) {
-            __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + k);
-            acc[t][0] = _mm512_fmadd_ps(w0, xv, acc[t][0]);
-            acc[t][1] = _mm512_fmadd_ps(w1, xv, acc[t][1]);
-            acc[t][2] = _mm512_fmadd_ps(w2, xv, acc[t][2]);
-            acc[t][3] = _mm512_fmadd_ps(w3, xv, acc[t][3]);
-        }
-    }
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < 4; i++) y[t * ldy + r + i] = _mm512_reduce_add_ps(acc[t][i]);
-}
-
+/* One weight row x T activation rows (T a compile-time constant after
+ * inlining), four partial sums per activation row (k, k+16, k+32, k+48) for
+ * FMA latency.  Rows are processed one after the other: each thread reads its
+ * block of the weight matrix as one sequential stream (measured on Zen 4:
+ * ~1.5x the bandwidth of interleaving 4 rows, whose short per-row streams the
+ * hardware prefetchers keep re-learning); the activations stay in L1. */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
 gemv_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T,
                 const dsv2_mat *W, int64_t r) {
-    const int64_t K = W->cols;
-    __m512 acc[DSV2_GEMV_MAX_T];
-    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        __mmask16 m = (K - k >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
-        __m512 w = load16_w_avx512(W, r, k, m);
-        for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + t * ldx + k), acc[t]);
+    const int64_t K = W->cols, K64 = K & ~(int64_t)63;
+    __m512 acc[DSV2_GEMV_MAX_T][4];
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K64; k += 64) {
+        const __m512 w0 = load16_w_avx512(W, r, k, 0xffff), w1 = load16_w_avx512(W, r, k + 16, 0xffff);
+        const __m512 w2 = load16_w_avx512(W, r, k + 32, 0xffff), w3 = load16_w_avx512(W, r, k + 48, 0xffff);
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + t * ldx + k;
+            acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
+            acc[t][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xt + 32), acc[t][2]);
+            acc[t][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xt + 48), acc[t][3]);
+        }
     }
-    for (int t = 0; t < T; t++) y[t * ldy + r] = _mm512_reduce_add_ps(acc[t]);
+    for (int64_t k = K64; k < K; k += 16) {
+        const __mmask16 m = (K - k >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        const __m512 w = load16_w_avx512(W, r, k, m);
+        for (int t = 0; t < T; t++) acc[t][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + t * ldx + k), acc[t][0]);
+    }
+    for (int t = 0; t < T; t++)
+        y[t * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),
+                                                            _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
 #define GEMV512_T(TT)                                                                  \
     DSV2_TARGET_AVX512 static void gemv_avx512_t##TT(float *y, int64_t ldy, const float *x, \
                                                      int64_t ldx, const dsv2_mat *W,   \
                                                      int64_t r0, int64_t r1) {         \
-        int64_t r = r0;                                                                \
-        for (; r + 4 <= r1; r += 4) gemv_tile4_avx512(y, ldy, x, ldx, TT, W, r);       \
-        for (; r < r1; r++) gemv_row_avx512(y, ldy, x, ldx, TT, W, r);                 \
+        for (int64_t r = r0; r < r1; r++) gemv_row_avx512(y, ldy, x, ldx, TT, W, r);   \
     }
 GEMV512_T(1)
 GEMV512_T(2)

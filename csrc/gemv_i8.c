@@ -4,10 +4,9 @@
  * Weights are dequantized in registers (int8 -> int32 -> fp32, times the
  * block scale: the exact fp32 value of the dequantized weight) and multiplied
  * with the fp32 activations in fp32 FMAs, so the result equals an fp32
- * row-dot with the dequantized weights up to summation order.  Four weight
- * rows are streamed at once; every activation vector loaded is used by all
- * four.  AVX-512 needs group % 16 == 0, AVX2 group % 8 == 0; other groups
- * take the portable loop.
+ * row-dot with the dequantized weights up to summation order.  Weight rows
+ * are streamed one after the other (sequential reads).  AVX-512 needs
+ * group % 16 == 0, AVX2 group % 8 == 0; other groups take the portable loop.
  *
  * The second half holds the fast path: int16-quantized activations against
  * the int8 codes in exact int32 block sums (vpmaddwd), see gemv.h. */
@@ -29,7 +28,8 @@ static void i8_portable(float *y, int64_t ldy, const float *x, int64_t ldx, int 
         for (int t = 0; t < T; t++) {
             const float *xt = x + t * ldx;
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int64_t k = 0; k < K; k++) acc[k & 7] += xt[k] * ((float)q[k] * s[k / g]);
+            for (int64_t b = 0; b < ng; b++)
+                for (int64_t k = b * g; k < (b + 1) * g; k++) acc[k & 7] += xt[k] * ((float)q[k] * s[b]);
             y[t * ldy + r] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         }
     }
@@ -69,42 +69,53 @@ DSV2_TARGET_AVX512 static inline __m512 deq16(const int8_t *p, __m512 s) {
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))), s);
 }
 
-/* NR (1 or 4) weight rows x T activation rows; T, NR compile-time constants after inlining */
+/* One weight row x T activation rows (T a compile-time constant after
+ * inlining): rows one after the other, so that each thread streams its block
+ * of the matrix sequentially (see gemv.c); four partial sums per activation
+ * row over consecutive 16-column chunks. */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-i8_tile_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, const int NR, const dsv2_mat *W,
-               int64_t r) {
-    const int64_t K = W->cols, g = W->group, ng = K / g;
-    const int8_t *q[4];
-    const float *s[4];
-    for (int i = 0; i < NR; i++) {
-        q[i] = (const int8_t *)W->data + (r + i) * K;
-        s[i] = W->scale + (r + i) * ng;
-    }
+i8_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, const dsv2_mat *W, int64_t r) {
+    const int64_t K = W->cols, cpg = W->group / 16; /* 16-column chunks per scale block */
+    const int8_t *q = (const int8_t *)W->data + r * K;
+    const float *s = W->scale + r * (K / W->group);
     __m512 acc[DSV2_GEMV_MAX_T][4];
     for (int t = 0; t < T; t++)
-        for (int i = 0; i < NR; i++) acc[t][i] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < ng; b++) {
-        __m512 sv[4];
-        for (int i = 0; i < NR; i++) sv[i] = _mm512_set1_ps(s[i][b]);
-        for (int64_t k = b * g; k < (b + 1) * g; k += 16) {
-            __m512 w[4];
-            for (int i = 0; i < NR; i++) w[i] = deq16(q[i] + k, sv[i]);
-            for (int t = 0; t < T; t++) {
-                const __m512 xv = _mm512_loadu_ps(x + t * ldx + k);
-                for (int i = 0; i < NR; i++) acc[t][i] = _mm512_fmadd_ps(w[i], xv, acc[t][i]);
-            }
+        for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
+    int64_t b = 0, cc = 0; /* scale block of the next chunk, and the chunk's index in it */
+#define I8_NEXT_SCALE(sv)                     \
+    const __m512 sv = _mm512_set1_ps(s[b]);   \
+    if (++cc == cpg) cc = 0, b++;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        I8_NEXT_SCALE(s0)
+        I8_NEXT_SCALE(s1)
+        I8_NEXT_SCALE(s2)
+        I8_NEXT_SCALE(s3)
+        const __m512 w0 = deq16(q + k, s0), w1 = deq16(q + k + 16, s1);
+        const __m512 w2 = deq16(q + k + 32, s2), w3 = deq16(q + k + 48, s3);
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + t * ldx + k;
+            acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
+            acc[t][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xt + 32), acc[t][2]);
+            acc[t][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xt + 48), acc[t][3]);
         }
     }
+    for (; k < K; k += 16) {
+        I8_NEXT_SCALE(sv)
+        const __m512 w = deq16(q + k, sv);
+        for (int t = 0; t < T; t++) acc[t][0] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + t * ldx + k), acc[t][0]);
+    }
+#undef I8_NEXT_SCALE
     for (int t = 0; t < T; t++)
-        for (int i = 0; i < NR; i++) y[t * ldy + r + i] = _mm512_reduce_add_ps(acc[t][i]);
+        y[t * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),
+                                                            _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
 #define I8_512_T(TT)                                                                              \
     DSV2_TARGET_AVX512 static void i8_avx512_t##TT(float *y, int64_t ldy, const float *x, int64_t ldx, \
                                                    const dsv2_mat *W, int64_t r0, int64_t r1) {   \
-        int64_t r = r0;                                                                           \
-        for (; r + 4 <= r1; r += 4) i8_tile_avx512(y, ldy, x, ldx, TT, 4, W, r);                  \
-        for (; r < r1; r++) i8_tile_avx512(y, ldy, x, ldx, TT, 1, W, r);                          \
+        for (int64_t r = r0; r < r1; r++) i8_row_avx512(y, ldy, x, ldx, TT, W, r);                \
     }
 I8_512_T(1)
 I8_512_T(2)
@@ -243,63 +254,92 @@ DSV2_TARGET_AVX2 static void i8q_avx2(float *y, int64_t ldy, const dsv2_xq *xq, 
     }
 }
 
-/* ---------------- AVX-512 (group % 32 == 0): NR weight rows x T activation rows ---------------- */
+/* ---------------- AVX-512 (group % 32 == 0): one weight row x T activation rows ----------------
+ * Rows one after the other (sequential streaming, see gemv.c).  Per scale
+ * block: int32 block sums (vpmaddwd over 32 columns at a time, + vpaddd for
+ * blocks wider than 32), converted to fp32 and accumulated with the combined
+ * scale sw * sx; four accumulators per activation row take consecutive blocks. */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) __m512i
+i8q_block_sum(const int8_t *qw, const int16_t *xq, int64_t g) {
+    __m512i p = _mm512_madd_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)qw)),
+                                  _mm512_loadu_si512((const void *)xq));
+    for (int64_t k = 32; k < g; k += 32)
+        p = _mm512_add_epi32(p, _mm512_madd_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + k))),
+                                                  _mm512_loadu_si512((const void *)(xq + k))));
+    return p;
+}
+
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-i8q_tile_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const int NR, const dsv2_mat *W, int64_t r) {
+i8q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2_mat *W, int64_t r) {
     const int64_t K = W->cols, g = W->group, ng = K / g;
-    const int8_t *qw[4];
-    const float *sw[4];
-    for (int i = 0; i < NR; i++) {
-        qw[i] = (const int8_t *)W->data + (r + i) * K;
-        sw[i] = W->scale + (r + i) * ng;
-    }
+    const int8_t *qw = (const int8_t *)W->data + r * K;
+    const float *sw = W->scale + r * ng;
     __m512 acc[DSV2_GEMV_MAX_T][4];
-    float cs[DSV2_GEMV_MAX_T][4][16] __attribute__((aligned(64)));
+    float cs[DSV2_GEMV_MAX_T][16] __attribute__((aligned(64)));
     for (int t = 0; t < T; t++)
-        for (int i = 0; i < NR; i++) acc[t][i] = _mm512_setzero_ps();
+        for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
     for (int64_t b0 = 0; b0 < ng; b0 += 16) {
         const int nb = ng - b0 < 16 ? (int)(ng - b0) : 16;
         const __mmask16 mb = (__mmask16)((1u << nb) - 1u);
         /* combined scales sw * sx of the next (up to) 16 blocks */
-        for (int t = 0; t < T; t++) {
-            const __m512 sx = _mm512_maskz_loadu_ps(mb, xq->s + t * ng + b0);
-            for (int i = 0; i < NR; i++) _mm512_store_ps(cs[t][i], _mm512_mul_ps(_mm512_maskz_loadu_ps(mb, sw[i] + b0), sx));
-        }
-        for (int bb = 0; bb < nb; bb++) {
-            const int64_t k0 = (b0 + bb) * g;
-            __m512i p[DSV2_GEMV_MAX_T][4], w[4];
-            for (int i = 0; i < NR; i++) w[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw[i] + k0)));
-            for (int t = 0; t < T; t++) {
-                const __m512i xv = _mm512_loadu_si512((const void *)(xq->q + t * K + k0));
-                for (int i = 0; i < NR; i++) p[t][i] = _mm512_madd_epi16(w[i], xv);
-            }
-            for (int64_t k = k0 + 32; k < k0 + g; k += 32) { /* groups of 64, 96, ... columns */
-                for (int i = 0; i < NR; i++) w[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw[i] + k)));
+        const __m512 swv = _mm512_maskz_loadu_ps(mb, sw + b0);
+        for (int t = 0; t < T; t++) _mm512_store_ps(cs[t], _mm512_mul_ps(swv, _mm512_maskz_loadu_ps(mb, xq->s + t * ng + b0)));
+        int bb = 0;
+        if (g == 32) { /* the usual block: one vpmaddwd per block, written out so the sums stay in registers */
+            for (; bb + 4 <= nb; bb += 4) {
+                const int64_t k = (b0 + bb) * 32;
+                const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + k)));
+                const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + k + 32)));
+                const __m512i w2 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + k + 64)));
+                const __m512i w3 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + k + 96)));
                 for (int t = 0; t < T; t++) {
-                    const __m512i xv = _mm512_loadu_si512((const void *)(xq->q + t * K + k));
-                    for (int i = 0; i < NR; i++) p[t][i] = _mm512_add_epi32(p[t][i], _mm512_madd_epi16(w[i], xv));
+                    const int16_t *xt = xq->q + t * K + k;
+#define I8Q_ACC(j, wj)                                                                                         \
+    acc[t][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(wj, _mm512_loadu_si512((const void *)(xt + 32 * j)))), \
+                                _mm512_set1_ps(cs[t][bb + j]), acc[t][j]);
+                    I8Q_ACC(0, w0)
+                    I8Q_ACC(1, w1)
+                    I8Q_ACC(2, w2)
+                    I8Q_ACC(3, w3)
+#undef I8Q_ACC
                 }
             }
+        } else {
+            for (; bb + 4 <= nb; bb += 4) {
+                const int64_t k = (b0 + bb) * g;
+                for (int t = 0; t < T; t++) {
+                    const int16_t *xt = xq->q + t * K + k;
+                    const __m512i p0 = i8q_block_sum(qw + k, xt, g), p1 = i8q_block_sum(qw + k + g, xt + g, g);
+                    const __m512i p2 = i8q_block_sum(qw + k + 2 * g, xt + 2 * g, g);
+                    const __m512i p3 = i8q_block_sum(qw + k + 3 * g, xt + 3 * g, g);
+                    acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_set1_ps(cs[t][bb]), acc[t][0]);
+                    acc[t][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_set1_ps(cs[t][bb + 1]), acc[t][1]);
+                    acc[t][2] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p2), _mm512_set1_ps(cs[t][bb + 2]), acc[t][2]);
+                    acc[t][3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p3), _mm512_set1_ps(cs[t][bb + 3]), acc[t][3]);
+                }
+            }
+        }
+        for (; bb < nb; bb++) {
+            const int64_t k = (b0 + bb) * g;
             for (int t = 0; t < T; t++)
-                for (int i = 0; i < NR; i++)
-                    acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[t][i]), _mm512_set1_ps(cs[t][i][bb]), acc[t][i]);
+                acc[t][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i8q_block_sum(qw + k, xq->q + t * K + k, g)),
+                                            _mm512_set1_ps(cs[t][bb]), acc[t][0]);
         }
     }
     for (int t = 0; t < T; t++)
-        for (int i = 0; i < NR; i++) y[t * ldy + r + i] = _mm512_reduce_add_ps(acc[t][i]);
+        y[t * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),
+                                                            _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
-#define I8Q_512_T(TT, NRT)                                                                         \
+#define I8Q_512_T(TT)                                                                              \
     DSV2_TARGET_AVX512 static void i8q_avx512_t##TT(float *y, int64_t ldy, const dsv2_xq *xq,        \
                                                     const dsv2_mat *W, int64_t r0, int64_t r1) {   \
-        int64_t r = r0;                                                                            \
-        for (; r + NRT <= r1; r += NRT) i8q_tile_avx512(y, ldy, xq, TT, NRT, W, r);                \
-        for (; r < r1; r++) i8q_tile_avx512(y, ldy, xq, TT, 1, W, r);                              \
+        for (int64_t r = r0; r < r1; r++) i8q_row_avx512(y, ldy, xq, TT, W, r);                    \
     }
-I8Q_512_T(1, 4)
-I8Q_512_T(2, 4)
-I8Q_512_T(3, 2)
-I8Q_512_T(4, 2)
+I8Q_512_T(1)
+I8Q_512_T(2)
+I8Q_512_T(3)
+I8Q_512_T(4)
 
 void dsv2_gemv_i8q_rows(float *y, int64_t ldy, const dsv2_xq *xq, int T, const dsv2_mat *W, int64_t r0,
                         int64_t r1) {

@@ -27,7 +27,10 @@ nn_generic(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2
             } else {
                 const int8_t *wr = (const int8_t *)W->data + k * N + cb;
                 const float *sr = W->scale + k * (N / W->group);
-                for (int64_t c = 0; c < nc; c++) w[c] = (float)wr[c] * sr[(cb + c) / W->group];
+                for (int64_t c = 0, b = cb / W->group, e = (b + 1) * W->group - cb; c < nc; c++) {
+                    if (c == e) b++, e += W->group;
+                    w[c] = (float)wr[c] * sr[b];
+                }
             }
             for (int t = 0; t < T; t++) {
                 const float xv = x[t * ldx + k];
@@ -50,13 +53,14 @@ DSV2_TARGET_AVX2 static void nn_avx2(float *y, int64_t ldy, const float *x, int6
 }
 
 /* ---------------- AVX-512: T rows x 64 columns in 4T accumulators ---------------- */
-DSV2_TARGET_AVX512 static inline __m512 nn_load_w(const dsv2_mat *W, int64_t k, int64_t c, __mmask16 m) {
+/* sk: for int8, the scale of row k that covers columns [c, c + 16) (the 16
+ * columns lie in one scale block: checked by the caller) */
+DSV2_TARGET_AVX512 static inline __m512 nn_load_w(const dsv2_mat *W, int64_t k, int64_t c, __mmask16 m,
+                                                  const float *sk) {
     if (W->dtype == DSV2_F32) return _mm512_maskz_loadu_ps(m, (const float *)W->data + k * W->cols + c);
-    if (W->dtype == DSV2_I8) { /* the 16 columns lie in one scale block (checked by the caller) */
-        if (!m) return _mm512_setzero_ps(); /* a chunk past the end: no scale to read */
+    if (W->dtype == DSV2_I8) {
         __m128i b = _mm_maskz_loadu_epi8(m, (const int8_t *)W->data + k * W->cols + c);
-        __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-        return _mm512_mul_ps(v, _mm512_set1_ps(W->scale[k * (W->cols / W->group) + c / W->group]));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(*sk));
     }
     __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)W->data + k * W->cols + c);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -74,9 +78,16 @@ nn_block64_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int 
     __m512 acc[DSV2_GEMV_NN_MAX_T][4];
     for (int t = 0; t < T; t++)
         for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        __m512 w0 = nn_load_w(W, k, cb, m0), w1 = nn_load_w(W, k, cb + 16, m1);
-        __m512 w2 = nn_load_w(W, k, cb + 32, m2), w3 = nn_load_w(W, k, cb + 48, m3);
+    /* int8: scale columns of the four 16-column chunks (a chunk past the end reuses the first) */
+    static const float no_scale = 1.0f;
+    const int i8 = W->dtype == DSV2_I8;
+    const int64_t g = i8 ? W->group : 1, ng = i8 ? W->cols / g : 0;
+    const int64_t j0 = i8 ? cb / g : 0, j1 = i8 && m1 ? (cb + 16) / g : j0, j2 = i8 && m2 ? (cb + 32) / g : j0,
+                  j3 = i8 && m3 ? (cb + 48) / g : j0;
+    const float *sk = i8 ? W->scale : &no_scale;
+    for (int64_t k = 0; k < K; k++, sk += ng) {
+        __m512 w0 = nn_load_w(W, k, cb, m0, sk + j0), w1 = nn_load_w(W, k, cb + 16, m1, sk + j1);
+        __m512 w2 = nn_load_w(W, k, cb + 32, m2, sk + j2), w3 = nn_load_w(W, k, cb + 48, m3, sk + j3);
         for (int t = 0; t < T; t++) {
             __m512 xv = _mm512_set1_ps(x[t * ldx + k]);
             acc[t][0] = _mm512_fmadd_ps(xv, w0, acc[t][0]);

@@ -54,17 +54,18 @@ static void gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
     }
 }
 
+/* A thread's contiguous range of output columns: each unit's down_proj rows
+ * for the whole range (one sequential read of that part of the matrix), then
+ * the combine of the range. */
 static void down_combine_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     block_job *j = (block_job *)ctx;
-    for (int64_t blk = b; blk < e; blk++) {
-        int64_t c0 = blk * MOE_COLS_B, c1 = c0 + MOE_COLS_B < j->d ? c0 + MOE_COLS_B : j->d;
-        for (int64_t u = 0; u < j->nunits; u++) {
-            const unit *un = &j->units[u];
-            dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
-        }
-        dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, c0, c1);
+    int64_t c0 = b * MOE_COLS_B, c1 = e * MOE_COLS_B < j->d ? e * MOE_COLS_B : j->d;
+    for (int64_t u = 0; u < j->nunits; u++) {
+        const unit *un = &j->units[u];
+        dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
     }
+    dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, c0, c1);
 }
 
 typedef struct {

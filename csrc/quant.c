@@ -142,6 +142,7 @@ void dsv2_dequant_i8_rows(float *out, const dsv2_mat *W, int64_t r0, int64_t r1)
         const int8_t *qr = q + r * K;
         const float *sr = W->scale + r * ng;
         float *o = out + (r - r0) * K;
-        for (int64_t c = 0; c < K; c++) o[c] = (float)qr[c] * sr[c / g];
+        for (int64_t b = 0; b < ng; b++)
+            for (int64_t c = b * g; c < (b + 1) * g; c++) o[c] = (float)qr[c] * sr[b];
     }
 }

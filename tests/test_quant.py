@@ -261,6 +261,8 @@ def test_moe_block_int8(bundled_int8, act, T):
     out, ids, wts = ops.moe_block(x, m.gate, [trip(e) for e in m.experts], trip(m.shared), cfg,
                                   return_routing=True)
     stacked = ops.moe_block(x, m.gate, ops.StackedExperts(*st), trip(m.shared), cfg)
+    for tab in (ops.moe.moe_expert_table([trip(e) for e in m.experts]), ops.moe.moe_expert_table(ops.StackedExperts(*st))):
+        np.testing.assert_array_equal(ops.moe_block(x, m.gate, tab, trip(m.shared), cfg), out)
     # float64 reference with the same routing; activations quantize per row, so the
     # model runs token by token.  Experts' down_proj (48 columns, group 16) and gate/up
     # (group 32) take int16 activations in "int16" mode when an expert has <= 16 tokens
@@ -397,3 +399,31 @@ def test_perplexity_int8_within_1_percent(bundled, bundled_int8):
     p16 = perplexity(bundled, token_ids=ids, window=384).perplexity
     p8 = perplexity(bundled_int8, token_ids=ids, window=384).perplexity
     assert abs(p8 / p16 - 1) < 0.01, (p16, p8)
+
+
+def test_expert_table_checks(bundled_int8):
+    from dsv2ext.ops.moe import ExpertTable, moe_expert_table
+
+    lw = next(l for l in bundled_int8.weights.layers if l.moe is not None)
+    m, cfg = lw.moe, bundled_int8._moe_cfg
+    trip = lambda e: (e.gate_proj, e.up_proj, e.down_proj)  # noqa: E731
+    tab = moe_expert_table([trip(e) for e in m.experts])
+    assert isinstance(tab, ExpertTable) and (len(tab), tab.hidden_size, tab.intermediate_size) == (16, 256, 48)
+    assert moe_expert_table(tab) is tab
+    x = np.ones((2, 256), np.float32)
+    ids = np.zeros((2, 2), np.int64)
+    w = np.ones((2, 2), np.float32)
+    ref = ops.moe_experts(x, ids, w, [trip(e) for e in m.experts], trip(m.shared))
+    np.testing.assert_array_equal(ops.moe_experts(x, ids, w, tab, trip(m.shared)), ref)
+    small = moe_expert_table([trip(e) for e in m.experts[:8]])
+    with pytest.raises(ValueError, match="8 experts, expected 16"):
+        ops.moe_block(x, m.gate, small, trip(m.shared), cfg)
+    with pytest.raises(ValueError, match="hidden size"):
+        ops.moe_experts(np.ones((2, 128), np.float32), ids, w, tab, None, n_experts=16)
+    with pytest.raises(ValueError, match="hidden size"):
+        moe_expert_table([trip(e) for e in m.experts[:2]] + [(rand_w((48, 128), 0), rand_w((48, 128), 1),
+                                                              rand_w((128, 48), 2))])
+    with pytest.raises(ValueError, match="must not share memory"):
+        e0 = m.experts[0].gate_proj
+        out = np.frombuffer(e0.data, np.float32).reshape(-1)[:512].reshape(2, 256)  # aliases expert 0's weights
+        ops.moe_block(x, m.gate, tab, None, cfg, out=out)
