@@ -22,6 +22,7 @@ from .generation import GenerationOutput, IncrementalDecoder, TextStream
 from .safetensors import CheckpointReader
 from .sampling import SamplingParams, select_token
 from .tokenizer import Tokenizer, TokenizerError
+from .ops.moe import moe_expert_table
 from .quant import quantize_model_weights, read_quantization_config
 from .weights import ModelWeights, load_weights
 
@@ -74,9 +75,10 @@ class DeepseekV2:
                 n_group=config.n_group, topk_group=config.topk_group, topk_method=config.topk_method,
                 scoring_func=config.scoring_func, norm_topk_prob=config.norm_topk_prob,
                 routed_scaling_factor=config.routed_scaling_factor)
-        # per-layer argument tuples for the MoE kernel (views, no copies)
+        # per-layer argument tuples for the MoE kernel (views, no copies); the routed
+        # experts as a table parsed once (not E x 3 weights checked per call)
         self._moe_args = [None if l.moe is None else (
-            l.moe.gate, [(e.gate_proj, e.up_proj, e.down_proj) for e in l.moe.experts],
+            l.moe.gate, moe_expert_table([(e.gate_proj, e.up_proj, e.down_proj) for e in l.moe.experts]),
             None if l.moe.shared is None else (l.moe.shared.gate_proj, l.moe.shared.up_proj,
                                                l.moe.shared.down_proj),
             l.moe.correction_bias) for l in weights.layers]
