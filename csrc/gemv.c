@@ -106,11 +106,41 @@ gemv_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T,
                                                             _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
+/* 4 weight rows x T activation rows, T a compile-time constant after inlining:
+ * for long activation rows (see DSV2_GEMV_TILE_XBYTES), whose re-reads from
+ * L2 would otherwise cost more than the short per-row streams; every
+ * activation vector loaded serves four weight rows. */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+gemv_tile4_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T,
+                  const dsv2_mat *W, int64_t r) {
+    const int64_t K = W->cols;
+    __m512 acc[DSV2_GEMV_MAX_T][4];
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        __mmask16 m = (K - k >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        __m512 w0 = load16_w_avx512(W, r, k, m), w1 = load16_w_avx512(W, r + 1, k, m);
+        __m512 w2 = load16_w_avx512(W, r + 2, k, m), w3 = load16_w_avx512(W, r + 3, k, m);
+        for (int t = 0; t < T; t++) {
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + k);
+            acc[t][0] = _mm512_fmadd_ps(w0, xv, acc[t][0]);
+            acc[t][1] = _mm512_fmadd_ps(w1, xv, acc[t][1]);
+            acc[t][2] = _mm512_fmadd_ps(w2, xv, acc[t][2]);
+            acc[t][3] = _mm512_fmadd_ps(w3, xv, acc[t][3]);
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < 4; i++) y[t * ldy + r + i] = _mm512_reduce_add_ps(acc[t][i]);
+}
+
 #define GEMV512_T(TT)                                                                  \
     DSV2_TARGET_AVX512 static void gemv_avx512_t##TT(float *y, int64_t ldy, const float *x, \
                                                      int64_t ldx, const dsv2_mat *W,   \
                                                      int64_t r0, int64_t r1) {         \
-        for (int64_t r = r0; r < r1; r++) gemv_row_avx512(y, ldy, x, ldx, TT, W, r);   \
+        int64_t r = r0;                                                                \
+        if ((TT) * W->cols * 4 > DSV2_GEMV_TILE_XBYTES)                                \
+            for (; r + 4 <= r1; r += 4) gemv_tile4_avx512(y, ldy, x, ldx, TT, W, r);   \
+        for (; r < r1; r++) gemv_row_avx512(y, ldy, x, ldx, TT, W, r);                 \
     }
 GEMV512_T(1)
 GEMV512_T(2)

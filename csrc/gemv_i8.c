@@ -112,10 +112,43 @@ i8_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, c
                                                             _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
+/* 4 weight rows x T activation rows (long activation rows, see gemv.h) */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+i8_tile_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, const int NR, const dsv2_mat *W,
+               int64_t r) {
+    const int64_t K = W->cols, g = W->group, ng = K / g;
+    const int8_t *q[4];
+    const float *s[4];
+    for (int i = 0; i < NR; i++) {
+        q[i] = (const int8_t *)W->data + (r + i) * K;
+        s[i] = W->scale + (r + i) * ng;
+    }
+    __m512 acc[DSV2_GEMV_MAX_T][4];
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < NR; i++) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < ng; b++) {
+        __m512 sv[4];
+        for (int i = 0; i < NR; i++) sv[i] = _mm512_set1_ps(s[i][b]);
+        for (int64_t k = b * g; k < (b + 1) * g; k += 16) {
+            __m512 w[4];
+            for (int i = 0; i < NR; i++) w[i] = deq16(q[i] + k, sv[i]);
+            for (int t = 0; t < T; t++) {
+                const __m512 xv = _mm512_loadu_ps(x + t * ldx + k);
+                for (int i = 0; i < NR; i++) acc[t][i] = _mm512_fmadd_ps(w[i], xv, acc[t][i]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < NR; i++) y[t * ldy + r + i] = _mm512_reduce_add_ps(acc[t][i]);
+}
+
 #define I8_512_T(TT)                                                                              \
     DSV2_TARGET_AVX512 static void i8_avx512_t##TT(float *y, int64_t ldy, const float *x, int64_t ldx, \
                                                    const dsv2_mat *W, int64_t r0, int64_t r1) {   \
-        for (int64_t r = r0; r < r1; r++) i8_row_avx512(y, ldy, x, ldx, TT, W, r);                \
+        int64_t r = r0;                                                                           \
+        if ((TT) * W->cols * 4 > DSV2_GEMV_TILE_XBYTES)                                           \
+            for (; r + 4 <= r1; r += 4) i8_tile_avx512(y, ldy, x, ldx, TT, 4, W, r);              \
+        for (; r < r1; r++) i8_row_avx512(y, ldy, x, ldx, TT, W, r);                              \
     }
 I8_512_T(1)
 I8_512_T(2)
@@ -331,15 +364,64 @@ i8q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2
                                                             _mm512_add_ps(acc[t][2], acc[t][3])));
 }
 
-#define I8Q_512_T(TT)                                                                              \
+/* NR weight rows x T activation rows (long activation rows, see gemv.h) */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+i8q_tile_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const int NR, const dsv2_mat *W, int64_t r) {
+    const int64_t K = W->cols, g = W->group, ng = K / g;
+    const int8_t *qw[4];
+    const float *sw[4];
+    for (int i = 0; i < NR; i++) {
+        qw[i] = (const int8_t *)W->data + (r + i) * K;
+        sw[i] = W->scale + (r + i) * ng;
+    }
+    __m512 acc[DSV2_GEMV_MAX_T][4];
+    float cs[DSV2_GEMV_MAX_T][4][16] __attribute__((aligned(64)));
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < NR; i++) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t b0 = 0; b0 < ng; b0 += 16) {
+        const int nb = ng - b0 < 16 ? (int)(ng - b0) : 16;
+        const __mmask16 mb = (__mmask16)((1u << nb) - 1u);
+        /* combined scales sw * sx of the next (up to) 16 blocks */
+        for (int t = 0; t < T; t++) {
+            const __m512 sx = _mm512_maskz_loadu_ps(mb, xq->s + t * ng + b0);
+            for (int i = 0; i < NR; i++) _mm512_store_ps(cs[t][i], _mm512_mul_ps(_mm512_maskz_loadu_ps(mb, sw[i] + b0), sx));
+        }
+        for (int bb = 0; bb < nb; bb++) {
+            const int64_t k0 = (b0 + bb) * g;
+            __m512i p[DSV2_GEMV_MAX_T][4], w[4];
+            for (int i = 0; i < NR; i++) w[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw[i] + k0)));
+            for (int t = 0; t < T; t++) {
+                const __m512i xv = _mm512_loadu_si512((const void *)(xq->q + t * K + k0));
+                for (int i = 0; i < NR; i++) p[t][i] = _mm512_madd_epi16(w[i], xv);
+            }
+            for (int64_t k = k0 + 32; k < k0 + g; k += 32) { /* groups of 64, 96, ... columns */
+                for (int i = 0; i < NR; i++) w[i] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw[i] + k)));
+                for (int t = 0; t < T; t++) {
+                    const __m512i xv = _mm512_loadu_si512((const void *)(xq->q + t * K + k));
+                    for (int i = 0; i < NR; i++) p[t][i] = _mm512_add_epi32(p[t][i], _mm512_madd_epi16(w[i], xv));
+                }
+            }
+            for (int t = 0; t < T; t++)
+                for (int i = 0; i < NR; i++)
+                    acc[t][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p[t][i]), _mm512_set1_ps(cs[t][i][bb]), acc[t][i]);
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < NR; i++) y[t * ldy + r + i] = _mm512_reduce_add_ps(acc[t][i]);
+}
+
+#define I8Q_512_T(TT, NRT)                                                                         \
     DSV2_TARGET_AVX512 static void i8q_avx512_t##TT(float *y, int64_t ldy, const dsv2_xq *xq,        \
                                                     const dsv2_mat *W, int64_t r0, int64_t r1) {   \
-        for (int64_t r = r0; r < r1; r++) i8q_row_avx512(y, ldy, xq, TT, W, r);                    \
+        int64_t r = r0;                                                                            \
+        if ((TT) * W->cols * 2 > DSV2_GEMV_TILE_XBYTES)                                            \
+            for (; r + NRT <= r1; r += NRT) i8q_tile_avx512(y, ldy, xq, TT, NRT, W, r);            \
+        for (; r < r1; r++) i8q_row_avx512(y, ldy, xq, TT, W, r);                                  \
     }
-I8Q_512_T(1)
-I8Q_512_T(2)
-I8Q_512_T(3)
-I8Q_512_T(4)
+I8Q_512_T(1, 4)
+I8Q_512_T(2, 4)
+I8Q_512_T(3, 2)
+I8Q_512_T(4, 2)
 
 void dsv2_gemv_i8q_rows(float *y, int64_t ldy, const dsv2_xq *xq, int T, const dsv2_mat *W, int64_t r0,
                         int64_t r1) {

@@ -145,7 +145,8 @@ class _Raw:
 # ---------------------------------------------------------------- kernels
 
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 40])
-@pytest.mark.parametrize("N,K,group", [(1030, 2048, 32), (66, 1408, 64), (66, 48, 16), (20, 40, 8), (9, 30, 3)])
+@pytest.mark.parametrize("N,K,group", [(1030, 2048, 32), (37, 10944, 32), (66, 1408, 64), (66, 48, 16), (20, 40, 8),
+                                       (9, 30, 3)])
 def test_linear_int8(isa, act, T, N, K, group):
     q = quantize_int8(rand_w((N, K), N + K), group)
     x = np.random.default_rng(T).standard_normal((T, K)).astype(np.float32)
@@ -191,6 +192,18 @@ def test_nonfinite_activations_propagate(act):
     assert np.isnan(ops.linear(x, q)).all()
     x[0, 3] = np.inf
     assert not np.isfinite(ops.linear(x, q)).all()
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 4])
+@pytest.mark.parametrize("K", [2048, 10944])
+def test_linear_bf16_access_orders(isa, T, K):
+    """bf16 / fp32 row-dot kernels: rows streamed one by one (short activation rows) or in
+    4-row tiles (long ones, see DSV2_GEMV_TILE_XBYTES); both against float64."""
+    w = rand_w((43, K), K + T)
+    x = np.random.default_rng(T).standard_normal((T, K)).astype(np.float32)
+    for W in (w, BF16.from_float32(w)):
+        ref = x.astype(np.float64) @ dequantize(W).astype(np.float64).T
+        assert max_rel_err(ops.linear(x, W), ref) <= LTOL
 
 
 def test_linear_int8_threads_identical():
