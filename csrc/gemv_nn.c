@@ -138,3 +138,72 @@ int dsv2_gemv_nn(float *y, int64_t ldy, const float *x, int64_t ldx, int T, cons
     }
     return DSV2_OK;
 }
+
+/* ---------------- row-streaming variant ---------------- */
+
+/* Rows of W one after the other, partial sums of all columns in y (L1).  The
+ * dtype is a template parameter (DT) so that the inner loop has no branch. */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+nn_stream_dt(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, const dsv2_mat *W, const int DT) {
+    const int64_t K = W->rows, N = W->cols;
+    const int64_t cpg = DT == DSV2_I8 ? W->group / 16 : 1, ng = DT == DSV2_I8 ? N / W->group : 0;
+    for (int t = 0; t < T; t++) memset(y + t * ldy, 0, (size_t)N * sizeof(float));
+    for (int64_t k = 0; k < K; k++) {
+        __m512 xk[DSV2_GEMV_NN_MAX_T];
+        for (int t = 0; t < T; t++) xk[t] = _mm512_set1_ps(x[t * ldx + k]);
+        const float *sk = DT == DSV2_I8 ? W->scale + k * ng : NULL;
+        __m512 sv = DT == DSV2_I8 ? _mm512_set1_ps(sk[0]) : _mm512_setzero_ps();
+        int64_t b = 0, cc = 0; /* int8: scale block of column c, chunk index within it */
+        for (int64_t c = 0; c < N; c += 16) {
+            const __mmask16 m = tail_mask(N - c);
+            __m512 w;
+            if (DT == DSV2_F32) {
+                w = _mm512_maskz_loadu_ps(m, (const float *)W->data + k * N + c);
+            } else if (DT == DSV2_BF16) {
+                __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)W->data + k * N + c);
+                w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            } else { /* group % 16 == 0: the 16 columns share one scale */
+                __m128i q8 = _mm_maskz_loadu_epi8(m, (const int8_t *)W->data + k * N + c);
+                w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)), sv);
+                if (++cc == cpg && c + 16 < N) cc = 0, sv = _mm512_set1_ps(sk[++b]);
+            }
+            for (int t = 0; t < T; t++) {
+                float *yt = y + t * ldy + c;
+                _mm512_mask_storeu_ps(yt, m, _mm512_fmadd_ps(xk[t], w, _mm512_maskz_loadu_ps(m, yt)));
+            }
+        }
+    }
+}
+
+#define NN_STREAM(TT)                                                                                    \
+    DSV2_TARGET_AVX512 static void nn_stream_t##TT(float *y, int64_t ldy, const float *x, int64_t ldx, \
+                                                   const dsv2_mat *W) {                                \
+        if (W->dtype == DSV2_F32) nn_stream_dt(y, ldy, x, ldx, TT, W, DSV2_F32);                         \
+        else if (W->dtype == DSV2_BF16) nn_stream_dt(y, ldy, x, ldx, TT, W, DSV2_BF16);                  \
+        else nn_stream_dt(y, ldy, x, ldx, TT, W, DSV2_I8);                                               \
+    }
+NN_STREAM(1)
+NN_STREAM(2)
+NN_STREAM(3)
+NN_STREAM(4)
+
+DSV2_TARGET_AVX512 static void nn_stream_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
+                                                const dsv2_mat *W) {
+    switch (T) {
+    case 1: nn_stream_t1(y, ldy, x, ldx, W); break;
+    case 2: nn_stream_t2(y, ldy, x, ldx, W); break;
+    case 3: nn_stream_t3(y, ldy, x, ldx, W); break;
+    default: nn_stream_t4(y, ldy, x, ldx, W); break;
+    }
+}
+
+int dsv2_gemv_nn_stream(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W) {
+    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16 && W->dtype != DSV2_I8) return DSV2_ERR_DTYPE;
+    if (T > DSV2_GEMV_NN_MAX_T) return DSV2_ERR_ARG;
+    if (T <= 0) return DSV2_OK;
+    if (dsv2_isa() == DSV2_ISA_AVX512 && (W->dtype != DSV2_I8 || W->group % 16 == 0)) {
+        nn_stream_avx512(y, ldy, x, ldx, T, W);
+        return DSV2_OK;
+    }
+    return dsv2_gemv_nn(y, ldy, x, ldx, T, W, 0, W->cols);
+}

@@ -15,4 +15,9 @@
 int dsv2_gemv_nn(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
                  int64_t c0, int64_t c1);
 
+// Same product, the rows of W read one after the other (one sequential stream;
+// partial sums of all N columns kept in y, which should fit L1: T * N * 4 bytes
+// of a few KiB).  For a weight block read once from memory.  T <= 4, all N columns.
+int dsv2_gemv_nn_stream(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W);
+
 #endif
