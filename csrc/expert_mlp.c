@@ -200,9 +200,11 @@ static void silu_rows_task(void *ctx, int64_t b, int64_t e, int tid) {
 /* gate and up stored back to back (the stacked gate_up_proj layout)? */
 static int gate_up_adjacent(const dsv2_mlp *m, dsv2_mat *both) {
     const dsv2_mat *g = &m->gate, *u = &m->up;
-    if (g->dtype != u->dtype || g->dtype == DSV2_I8) return 0;
+    if (g->dtype != u->dtype || g->cols != u->cols) return 0;
     size_t bytes = (size_t)g->rows * (size_t)g->cols * dsv2_dtype_size(g->dtype);
     if ((const char *)g->data + bytes != (const char *)u->data) return 0;
+    /* int8: the scales must follow each other too (dsv2ext.quant's stacked experts) */
+    if (g->dtype == DSV2_I8 && (g->group != u->group || g->scale + g->rows * (g->cols / g->group) != u->scale)) return 0;
     *both = *g;
     both->rows = g->rows + u->rows;
     return 1;

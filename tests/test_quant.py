@@ -262,7 +262,7 @@ def bundled_deq(bundled_int8):
     return DeepseekV2(bundled_int8.config, deq(w), bundled_int8.tokenizer)
 
 
-@pytest.mark.parametrize("T", [1, 5, 40])
+@pytest.mark.parametrize("T", [1, 5, 40, 200])
 def test_moe_block_int8(bundled_int8, act, T):
     """Routed experts as views of the stacked int8 buffers, and the stacked pair itself."""
     lw = next(l for l in bundled_int8.weights.layers if l.moe is not None)
@@ -279,13 +279,17 @@ def test_moe_block_int8(bundled_int8, act, T):
     # float64 reference with the same routing; activations quantize per row, so the
     # model runs token by token.  Experts' down_proj (48 columns, group 16) and gate/up
     # (group 32) take int16 activations in "int16" mode when an expert has <= 16 tokens
-    # (always here: 16 experts, top-2), the shared expert when T <= 16.
+    # (row-dot path; more tokens: sgemm on dequantized panels, with gate and up fused as
+    # one matrix - the stacked int8 layout), the shared expert when T <= 16.
     on = act16_on(act, 16, dsv2ext.get_isa())
+    count = np.bincount(ids.reshape(-1), minlength=16)
+    if T == 200:
+        assert count.max() > 16  # the sgemm path is exercised
     ref = np.zeros((T, 256))
     for t in range(T):
         xt = x[t:t + 1]
         for e, wt in zip(ids[t], wts[t]):
-            ref[t] += wt * swiglu_reference(xt, *trip(m.experts[e]), on)[0]
+            ref[t] += wt * swiglu_reference(xt, *trip(m.experts[e]), on and count[e] <= 16)[0]
         ref[t] += swiglu_reference(xt, *trip(m.shared), on and T <= 16)[0]
     assert max_rel_err(out, ref) <= KTOL
     assert max_rel_err(stacked, ref) <= KTOL
