@@ -196,7 +196,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bandwidth", type=float, default=None, help="GB/s (default: measured)")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="first wait (at most this long) until other processes leave the CPUs idle")
     args = ap.parse_args(argv)
+    if args.wait_idle > 0:
+        import machine
+        busy = machine.wait_until_idle(args.wait_idle)
+        print(f"CPUs busy before the run: {100 * busy:.0f}%" if busy is not None else "CPU load unknown")
 
     dsv2ext.set_num_threads(args.threads)
     bw = args.bandwidth if args.bandwidth else measure_bandwidth(args.threads)
@@ -214,6 +220,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         wbytes = sum(ab.values())
         model.forward(np.array([5], np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64), model.new_cache(1, 1))
         for ctx in args.context:
+            if args.wait_idle > 0:
+                import machine
+                machine.wait_until_idle(args.wait_idle)
             r = decode_run(model, ctx, args.tokens, not args.no_profile)
             byt = wbytes + kv_bytes(model, ctx)
             r.update(dtype=dt, load_s=load_s, active_weight_bytes=wbytes, active_bytes_by_part=ab,
