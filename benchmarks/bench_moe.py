@@ -2,19 +2,23 @@
 
 V2-Lite MoE layer: hidden 2048, 64 routed experts of width 1408 (top-6,
 greedy, softmax), 2 shared experts (one MLP of width 2816).  Random weights
-(std 0.02 / scaled so the output is O(1)); fp32 and bf16 weights; 1 and 64
+(expert weights scaled by 1/sqrt(fan-in) so the output is O(1), router std
+0.02, fp32 as transformers keeps it); fp32 and bf16 weights; 1 and 64
 tokens.  transformers' ``DeepseekV2Moe`` runs on the *same memory* (torch
 tensors made with ``torch.from_numpy``, bf16 as a view of the same bits), in
 eager mode and, when available, with ``experts_implementation="grouped_mm"``.
-Both use the same number of threads.  Prints a table; times are medians.
+Both use the same number of threads; the engines are timed alternately, run
+by run, so that load drifting on a shared machine hits them alike.  Prints
+medians (and minima) in milliseconds and transformers' time / ours.
 
 Usage::
 
-    python benchmarks/bench_moe.py [--threads N] [--reps R] [--tokens 1 64]
+    python benchmarks/bench_moe.py [--threads 1 2] [--reps R] [--tokens 1 64]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
@@ -23,20 +27,31 @@ from typing import Callable, Dict, List
 import numpy as np
 
 
-def _median_time(fn: Callable[[], object], reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    ts: List[float] = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+def _interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, List[float]]:
+    """Time each function `reps` times, alternating between them (fair under drifting load)."""
+    try:
+        import torch
+
+        ctx = torch.no_grad()
+    except ImportError:
+        ctx = contextlib.nullcontext()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    with ctx:
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        for _ in range(reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}),
+                    help="thread counts to run, each for both engines (default: 1 and all CPUs)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--no-transformers", action="store_true", help="only time dsv2ext")
@@ -47,7 +62,6 @@ def main() -> None:
     from dsv2ext import BF16
     from dsv2ext.ops.moe import MoEConfig, StackedExperts, moe_block
 
-    dsv2ext.set_num_threads(args.threads)
     d, I, E, k, n_shared = 2048, 1408, 64, 6, 2
     Is = n_shared * I
     rng = np.random.default_rng(0)
@@ -78,7 +92,6 @@ def main() -> None:
         from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config
         from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
 
-        torch.set_num_threads(args.threads)
 
         def build(dtype_name: str, impl: str):
             c = DeepseekV2Config(hidden_size=d, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=k,
@@ -113,33 +126,49 @@ def main() -> None:
                 except Exception as e:  # an implementation missing on this build of torch/transformers
                     print(f"transformers {impl} ({dn}) unavailable: {type(e).__name__}: {e}")
 
-    print(f"threads: {args.threads}, isa: {dsv2ext.get_isa()}, median of {args.reps} runs\n")
-    hdr = f"{'weights':8s} {'tokens':>6s} {'dsv2ext ms':>11s}"
-    impls = sorted({impl for (_, impl) in hf})
-    for impl in impls:
-        hdr += f" {'hf ' + impl + ' ms':>18s} {'speedup':>8s}"
-    print(hdr)
-    for dn, w in weights.items():
-        for T in args.tokens:
-            x = rng.standard_normal((T, d), dtype=np.float32)
-            out = np.empty_like(x)
-            reps = args.reps if T <= 8 else max(3, args.reps // 2)
-            t_ours = _median_time(lambda: moe_block(x, router, w["experts"], w["shared"], cfg, out=out), reps)
-            line = f"{dn:8s} {T:6d} {t_ours * 1e3:11.2f}"
-            for impl in impls:
-                m = hf.get((dn, impl))
-                if m is None:
-                    line += f" {'-':>18s} {'-':>8s}"
-                    continue
-                import torch
+    for nt in args.threads:
+        dsv2ext.set_num_threads(nt)
+        if hf:
+            import torch
 
-                xt = torch.from_numpy(x)[None]
-                if dn != "fp32":
-                    xt = xt.to(torch.bfloat16)
-                with torch.no_grad():
-                    t_hf = _median_time(lambda: m(xt), reps)
-                line += f" {t_hf * 1e3:18.2f} {t_hf / t_ours:7.2f}x"
-            print(line, flush=True)
+            torch.set_num_threads(nt)
+        print(f"\nthreads: {nt}, isa: {dsv2ext.get_isa()}, load average before: "
+              f"{os.getloadavg()[0]:.2f}; median (min) of {args.reps} interleaved runs (T > 8: half as many)\n")
+        impls = sorted({impl for (_, impl) in hf})
+        hdr = f"{'weights':8s} {'tokens':>6s} {'dsv2ext ms':>18s}"
+        for impl in impls:
+            hdr += f" {'hf ' + impl + ' ms':>22s} {'speedup':>8s}"
+        print(hdr)
+        for dn, w in weights.items():
+            for T in args.tokens:
+                x = rng.standard_normal((T, d), dtype=np.float32)
+                out = np.empty_like(x)
+                reps = args.reps if T <= 8 else max(3, args.reps // 2)
+                fns = {"ours": lambda: moe_block(x, router, w["experts"], w["shared"], cfg, out=out)}
+                if impls:
+                    import torch
+
+                    xt = torch.from_numpy(x)[None]
+                    if dn != "fp32":
+                        xt = xt.to(torch.bfloat16)
+                for impl in impls:
+                    m = hf.get((dn, impl))
+                    if m is not None:
+                        fns[impl] = (lambda m=m: m(xt))
+                times = _interleaved(fns, reps)
+                t0 = times["ours"]
+                line = f"{dn:8s} {T:6d} {statistics.median(t0) * 1e3:9.2f} ({min(t0) * 1e3:6.2f})"
+                for impl in impls:
+                    if impl not in times:
+                        line += f" {'-':>22s} {'-':>8s}"
+                        continue
+                    th = times[impl]
+                    line += (f" {statistics.median(th) * 1e3:13.2f} ({min(th) * 1e3:6.2f})"
+                             f" {statistics.median(th) / statistics.median(t0):7.2f}x")
+                print(line, flush=True)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    print("hf bf16 runs with bf16 activations (torch bf16 matmuls); dsv2ext keeps fp32 activations and "
+          "widens bf16 weights exactly (fp32 accuracy).")
     # bytes of the weights one token reads: router + 6 routed + shared
     params = k * 3 * I * d + 3 * Is * d
     print(f"\nweight bytes one token reads (router fp32 + 6 routed + shared): "

@@ -129,7 +129,7 @@ def _run(exe: str, mode: str, threads: int, n: int, reps: int) -> Optional[float
     return float(r.stdout.strip())
 
 
-def measure_peaks(cache: str, threads: List[int], quick: bool = False) -> Dict[str, Any]:
+def measure_peaks(cache: str, threads: List[int], quick: bool = False, read_only: bool = False) -> Dict[str, Any]:
     """Streaming-read bandwidth (2 GiB buffer) and dot-product peaks per thread count.
 
     Returns
@@ -147,6 +147,8 @@ def measure_peaks(cache: str, threads: List[int], quick: bool = False) -> Dict[s
                            "bf16_GFLOPs": {}, "vnni_GOPs": {}}
     for t in threads:
         out["read_GBps"][str(t)] = _run(exe, "read", t, size, reps)
+        if read_only:
+            continue
         out["fma32_GFLOPs"][str(t)] = _run(exe, "fma32", t, iters, 3)
         out["bf16_GFLOPs"][str(t)] = _run(exe, "bf16", t, iters, 3)
         out["vnni_GOPs"][str(t)] = _run(exe, "vnni", t, iters, 3)

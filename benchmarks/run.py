@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -57,8 +56,10 @@ NEAR_TIE_FRACTION = 0.05
 class Run:
     """One worker process: engine, variant, task and its time box."""
 
-    def __init__(self, engine: str, variant: str, task: str, timeout: int) -> None:
+    def __init__(self, engine: str, variant: str, task: str, timeout: int,
+                 contexts: Optional[List[int]] = None) -> None:
         self.engine, self.variant, self.task, self.timeout = engine, variant, task, timeout
+        self.contexts = contexts  # decode contexts (None: the workload's)
 
     @property
     def key(self) -> str:
@@ -72,10 +73,17 @@ class Run:
 ENGINE_LABEL = {"dsv2ext": "dsv2ext", "transformers": "transformers", "llama": "llama.cpp"}
 
 
-def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool) -> List[Run]:
-    """Every worker process of a benchmark, in execution order."""
+def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool, all_contexts: bool,
+              contexts: List[int]) -> List[Run]:
+    """Every worker process of a benchmark, in execution order.
+
+    dsv2ext f32 and transformers decode only after the shortest context unless
+    ``all_contexts`` (their long-context numbers are no target, and a 4096-token
+    prefill takes them many minutes).
+    """
     runs: List[Run] = []
-    t_ds, t_hf, t_ll = (300, 600, 300) if quick else (900, 1800, 900)
+    t_ds, t_hf, t_ll = (300, 600, 300) if quick else (1500, 1200, 900)
+    short = None if all_contexts else contexts[:1]
     if geometry == "lite-L4":
         runs.append(Run("dsv2ext", "f32", "check", t_ds))
         runs.append(Run("dsv2ext", "bf16", "check", t_ds))
@@ -86,14 +94,14 @@ def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool) -> Li
         runs.append(Run("dsv2ext", "bf16", "speed", t_ds))
         runs.append(Run("dsv2ext", "int8", "speed", t_ds))
         if not quick:
-            runs.append(Run("dsv2ext", "f32", "speed", t_ds))
+            runs.append(Run("dsv2ext", "f32", "speed", t_ds, short))
         if not skip_llama:
             runs.append(Run("llama", "BF16", "speed", t_ll))
             runs.append(Run("llama", "Q8_0", "speed", t_ll))
         if not skip_hf:
             hf = ["bf16-eager"] if quick else ["fp32-eager", "bf16-eager", "fp32-grouped_mm", "bf16-grouped_mm"]
             for v in hf:
-                runs.append(Run("transformers", v, "speed", t_hf))
+                runs.append(Run("transformers", v, "speed", t_hf, short))
     elif geometry == "lite-full":
         runs.append(Run("dsv2ext", "int8", "check", t_ds * 2))
         if not skip_llama:
@@ -114,7 +122,8 @@ def run_worker(run: Run, spec: Dict[str, Any], work_dir: str, log: Any) -> Dict[
     log_path = os.path.join(work_dir, name + ".log")
     if os.path.exists(out_path):
         os.unlink(out_path)
-    spec = dict(spec, out=out_path, engine=run.engine, variant=run.variant, task=run.task)
+    spec = dict(spec, out=out_path, engine=run.engine, variant=run.variant, task=run.task,
+                contexts=run.contexts)
     write_json(spec_path, spec)
     t0 = time.time()
     with open(log_path, "w") as lf:
@@ -129,6 +138,8 @@ def run_worker(run: Run, spec: Dict[str, Any], work_dir: str, log: Any) -> Dict[
     wall = time.time() - t0
     if os.path.exists(out_path):
         res = read_json(out_path)
+        if rc is None:
+            res["timed_out"] = f"killed at its time box ({run.timeout} s); partial results"
     else:
         tail = ""
         try:
@@ -141,6 +152,8 @@ def run_worker(run: Run, spec: Dict[str, Any], work_dir: str, log: Any) -> Dict[
     res["driver_wall_seconds"] = wall
     res["log"] = log_path
     status = "ok" if res.get("ok") else "FAILED: " + str(res.get("error", "?")).splitlines()[0][:200]
+    if res.get("timed_out"):
+        status += " (" + res["timed_out"] + ")"
     log(f"  [{wall:6.0f} s] {run.key:40s} {status}")
     return res
 
@@ -267,11 +280,18 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
             continue
         _, eng, var = key.split(":", 2)
         row: Dict[str, Any] = {"key": key, "engine": ENGINE_LABEL[eng], "variant": var, "ok": bool(r.get("ok")),
-                               "cpu_busy_before": r.get("cpu_busy_before")}
+                               "cpu_busy_before": r.get("cpu_busy_before"), "reused": bool(r.get("reused"))}
         row["dtype"] = {"f32": "fp32", "bf16": "bf16", "int8": "int8", "BF16": "bf16", "Q8_0": "q8_0"}.get(
             var, var.split("-")[0])
         if not r.get("ok"):
             row["error"] = str(r.get("error", "?")).splitlines()[0][:300]
+            rows.append(row)
+            continue
+        if r.get("timed_out"):
+            row["timed_out"] = True
+        if "prefill" not in r:
+            row["ok"] = False
+            row["error"] = "timed out before the prefill measurement" if r.get("timed_out") else "no prefill"
             rows.append(row)
             continue
         row["prefill_tps"] = r["prefill"]["tokens_per_s"]
@@ -287,7 +307,8 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
             c = int(ctx)
             read = wbytes + (c + workload["decode_tokens"] / 2.0) * kvb
             roof = bw / read
-            row["decode"][ctx] = {"tps": d["tokens_per_s"], "roofline_tps": roof,
+            row["decode"][ctx] = {"tps": d["tokens_per_s"], "tps_mean": d.get("tokens_per_s_mean"),
+                                  "roofline_tps": roof,
                                   "roofline_fraction": d["tokens_per_s"] / roof, "bytes_per_token": read,
                                   "prefill_tps": d["prefill_tokens_per_s"]}
         fl = flops_per_prefill_token(cfg, workload["prefill"])
@@ -343,7 +364,8 @@ def table_lines(rows: List[Dict[str, Any]], contexts: List[int], prefill: int) -
     hdr += ["peak RSS GiB", "KV B/token", "dsv2ext / this (prefill, " + ", ".join(f"decode@{c}" for c in contexts) + ")"]
     lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
-        name = f"{r['engine']} {r['variant']}"
+        name = (f"{r['engine']} {r['variant']}" + (" (timed out)" if r.get("timed_out") else "")
+                + (" (reused)" if r.get("reused") else ""))
         if not r["ok"]:
             lines.append("| " + " | ".join([name, r["dtype"], "error: " + r.get("error", "?")[:80]]
                                          + ["-"] * (len(hdr) - 3)) + " |")
@@ -379,18 +401,21 @@ def targets(rows: List[Dict[str, Any]], geometry: str, contexts: List[int]) -> L
                     "met": None if value is None else bool(value >= goal)})
 
     def dec(r: Optional[Dict[str, Any]], c: str, f: str = "tps") -> Optional[float]:
-        return r["decode"][c][f] if r and c in r["decode"] else None
+        return r["decode"][c][f] if r and c in r.get("decode", {}) else None
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return a / b if a is not None and b else None
 
     if geometry == "lite-L4":
         add(f"decode bf16 @{c0}: fraction of roofline", dec(ds_b, c0, "roofline_fraction"), 0.80)
         if ds_b and ll_b:
-            add(f"decode bf16 @{c0}: dsv2ext / llama.cpp BF16", dec(ds_b, c0) / dec(ll_b, c0), 1.3, "x")
+            add(f"decode bf16 @{c0}: dsv2ext / llama.cpp BF16", ratio(dec(ds_b, c0), dec(ll_b, c0)), 1.3, "x")
         add(f"decode int8 @{c0}: fraction of roofline", dec(ds_i, c0, "roofline_fraction"), 0.80)
         if ds_i and ll_q:
-            add(f"decode int8 @{c0}: dsv2ext / llama.cpp Q8_0", dec(ds_i, c0) / dec(ll_q, c0), 1.3, "x")
+            add(f"decode int8 @{c0}: dsv2ext / llama.cpp Q8_0", ratio(dec(ds_i, c0), dec(ll_q, c0)), 1.3, "x")
         if len(contexts) > 1 and ds_b:
             cl = str(contexts[-1])
-            add(f"decode bf16 @{cl} / @{c0}", dec(ds_b, cl) / dec(ds_b, c0), 0.85, "x")
+            add(f"decode bf16 @{cl} / @{c0}", ratio(dec(ds_b, cl), dec(ds_b, c0)), 0.85, "x")
         if ds_b and ll_b:
             add("prefill bf16: dsv2ext / llama.cpp BF16", ds_b["prefill_tps"] / ll_b["prefill_tps"], 1.2, "x")
         if ds_b:
@@ -399,12 +424,12 @@ def targets(rows: List[Dict[str, Any]], geometry: str, contexts: List[int]) -> L
             ds = by.get(("dsv2ext", "f32" if dt == "fp32" else dt))
             h = by.get(("transformers", hf))
             if ds and h:
-                add(f"decode {dt} @{c0}: dsv2ext / transformers eager", dec(ds, c0) / dec(h, c0), 10.0, "x")
+                add(f"decode {dt} @{c0}: dsv2ext / transformers eager", ratio(dec(ds, c0), dec(h, c0)), 10.0, "x")
                 add(f"prefill {dt}: dsv2ext / transformers eager", ds["prefill_tps"] / h["prefill_tps"], 3.0, "x")
     else:
         add(f"decode int8 @{c0}: fraction of roofline", dec(ds_i, c0, "roofline_fraction"), 0.75)
         if ds_i and ll_q:
-            add(f"decode int8 @{c0}: dsv2ext / llama.cpp Q8_0", dec(ds_i, c0) / dec(ll_q, c0), 1.3, "x")
+            add(f"decode int8 @{c0}: dsv2ext / llama.cpp Q8_0", ratio(dec(ds_i, c0), dec(ll_q, c0)), 1.3, "x")
         if ds_i:
             out.append({"target": "dsv2ext int8 peak RSS <= 24 GiB", "value": ds_i["peak_rss_bytes"] / 2 ** 30,
                         "goal": 24.0, "unit": "GiB", "met": ds_i["peak_rss_bytes"] <= 24 * 2 ** 30})
@@ -473,6 +498,8 @@ def results_records(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> List[Di
             rat.get("prefill"))
         for c, d in r["decode"].items():
             rec(r, f"decode_tokens_per_s@{c}", d["tps"], "tokens/s", rat.get(f"decode@{c}"))
+            if d.get("tps_mean") is not None:
+                rec(r, f"decode_tokens_per_s_mean@{c}", d["tps_mean"], "tokens/s")
             rec(r, f"decode_roofline_fraction@{c}", d["roofline_fraction"], "fraction")
             rec(r, f"decode_roofline_tokens_per_s@{c}", d["roofline_tps"], "tokens/s")
         rec(r, "peak_rss", r["peak_rss_bytes"], "bytes")
@@ -504,7 +531,8 @@ def render_markdown(all_runs: Dict[str, Any]) -> str:
         out.append("")
         out += r["table"]
         out.append("")
-        out.append("Roofline = read bandwidth / (active weight bytes per token in the engine's own format + "
+        out.append("Decode tokens/s = 1 / median time of the 64 steps (the mean is in results.json). "
+                   "Roofline = read bandwidth / (active weight bytes per token in the engine's own format + "
                    "KV cache bytes read per token at that context).")
         busy = [(x["engine"] + " " + x["variant"], x.get("cpu_busy_before")) for x in r["rows"]]
         loud = [f"{n} {100 * b:.0f}%" for n, b in busy if b is not None and b >= 0.15]
@@ -553,6 +581,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "(default: benchmarks/, or benchmarks/cache/quick with --quick)")
     ap.add_argument("--cache", default=os.path.join(HERE, "cache"), help="checkpoints, GGUFs, logs")
     ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    ap.add_argument("--reuse", action="store_true",
+                    help="with --only: take the other workers' results from their previous run (marked as "
+                         "reused in the table)")
+    ap.add_argument("--all-contexts", action="store_true",
+                    help="decode after every context for dsv2ext f32 and transformers too (slow)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each worker, wait up to this long for other processes to leave the CPUs "
                          "idle (< 15%% busy); the busy fraction is recorded either way")
@@ -597,7 +630,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"dsv2ext.stats unavailable: {type(ex).__name__}: {ex}")
     active = economics.get("active_params") or 0
 
-    runs = plan_runs(geometry, args.quick, args.skip_llama, args.skip_transformers)
+    runs = plan_runs(geometry, args.quick, args.skip_llama, args.skip_transformers, args.all_contexts,
+                     workload["decode_contexts"])
     if args.only:
         keys = [s.strip() for s in args.only.split(",") if s.strip()]
         runs = [r for r in runs if any(k in r.key for k in keys)]
@@ -609,6 +643,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "npy_dir": os.path.join(work, "logits")}
     results: Dict[str, Dict[str, Any]] = {}
     log(f"{len(runs)} worker runs, results in {work}")
+    if args.reuse:
+        for run in plan_runs(geometry, args.quick, args.skip_llama, args.skip_transformers, args.all_contexts,
+                             workload["decode_contexts"]):
+            prev = os.path.join(work, run.key.replace(":", "-") + ".json")
+            if run not in runs and os.path.isfile(prev) and run.key not in [r.key for r in runs]:
+                results[run.key] = read_json(prev)
+                results[run.key]["reused"] = True
+                log(f"  reused {run.key} from {prev}")
     for run in runs:
         spec = dict(base_spec)
         if run.engine == "llama":
@@ -618,6 +660,18 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"  note: other processes keep {100 * busy:.0f}% of the CPUs busy before {run.key}")
         results[run.key] = run_worker(run, spec, work, log)
         results[run.key]["cpu_busy_before"] = busy
+        # the read bandwidth between workers: other processes may hold it down at times; keep the best
+        probe = measure_peaks(args.cache, sorted({1, args.threads}), quick=True, read_only=True)
+        for t_, v in probe["read_GBps"].items():
+            if v is not None and (peaks["read_GBps"].get(t_) or 0) < v:
+                peaks["read_GBps"][t_] = v
+
+    # the bandwidth probe again: other processes may have held it down at the start; keep the best
+    again = measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick, read_only=True)
+    for t_, v in again["read_GBps"].items():
+        if v is not None and (peaks["read_GBps"].get(t_) or 0) < v:
+            peaks["read_GBps"][t_] = v
+    log(f"read bandwidth at the end {again['read_GBps']}; using the best seen in the run {peaks['read_GBps']}")
 
     checks = evaluate_checks(results, geometry)
     print()

@@ -8,7 +8,7 @@
  *
  * Two ways to run it:
  *  - row-dot ("gemv") path for few tokens: gate and up are computed a block
- *    of 16 intermediate rows at a time and SiLU(gate)*up is applied at once,
+ *    of 24 intermediate rows at a time and SiLU(gate)*up is applied at once,
  *    so the intermediate for one token (I floats) stays in cache; then down.
  *    Used for T <= DSV2_MLP_GEMV_MAX_T.
  *  - matrix-product path for many tokens (OpenBLAS sgemm through
@@ -19,8 +19,13 @@
 #include "dsv2.h"
 #include "gemv.h"
 
-/* Up to this many tokens per MLP call the row-dot path is used. */
-#define DSV2_MLP_GEMV_MAX_T 16
+/* Up to this many tokens per MLP call the row-dot path is used (single-core
+ * crossover with sgemm measured near 32 tokens at V2-Lite shapes; bf16
+ * weights also spare sgemm's widening; and the pool's dynamic split copes
+ * better than OpenBLAS's static one when the cores are shared). */
+#ifndef DSV2_MLP_GEMV_MAX_T
+#define DSV2_MLP_GEMV_MAX_T 32
+#endif
 /* Tokens per matrix-product pass (bounds the [T, 2I] scratch). */
 #define DSV2_MLP_GEMM_CHUNK 512
 

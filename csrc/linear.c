@@ -4,6 +4,7 @@
 #include "gemv.h"
 #include "threadpool.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 
 typedef struct {
@@ -52,15 +53,33 @@ static int linear_i8q(float *y, int64_t ldy, const float *x, int64_t ldx, const 
 }
 
 typedef struct {
-    float *buf;
+    float *y;
+    int64_t ldy;
+    const float *x;
+    int64_t ldx;
     const dsv2_mat *W;
-    int64_t r0;
-} widen_job;
+    int64_t T, P;
+    atomic_int err;
+} panel_job;
 
-static void widen_task(void *ctx, int64_t b, int64_t e, int tid) {
+/* panels [pb, pe) of P rows of W: widen each to fp32 and multiply (single-threaded
+ * sgemm).  Panels have a fixed size whatever the thread count, so results do
+ * not depend on the number of threads. */
+static void panel_task(void *ctx, int64_t pb, int64_t pe, int tid) {
     (void)tid;
-    widen_job *j = (widen_job *)ctx;
-    dsv2_mat_rows_to_f32(j->buf + b * j->W->cols, j->W, j->r0 + b, j->r0 + e);
+    panel_job *j = (panel_job *)ctx;
+    const int64_t K = j->W->cols, N = j->W->rows, P = j->P;
+    float *buf = (float *)malloc((size_t)P * (size_t)K * sizeof(float));
+    if (!buf) {
+        atomic_store(&j->err, DSV2_ERR_NOMEM);
+        return;
+    }
+    for (int64_t r0 = pb * P; r0 < pe * P && r0 < N; r0 += P) {
+        int64_t p = N - r0 < P ? N - r0 : P;
+        dsv2_mat_rows_to_f32(buf, j->W, r0, r0 + p);
+        dsv2_sgemm_nt_1((int)j->T, (int)p, (int)K, j->x, (int)j->ldx, buf, (int)K, 0.0f, j->y + r0, (int)j->ldy);
+    }
+    free(buf);
 }
 
 int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {
@@ -82,21 +101,22 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
         dsv2_sgemm_nt((int)T, (int)N, (int)K, x, (int)ldx, (const float *)W->data, (int)K, 0.0f, y, (int)ldy);
         return DSV2_OK;
     }
-    /* bf16 / int8: widen (dequantize) a panel of rows (~2 MiB of fp32) at a time */
-    int64_t P = (int64_t)(2u << 20) / (K * 4);
-    if (P < 16) P = 16;
-    P = (P + 15) / 16 * 16;
-    if (P > N) P = N;
-    float *buf = (float *)malloc((size_t)P * (size_t)K * sizeof(float));
-    if (!buf) return DSV2_ERR_NOMEM;
-    for (int64_t r0 = 0; r0 < N; r0 += P) {
-        int64_t p = N - r0 < P ? N - r0 : P;
-        widen_job wj = {buf, W, r0};
-        dsv2_parallel_for(p, 16, widen_task, &wj);
-        dsv2_sgemm_nt((int)T, (int)p, (int)K, x, (int)ldx, buf, (int)K, 0.0f, y + r0, (int)ldy);
-    }
-    free(buf);
-    return DSV2_OK;
+    /* bf16 / int8: each thread widens (dequantizes) its own rows of W one panel at a time
+     * (never the whole matrix) */
+    panel_job pj;
+    pj.y = y;
+    pj.ldy = ldy;
+    pj.x = x;
+    pj.ldx = ldx;
+    pj.W = W;
+    pj.T = T;
+    /* panels of ~256 KiB of fp32 (a multiple of 16 rows) */
+    int64_t P = (int64_t)(256u << 10) / (K * 4);
+    P = P < 16 ? 16 : P / 16 * 16;
+    pj.P = P;
+    atomic_init(&pj.err, DSV2_OK);
+    dsv2_parallel_for((N + P - 1) / P, 1, panel_task, &pj);
+    return atomic_load(&pj.err);
 }
 
 int dsv2_linear(float *y, const float *x, const dsv2_mat *W, int64_t T) {

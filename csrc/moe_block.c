@@ -8,8 +8,8 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#define MOE_ROWS_A 32               /* intermediate rows per gate/up work item */
-#define MOE_COLS_B 16               /* output columns per down + combine work item */
+#define MOE_ROWS_A 48               /* intermediate rows per gate/up work item */
+#define MOE_COLS_B 24               /* output columns per down + combine work item */
 #define MOE_CHUNK_BYTES (64u << 20) /* workspace budget that sets the token chunk */
 
 /* an expert (or the shared expert) run by the row-dot kernels */
@@ -29,7 +29,8 @@ typedef struct {
 typedef struct {
     unit *units;
     int64_t nunits, nitems;
-    atomic_llong next;
+    atomic_llong next;   /* next gate/up item */
+    atomic_llong next_b; /* next down + combine column block */
     /* down + combine */
     float *out;
     const float *Y, *Ys;
@@ -54,18 +55,20 @@ static void gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
     }
 }
 
-/* A thread's contiguous range of output columns: each unit's down_proj rows
- * for the whole range (one sequential read of that part of the matrix), then
- * the combine of the range. */
 static void down_combine_task(void *ctx, int64_t b, int64_t e, int tid) {
-    (void)tid;
+    (void)b, (void)e, (void)tid;
     block_job *j = (block_job *)ctx;
-    int64_t c0 = b * MOE_COLS_B, c1 = e * MOE_COLS_B < j->d ? e * MOE_COLS_B : j->d;
-    for (int64_t u = 0; u < j->nunits; u++) {
-        const unit *un = &j->units[u];
-        dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
+    const int64_t nblk = (j->d + MOE_COLS_B - 1) / MOE_COLS_B;
+    for (;;) {
+        int64_t blk = atomic_fetch_add_explicit(&j->next_b, 1, memory_order_relaxed);
+        if (blk >= nblk) break;
+        int64_t c0 = blk * MOE_COLS_B, c1 = c0 + MOE_COLS_B < j->d ? c0 + MOE_COLS_B : j->d;
+        for (int64_t u = 0; u < j->nunits; u++) {
+            const unit *un = &j->units[u];
+            dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
+        }
+        dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, c0, c1);
     }
-    dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, c0, c1);
 }
 
 typedef struct {
@@ -198,6 +201,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     j.nunits = nu;
     j.nitems = items;
     atomic_init(&j.next, 0);
+    atomic_init(&j.next_b, 0);
     j.out = out;
     j.Y = ws->Y;
     j.Ys = shared ? ws->Ys : NULL;
@@ -206,9 +210,12 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     j.T = Tc;
     j.k = k;
     j.d = d;
-    if (items > 0) dsv2_parallel_for(dsv2_get_num_threads(), 1, gateup_task, &j);
+    /* both phases hand out work items from an atomic counter (one task per
+     * thread): a thread that is descheduled holds up at most one item */
+    int nt = dsv2_get_num_threads();
+    if (items > 0) dsv2_parallel_for(nt, 1, gateup_task, &j);
     if (ws->Hq.q || ws->Hsq.q) dsv2_parallel_for(nu, 1, quant_h_task, &j);
-    dsv2_parallel_for((d + MOE_COLS_B - 1) / MOE_COLS_B, 1, down_combine_task, &j);
+    dsv2_parallel_for(nt, 1, down_combine_task, &j);
     return DSV2_OK;
 }
 
@@ -299,7 +306,8 @@ int dsv2_moe_block(float *out, int64_t *ids, float *w, const float *x, const dsv
                    const dsv2_moe_cfg *cfg) {
     int rc = dsv2_moe_cfg_check(cfg);
     if (rc) return rc;
-    if (T < 0 || router->rows != cfg->n_experts || experts[0].gate.cols != router->cols) return DSV2_ERR_ARG;
+    if (T < 0 || !experts || router->rows != cfg->n_experts || experts[0].gate.cols != router->cols)
+        return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
     const int64_t k = cfg->top_k;
     int64_t *id = ids ? ids : (int64_t *)malloc((size_t)(T * k) * sizeof(int64_t));

@@ -1,4 +1,11 @@
-/* threadpool.c - a small spinning-then-sleeping pthread pool. */
+/* threadpool.c - a small pthread pool with dynamically claimed chunks.
+ *
+ * A parallel region is cut into one chunk per thread.  Chunks are claimed
+ * through an atomic counter by whichever thread gets there first (the caller
+ * included), so a worker that the OS has not scheduled yet never holds the
+ * caller up: the caller simply runs its chunk too.  This keeps the pool fast
+ * on a busy machine (more runnable threads than cores).  Workers spin briefly
+ * for the next region, then sleep on a condition variable. */
 #define _GNU_SOURCE
 #include "threadpool.h"
 #include "blas.h"
@@ -9,18 +16,23 @@
 #include <stdlib.h>
 #include <time.h>
 
-static struct {
-    pthread_mutex_t job;      /* held by the thread running a parallel region */
-    pthread_mutex_t m;        /* guards the sleep/wake condition */
-    pthread_cond_t cv;
-    atomic_int gen;           /* bumped for each new job */
-    atomic_int pending;       /* workers still running the current job */
-    int nthreads;             /* total, caller included */
-    int nworkers;             /* worker threads started */
+typedef struct {
     dsv2_task_fn fn;
     void *ctx;
-    int64_t n, chunk;
-    int ready;
+    int64_t n, chunk, nchunks;
+    atomic_llong next; /* next chunk to claim */
+    atomic_llong done; /* chunks finished */
+} job_t;
+
+static struct {
+    pthread_mutex_t job_lock; /* held by the thread running a parallel region */
+    pthread_mutex_t m;        /* guards the sleep/wake condition */
+    pthread_cond_t cv;
+    atomic_uint gen;          /* bumped for each new region */
+    atomic_int busy;          /* workers currently inside a region */
+    _Atomic(job_t *) job;     /* the current region, NULL when none */
+    int nthreads;             /* total, caller included */
+    int nworkers;             /* worker threads started */
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 static _Thread_local int tl_in_region = 0;
@@ -38,28 +50,31 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static void run_chunk(int tid) {
-    int64_t b = (int64_t)tid * P.chunk;
-    int64_t e = b + P.chunk;
-    if (e > P.n) e = P.n;
-    if (b < e) P.fn(P.ctx, b, e, tid);
+/* claim and run chunks of j until none is left */
+static void run_chunks(job_t *j, int tid) {
+    for (;;) {
+        int64_t c = atomic_fetch_add(&j->next, 1);
+        if (c >= j->nchunks) return;
+        int64_t b = c * j->chunk;
+        int64_t e = b + j->chunk;
+        if (e > j->n) e = j->n;
+        if (b < e) j->fn(j->ctx, b, e, tid);
+        atomic_fetch_add(&j->done, 1);
+    }
 }
 
 static void *worker_main(void *arg) {
-    /* arg packs the thread id and the job generation at creation time, so a
-     * worker that starts late still runs the job it was created for */
-    intptr_t a = (intptr_t)arg;
-    int tid = (int)(a & 0xff);
-    int seen = (int)(uint32_t)((uintptr_t)a >> 8);
+    int tid = (int)(intptr_t)arg;
+    unsigned seen = atomic_load(&P.gen);
     tl_in_region = 1;
     for (;;) {
-        /* spin ~200 us for the next job, then sleep */
+        /* spin ~50 us for the next region, then sleep */
         double t0 = now_s();
-        int g;
+        unsigned g;
         int spins = 0;
-        while ((g = atomic_load_explicit(&P.gen, memory_order_acquire)) == seen) {
+        while ((g = atomic_load(&P.gen)) == seen) {
             cpu_relax();
-            if (++spins % 256 == 0 && now_s() - t0 > 2e-4) break;
+            if (++spins % 128 == 0 && now_s() - t0 > 5e-5) break;
         }
         if (g == seen) {
             pthread_mutex_lock(&P.m);
@@ -67,8 +82,10 @@ static void *worker_main(void *arg) {
             pthread_mutex_unlock(&P.m);
         }
         seen = g;
-        if (tid < P.nthreads) run_chunk(tid);
-        atomic_fetch_sub_explicit(&P.pending, 1, memory_order_acq_rel);
+        atomic_fetch_add(&P.busy, 1);
+        job_t *j = atomic_load(&P.job); /* NULL once the caller has finished the region */
+        if (j != NULL && atomic_load(&P.gen) == g) run_chunks(j, tid);
+        atomic_fetch_sub(&P.busy, 1);
     }
     return NULL;
 }
@@ -86,9 +103,11 @@ static int default_threads(void) {
 
 static void atfork_child(void) {
     /* worker threads do not survive fork(): the child runs serially */
-    pthread_mutex_init(&P.job, NULL);
+    pthread_mutex_init(&P.job_lock, NULL);
     pthread_mutex_init(&P.m, NULL);
     pthread_cond_init(&P.cv, NULL);
+    atomic_store(&P.busy, 0);
+    atomic_store(&P.job, NULL);
     P.nworkers = 0;
     P.nthreads = 1;
 }
@@ -97,21 +116,18 @@ static void init_pool(void) {
     int n = default_threads();
     if (n > DSV2_MAX_THREADS) n = DSV2_MAX_THREADS;
     P.nthreads = n;
-    P.ready = 1;
     pthread_atfork(NULL, NULL, atfork_child);
-    dsv2_blas_set_threads(n);
+    dsv2_blas_init();
 }
 
-/* start workers up to nthreads - 1 (caller holds P.job) */
+/* start workers up to nthreads - 1 (the caller holds job_lock) */
 static void ensure_workers(void) {
     while (P.nworkers < P.nthreads - 1) {
         pthread_t th;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&th, &attr, worker_main,
-                                (void *)(intptr_t)(((uintptr_t)(uint32_t)atomic_load(&P.gen) << 8) |
-                                                 (uintptr_t)(P.nworkers + 1)));
+        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)(P.nworkers + 1));
         pthread_attr_destroy(&attr);
         if (rc != 0) {
             P.nthreads = P.nworkers + 1; /* run with what we have */
@@ -125,51 +141,57 @@ void dsv2_parallel_for(int64_t n, int64_t grain, dsv2_task_fn fn, void *ctx) {
     if (n <= 0) return;
     pthread_once(&once, init_pool);
     if (grain < 1) grain = 1;
-    int64_t nchunks = (n + grain - 1) / grain;
-    if (tl_in_region || P.nthreads <= 1 || nchunks <= 1 || pthread_mutex_trylock(&P.job) != 0) {
+    int64_t units = (n + grain - 1) / grain;
+    if (tl_in_region || P.nthreads <= 1 || units <= 1 || pthread_mutex_trylock(&P.job_lock) != 0) {
         fn(ctx, 0, n, 0);
         return;
     }
     ensure_workers();
     int nt = P.nthreads;
-    if (nt > nchunks) nt = (int)nchunks;
-    if (nt <= 1) {
-        pthread_mutex_unlock(&P.job);
+    if (nt > units) nt = (int)units;
+    if (nt <= 1 || P.nworkers == 0) {
+        pthread_mutex_unlock(&P.job_lock);
         fn(ctx, 0, n, 0);
         return;
     }
-    int64_t per = (nchunks + nt - 1) / nt;
-    P.fn = fn;
-    P.ctx = ctx;
-    P.n = n;
-    P.chunk = per * grain;
-    int saved_nt = P.nthreads;
-    P.nthreads = nt; /* workers with tid >= nt skip this job */
-    atomic_store(&P.pending, P.nworkers);
+    job_t j;
+    j.fn = fn;
+    j.ctx = ctx;
+    j.n = n;
+    j.chunk = (units + nt - 1) / nt * grain;
+    j.nchunks = (n + j.chunk - 1) / j.chunk;
+    atomic_init(&j.next, 0);
+    atomic_init(&j.done, 0);
+    atomic_store(&P.job, &j);
     pthread_mutex_lock(&P.m);
-    atomic_fetch_add_explicit(&P.gen, 1, memory_order_release);
+    atomic_fetch_add(&P.gen, 1);
     pthread_cond_broadcast(&P.cv);
     pthread_mutex_unlock(&P.m);
     tl_in_region = 1;
-    run_chunk(0);
+    run_chunks(&j, 0);
     tl_in_region = 0;
+    /* wait for chunks that workers claimed */
     int spins = 0;
-    while (atomic_load_explicit(&P.pending, memory_order_acquire) > 0) {
+    while (atomic_load(&j.done) < j.nchunks) {
         cpu_relax();
-        if (++spins > 4096) sched_yield();
+        if (++spins > 2048) sched_yield();
     }
-    P.nthreads = saved_nt;
-    pthread_mutex_unlock(&P.job);
+    /* retire the region; workers that already picked up &j leave before j goes out of scope */
+    atomic_store(&P.job, NULL);
+    while (atomic_load(&P.busy) > 0) {
+        cpu_relax();
+        sched_yield();
+    }
+    pthread_mutex_unlock(&P.job_lock);
 }
 
 int dsv2_set_num_threads(int n) {
     pthread_once(&once, init_pool);
     if (n < 1) n = 1;
     if (n > DSV2_MAX_THREADS) n = DSV2_MAX_THREADS;
-    pthread_mutex_lock(&P.job);
+    pthread_mutex_lock(&P.job_lock);
     P.nthreads = n;
-    pthread_mutex_unlock(&P.job);
-    dsv2_blas_set_threads(n);
+    pthread_mutex_unlock(&P.job_lock);
     return n;
 }
 

@@ -4,8 +4,8 @@
  * sizes are multiples of `grain`) and runs fn on each; the caller's thread
  * takes chunk 0.  A call made while the pool is busy (from another Python
  * thread, or nested inside a running task) runs serially in the caller, so
- * parallel regions never nest.  OpenBLAS is only called from outside
- * parallel regions and is given the same thread count. */
+ * parallel regions never nest.  OpenBLAS runs single-threaded; blas.c splits
+ * matrix products over this pool (one pool owns the cores). */
 #ifndef DSV2_THREADPOOL_H
 #define DSV2_THREADPOOL_H
 
@@ -17,7 +17,7 @@ typedef void (*dsv2_task_fn)(void *ctx, int64_t begin, int64_t end, int tid);
 
 void dsv2_parallel_for(int64_t n, int64_t grain, dsv2_task_fn fn, void *ctx);
 /* Set the number of threads (>= 1, capped at DSV2_MAX_THREADS); returns the
- * number in force.  Also sets OpenBLAS's thread count. */
+ * number in force. */
 int dsv2_set_num_threads(int n);
 int dsv2_get_num_threads(void);
 

@@ -10,10 +10,34 @@ model with a ``generate()`` loop.
 """
 from __future__ import annotations
 
+import os as _os
+import sys as _sys
 from typing import Any
 
-from ._native import _C
-from . import ops
+
+def _use_installed_extension() -> None:
+    """Running from a source checkout (e.g. ``python -m dsv2ext`` in the repository root
+    after ``pip install .``) finds this folder first, which holds no compiled ``_C``:
+    then look for the installed copy's ``_C`` on sys.path (same version, same sources)."""
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    if any(f.startswith("_C.") for f in _os.listdir(here)):
+        return
+    for entry in _sys.path:
+        cand = _os.path.join(_os.path.abspath(entry or _os.curdir), "dsv2ext")
+        try:
+            if _os.path.realpath(cand) == _os.path.realpath(here) or not _os.path.isdir(cand):
+                continue
+            if any(f.startswith("_C.") and f.endswith((".so", ".pyd")) for f in _os.listdir(cand)):
+                __path__.append(cand)
+                return
+        except OSError:
+            continue
+
+
+_use_installed_extension()
+
+from ._native import _C  # noqa: E402
+from . import ops  # noqa: E402
 from .config import ConfigError, ModelConfig
 from .dtypes import BF16
 from .model import DeepseekV2, default_model_path, load

@@ -70,10 +70,13 @@ class DeepseekV2:
         self._mla_cfg = ops.MLAConfig.from_model_config(config)
         self._moe_cfg = None
         if config.n_routed_experts:
+            # transformers' DeepseekV2 (the reference) never renormalizes the top-k weights, whatever
+            # norm_topk_prob says (every official V2 config has it false); V3 does when asked
+            norm = config.norm_topk_prob and config.model_type != "deepseek_v2"
             self._moe_cfg = ops.MoEConfig(
                 n_routed_experts=config.n_routed_experts, num_experts_per_tok=config.num_experts_per_tok,
                 n_group=config.n_group, topk_group=config.topk_group, topk_method=config.topk_method,
-                scoring_func=config.scoring_func, norm_topk_prob=config.norm_topk_prob,
+                scoring_func=config.scoring_func, norm_topk_prob=norm,
                 routed_scaling_factor=config.routed_scaling_factor)
         # per-layer argument tuples for the MoE kernel (views, no copies); the routed
         # experts as a table parsed once (not E x 3 weights checked per call)

@@ -58,7 +58,7 @@ from .dtypes import BF16, float32_to_bf16_bits
 
 __all__ = ["Int8Weight", "QUANT_METHOD", "DEFAULT_GROUP", "quantize_int8", "quantize_int8_reference",
            "dequantize", "get_int8_activations", "set_int8_activations", "quantize_act16_reference",
-           "linear_int8_reference", "quantize_model_weights", "save_quantized", "read_quantization_config",
+           "linear_int8_reference", "row_dot_limits", "quantize_model_weights", "save_quantized", "read_quantization_config",
            "load_quantized_tensor", "is_scales_tensor", "SCALES_SUFFIX", "stacked_experts"]
 
 QUANT_METHOD = "dsv2ext-int8"
@@ -351,19 +351,26 @@ def quantize_act16_reference(x: np.ndarray, group: int) -> Tuple[np.ndarray, np.
     return q.astype(np.int16).reshape(T, K), s
 
 
+def row_dot_limits() -> Tuple[int, int]:
+    """``(linear, mlp)``: the most activation rows that ``ops.linear`` / the SwiGLU MLP
+    (and each MoE expert) run on the row-dot kernels; more rows use sgemm on
+    dequantized panels (always fp32 activations)."""
+    return tuple(_C.row_dot_limits())
+
+
 def _act16_used(w: Int8Weight, rows: int) -> bool:
     from .threads import get_isa
 
     g = w.group
-    return (rows <= 8 and get_int8_activations() == "int16" and g % 16 == 0 and g <= 512
+    return (rows <= row_dot_limits()[0] and get_int8_activations() == "int16" and g % 16 == 0 and g <= 512
             and get_isa() != "portable")
 
 
 def linear_int8_reference(x: np.ndarray, w: Int8Weight, *, act16: Optional[bool] = None) -> np.ndarray:
     """float64 model of ``dsv2ext.ops.linear(x, w)`` for an int8 weight.
 
-    With int16 activations (the path the kernels take for ``x`` of at most 8
-    rows in ``"int16"`` mode, see :func:`set_int8_activations`; force it with
+    With int16 activations (the path the kernels take for ``x`` of at most
+    ``row_dot_limits()[0]`` rows in ``"int16"`` mode, see :func:`set_int8_activations`; force it with
     ``act16``): ``sum_b (s_w * s_x)[b] * sum_{c in b} q_w * q_x`` from
     :func:`quantize_act16_reference`; otherwise ``x @ dequantize(w).T``.
 

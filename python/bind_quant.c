@@ -1,7 +1,9 @@
 /* bind_quant.c - bindings of the int8 weight quantization kernels. */
 #include "bind_util.h"
 
+#include "../csrc/expert_mlp.h"
 #include "../csrc/gemv.h"
+#include "../csrc/linear.h"
 #include "../csrc/quant.h"
 #include "../csrc/threadpool.h"
 
@@ -91,7 +93,15 @@ static PyObject *py_set_int8_activations(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* row_dot_limits() -> (linear, mlp): most activation rows a call sends through the row-dot
+ * kernels (more: sgemm on dequantized panels) */
+static PyObject *py_row_dot_limits(PyObject *self, PyObject *noargs) {
+    return Py_BuildValue("(ii)", (int)DSV2_LINEAR_GEMV_MAX_T, (int)DSV2_MLP_GEMV_MAX_T);
+}
+
 PyMethodDef dsv2py_quant_methods[] = {
+    {"row_dot_limits", py_row_dot_limits, METH_NOARGS,
+     "row_dot_limits() -> (linear, mlp): most activation rows per call on the row-dot kernels"},
     {"get_int8_activations", py_get_int8_activations, METH_NOARGS, "get_int8_activations() -> 'int16' | 'fp32'"},
     {"set_int8_activations", py_set_int8_activations, METH_VARARGS,
      "set_int8_activations(mode): activations of int8 row-dot products, 'int16' (fast) or 'fp32' (exact)"},

@@ -28,6 +28,8 @@ VARIANTS = {
     "v3-noaux-yarn-bf16": ("v3", dict(rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0)),
                            torch.bfloat16, None, False),
     "v3-hub-spelling-sharded": ("v3", {}, torch.float32, "50KB", True),
+    # transformers' V2 ignores norm_topk_prob (the reference): so must we
+    "v2-norm-topk-flag": ("v2", dict(norm_topk_prob=True, routed_scaling_factor=2.0), torch.float32, None, False),
 }
 
 

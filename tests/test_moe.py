@@ -198,10 +198,9 @@ def test_one_expert_gets_every_token():
 
 # ---------------------------------------------------------------- real DeepSeek-V2-Lite expert shapes
 
-@pytest.fixture(scope="module")
-def lite():
+def build_lite() -> torch.nn.Module:
     """V2-Lite MoE layer (64 experts x 1408, hidden 2048, 2 shared, top-6 greedy) with bf16-exact weights,
-    so that one fp32 reference serves both the fp32 and the bf16 kernels."""
+    so that one fp32 reference serves both the fp32 and the bf16 kernels (``.bf16`` holds the bits)."""
     d, inter, E, k, ns = 2048, 1408, 64, 6, 2
     g = torch.Generator().manual_seed(0)
 
@@ -226,7 +225,13 @@ def lite():
     m.cfg = MoEConfig.from_hf(cfg)
     bits = lambda t: BF16(t.view(torch.int16).numpy().view(np.uint16))  # noqa: E731
     m.bf16 = dict(gu=bits(gu), dn=bits(dn), shared=tuple(bits(t) for t in sh))
-    yield m.eval()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def lite():
+    m = build_lite()
+    yield m
     del m
 
 
@@ -475,7 +480,7 @@ def test_deterministic_across_thread_counts(T):
     assert_close(outs[0], reference(m, x))
 
 
-@pytest.mark.parametrize("isa", ["portable", "avx2"])
+@pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 def test_isa_paths(isa):
     dsv2ext.set_isa(isa)
     version, kw = METHODS["group_limited"]

@@ -32,13 +32,15 @@ from dsv2ext.dtypes import BF16
 from dsv2ext.model import DeepseekV2
 from dsv2ext.quant import (Int8Weight, dequantize, get_int8_activations, linear_int8_reference, load_quantized_tensor,
                            quantize_act16_reference, quantize_int8, quantize_int8_reference, quantize_model_weights,
-                           read_quantization_config, save_quantized, set_int8_activations, stacked_experts)
+                           read_quantization_config, row_dot_limits, save_quantized, set_int8_activations,
+                           stacked_experts)
 from dsv2ext.safetensors import CheckpointError, CheckpointReader
 
 from conftest import max_rel_err
 
 KTOL = 1e-5
 LTOL = 2e-6
+LIN_MAX_T, MLP_MAX_T = row_dot_limits()  # row-dot kernels up to this many rows, sgemm beyond
 LOGIT_TOL = 1e-4
 
 
@@ -152,7 +154,7 @@ def test_linear_int8(isa, act, T, N, K, group):
     x = np.random.default_rng(T).standard_normal((T, K)).astype(np.float32)
     x[0, :group] *= 50.0  # a block with a large range: coarse int16 steps there
     got = ops.linear(x, q)
-    on = T <= 8 and act16_on(act, group, isa)
+    on = T <= LIN_MAX_T and act16_on(act, group, isa)
     assert max_rel_err(got, linear_int8_reference(x, q, act16=on)) <= LTOL
     fp = linear_int8_reference(x, q, act16=False)
     assert max_rel_err(got, fp) <= (2e-4 if on else LTOL)
@@ -224,12 +226,12 @@ def swiglu_reference(x, g, u, dn, act16):
     return linear_int8_reference(h.astype(np.float32), dn, act16=act16)
 
 
-@pytest.mark.parametrize("T", [1, 3, 16, 20])
+@pytest.mark.parametrize("T", [1, 3, 16, 20, 40])
 def test_swiglu_mlp_int8(isa, act, T):
     d, I = 256, 1408
     g, u, dn = (quantize_int8(rand_w(s, i), 32) for i, s in enumerate([(I, d), (I, d), (d, I)]))
     x = np.random.default_rng(T).standard_normal((T, d)).astype(np.float32)
-    on = T <= 16 and act16_on(act, 32, isa)  # the row-dot path serves up to 16 tokens
+    on = T <= MLP_MAX_T and act16_on(act, 32, isa)  # the row-dot path serves up to MLP_MAX_T tokens
     got = ops.swiglu_mlp(x, g, u, dn)
     assert max_rel_err(got, swiglu_reference(x, g, u, dn, on)) <= KTOL
     assert max_rel_err(got, swiglu_reference(x, g, u, dn, False)) <= (2e-4 if on else KTOL)
@@ -262,7 +264,7 @@ def bundled_deq(bundled_int8):
     return DeepseekV2(bundled_int8.config, deq(w), bundled_int8.tokenizer)
 
 
-@pytest.mark.parametrize("T", [1, 5, 40, 200])
+@pytest.mark.parametrize("T", [1, 5, 40, 400])
 def test_moe_block_int8(bundled_int8, act, T):
     """Routed experts as views of the stacked int8 buffers, and the stacked pair itself."""
     lw = next(l for l in bundled_int8.weights.layers if l.moe is not None)
@@ -278,19 +280,19 @@ def test_moe_block_int8(bundled_int8, act, T):
         np.testing.assert_array_equal(ops.moe_block(x, m.gate, tab, trip(m.shared), cfg), out)
     # float64 reference with the same routing; activations quantize per row, so the
     # model runs token by token.  Experts' down_proj (48 columns, group 16) and gate/up
-    # (group 32) take int16 activations in "int16" mode when an expert has <= 16 tokens
-    # (row-dot path; more tokens: sgemm on dequantized panels, with gate and up fused as
-    # one matrix - the stacked int8 layout), the shared expert when T <= 16.
+    # (group 32) take int16 activations in "int16" mode when an expert has <= MLP_MAX_T
+    # tokens (row-dot path; more tokens: sgemm on dequantized panels, with gate and up
+    # fused as one matrix - the stacked int8 layout), the shared expert when T <= MLP_MAX_T.
     on = act16_on(act, 16, dsv2ext.get_isa())
     count = np.bincount(ids.reshape(-1), minlength=16)
-    if T == 200:
-        assert count.max() > 16  # the sgemm path is exercised
+    if T == 400:
+        assert count.max() > MLP_MAX_T  # the sgemm path is exercised
     ref = np.zeros((T, 256))
     for t in range(T):
         xt = x[t:t + 1]
         for e, wt in zip(ids[t], wts[t]):
-            ref[t] += wt * swiglu_reference(xt, *trip(m.experts[e]), on and count[e] <= 16)[0]
-        ref[t] += swiglu_reference(xt, *trip(m.shared), on and T <= 16)[0]
+            ref[t] += wt * swiglu_reference(xt, *trip(m.experts[e]), on and count[e] <= MLP_MAX_T)[0]
+        ref[t] += swiglu_reference(xt, *trip(m.shared), on and T <= MLP_MAX_T)[0]
     assert max_rel_err(out, ref) <= KTOL
     assert max_rel_err(stacked, ref) <= KTOL
     fp = ops.moe_block(x, m.gate, [tuple(map(dequantize, trip(e))) for e in m.experts],

@@ -396,8 +396,8 @@ def swiglu_mlp(x: np.ndarray, gate: Weight, up: Weight, down: Weight, *,
                out: Optional[np.ndarray] = None) -> np.ndarray:
     """SwiGLU MLP ``down(silu(x @ gate.T) * (x @ up.T))`` (``DeepseekV2MLP``).
 
-    Used for the dense layers and the shared experts.  For up to 16 tokens,
-    gate and up are computed 16 intermediate rows at a time with SiLU*up
+    Used for the dense layers and the shared experts.  For up to 32 tokens,
+    gate and up are computed 24 intermediate rows at a time with SiLU*up
     applied at once (the intermediate never leaves cache); for more tokens
     OpenBLAS sgemm is used (BF16 weights widened one panel at a time).
 
@@ -466,7 +466,7 @@ def moe_block(x: np.ndarray, router_weight: Weight, experts: ExpertWeights,
     Same result as transformers' ``DeepseekV2Moe`` / ``DeepseekV3MoE`` forward
     (up to fp32 rounding).  Routing as :func:`moe_route`; then the slots are
     grouped by expert so that each expert runs once on all of its tokens:
-    experts with more than 16 tokens as sgemm matrix products, the others by
+    experts with more than 32 tokens as sgemm matrix products, the others by
     fused row-dot kernels in which both threads work on every matrix; the
     weighted combine adds the experts of a token in ascending id (as
     transformers' loop) and then the shared output.  Deterministic: the
