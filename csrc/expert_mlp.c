@@ -7,6 +7,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 /* intermediate rows per gate/up block of the row-dot path */
@@ -188,26 +189,62 @@ static void dot_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t
 
 /* ---------------- row-dot path ---------------- */
 
-void dsv2_mlp_gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, int64_t T,
-                          const dsv2_mlp *m, int64_t i0, int64_t i1) {
+/* rows t0.. of quantized activations */
+static inline dsv2_xq xq_rows(const dsv2_xq *xq, int64_t K, int64_t t0) {
+    dsv2_xq r = {xq->q + t0 * K, xq->s + t0 * (K / xq->group), xq->group};
+    return r;
+}
+
+void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
+                            const dsv2_mlp *m, int64_t i0, int64_t i1) {
     /* gate and up of MLP_ROWBLK rows for up to 16 tokens at a time, then
      * silu * up straight into h: only a block's gate/up values are in flight */
     float g[16 * MLP_ROWBLK], u[16 * MLP_ROWBLK];
+    const int64_t K = m->gate.cols;
+    const int q = xq && dsv2_i8q_usable(&m->gate, xq->group) && dsv2_i8q_usable(&m->up, xq->group);
     for (int64_t ib = i0; ib < i1; ib += MLP_ROWBLK) {
         int64_t n = i1 - ib < MLP_ROWBLK ? i1 - ib : MLP_ROWBLK;
         dsv2_mat sg = dsv2_mat_rows(&m->gate, ib, n), su = dsv2_mat_rows(&m->up, ib, n);
         for (int64_t t0 = 0; t0 < T; t0 += 16) {
             int64_t tt = T - t0 < 16 ? T - t0 : 16;
-            dot_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
-            dot_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
+            if (q) {
+                dsv2_xq xs = xq_rows(xq, K, t0);
+                dsv2_gemv_i8q_rows(g, n, &xs, (int)tt, &sg, 0, n);
+                dsv2_gemv_i8q_rows(u, n, &xs, (int)tt, &su, 0, n);
+            } else {
+                dot_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
+                dot_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
+            }
             for (int64_t t = 0; t < tt; t++) dsv2_silu_mul(h + (t0 + t) * ldh + ib, g + t * n, u + t * n, n);
         }
     }
 }
 
+void dsv2_mlp_gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, int64_t T,
+                          const dsv2_mlp *m, int64_t i0, int64_t i1) {
+    dsv2_mlp_gateup_rows_q(h, ldh, x, ldx, NULL, T, m, i0, i1);
+}
+
+void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, const dsv2_xq *hq, int64_t T,
+                          const dsv2_mlp *m, int64_t r0, int64_t r1) {
+    if (!(hq && dsv2_i8q_usable(&m->down, hq->group))) {
+        dot_rows(y, ldy, h, ldh, T, &m->down, r0, r1);
+        return;
+    }
+    for (int64_t t0 = 0; t0 < T; t0 += 16) {
+        int tt = (int)(T - t0 < 16 ? T - t0 : 16);
+        dsv2_xq hs = xq_rows(hq, m->down.cols, t0);
+        dsv2_gemv_i8q_rows(y + t0 * ldy, ldy, &hs, tt, &m->down, r0, r1);
+    }
+}
+
 void dsv2_mlp_down_rows(float *y, int64_t ldy, const float *h, int64_t ldh, int64_t T,
                         const dsv2_mlp *m, int64_t r0, int64_t r1) {
-    dot_rows(y, ldy, h, ldh, T, &m->down, r0, r1);
+    dsv2_mlp_down_rows_q(y, ldy, h, ldh, NULL, T, m, r0, r1);
+}
+
+int64_t dsv2_act16_group(const dsv2_mat *W) {
+    return dsv2_i8q_usable(W, W->group) ? W->group : 0;
 }
 
 /* ---------------- matrix-product path ---------------- */
@@ -234,9 +271,11 @@ static void silu_rows_task(void *ctx, int64_t b, int64_t e, int tid) {
 /* gate and up stored back to back (the stacked gate_up_proj layout)? */
 static int gate_up_adjacent(const dsv2_mlp *m, dsv2_mat *both) {
     const dsv2_mat *g = &m->gate, *u = &m->up;
-    if (g->dtype != u->dtype || g->dtype == DSV2_I8) return 0;
+    if (g->dtype != u->dtype || g->cols != u->cols) return 0;
     size_t bytes = (size_t)g->rows * (size_t)g->cols * dsv2_dtype_size(g->dtype);
     if ((const char *)g->data + bytes != (const char *)u->data) return 0;
+    /* int8: the scales must follow each other too (dsv2ext.quant's stacked experts) */
+    if (g->dtype == DSV2_I8 && (g->group != u->group || g->scale + g->rows * (g->cols / g->group) != u->scale)) return 0;
     *both = *g;
     both->rows = g->rows + u->rows;
     return 1;
@@ -277,18 +316,30 @@ typedef struct {
     const float *x;
     const dsv2_mlp *m;
     int64_t T, d, I;
+    const dsv2_xq *xq, *hq; /* int16 activations for int8 weights, or NULL */
 } mlp_job;
 
 static void mlp_gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     mlp_job *j = (mlp_job *)ctx;
-    dsv2_mlp_gateup_rows(j->h, j->I, j->x, j->d, j->T, j->m, b, e);
+    dsv2_mlp_gateup_rows_q(j->h, j->I, j->x, j->d, j->xq, j->T, j->m, b, e);
 }
 
 static void mlp_down_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     mlp_job *j = (mlp_job *)ctx;
-    dsv2_mlp_down_rows(j->y, j->d, j->h, j->I, j->T, j->m, b, e);
+    dsv2_mlp_down_rows_q(j->y, j->d, j->h, j->I, j->hq, j->T, j->m, b, e);
+}
+
+size_t dsv2_act16_bytes(int64_t T, int64_t K, int64_t group) {
+    if (group <= 0) return 0;
+    return (((size_t)T * (size_t)K * sizeof(int16_t) + 63) & ~(size_t)63) + (size_t)T * (size_t)(K / group) * sizeof(float);
+}
+
+dsv2_xq dsv2_act16_at(void *buf, int64_t T, int64_t K, int64_t group) {
+    dsv2_xq r = {(const int16_t *)buf,
+                 (const float *)((char *)buf + (((size_t)T * (size_t)K * sizeof(int16_t) + 63) & ~(size_t)63)), group};
+    return r;
 }
 
 int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
@@ -298,10 +349,21 @@ int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
     if (T < 0) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
     if (T <= DSV2_MLP_GEMV_MAX_T) {
-        float *h = (float *)malloc((size_t)T * (size_t)I * sizeof(float));
+        /* int8 weights: x and h quantized to int16 once each (see gemv.h) */
+        const int64_t gx = dsv2_act16_group(&m->gate) == dsv2_act16_group(&m->up) ? dsv2_act16_group(&m->gate) : 0;
+        const int64_t gh = dsv2_act16_group(&m->down);
+        const size_t bx = dsv2_act16_bytes(T, d, gx), bh = dsv2_act16_bytes(T, I, gh);
+        float *h = (float *)malloc((size_t)T * (size_t)I * sizeof(float) + bx + bh + 128);
         if (!h) return DSV2_ERR_NOMEM;
-        mlp_job j = {h, y, x, m, T, d, I};
+        char *qb = (char *)(((uintptr_t)(h + T * I) + 63) & ~(uintptr_t)63);
+        dsv2_xq xq = dsv2_act16_at(qb, T, d, gx), hq = dsv2_act16_at(qb + bx, T, I, gh);
+        if (gx) dsv2_quantize_act16((int16_t *)xq.q, (float *)xq.s, x, d, T, d, gx);
+        mlp_job j = {h, y, x, m, T, d, I, gx ? &xq : NULL, NULL};
         dsv2_parallel_for(I, MLP_ROWBLK, mlp_gateup_task, &j);
+        if (gh) {
+            dsv2_quantize_act16((int16_t *)hq.q, (float *)hq.s, h, I, T, I, gh);
+            j.hq = &hq;
+        }
         dsv2_parallel_for(d, 16, mlp_down_task, &j);
         free(h);
         return DSV2_OK;

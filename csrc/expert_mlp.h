@@ -17,6 +17,7 @@
 #define DSV2_EXPERT_MLP_H
 
 #include "dsv2.h"
+#include "gemv.h"
 
 /* Up to this many tokens per MLP call the row-dot path is used (single-core
  * crossover with sgemm measured near 32 tokens at V2-Lite shapes; bf16
@@ -50,6 +51,23 @@ void dsv2_mlp_gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, in
  * h [T, I] (rows ldh apart) -> y[t * ldy + r] = h_t . down_r */
 void dsv2_mlp_down_rows(float *y, int64_t ldy, const float *h, int64_t ldh, int64_t T,
                         const dsv2_mlp *m, int64_t r0, int64_t r1);
+
+/* The same two with int16-quantized activations for int8 weights (xq / hq:
+ * x / h quantized once with dsv2_quantize_act16, rows K apart; used for a
+ * matrix where dsv2_i8q_usable(W, xq->group) holds, else the fp32 x / h;
+ * NULL: fp32 always). */
+void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
+                            const dsv2_mlp *m, int64_t i0, int64_t i1);
+void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, const dsv2_xq *hq, int64_t T,
+                          const dsv2_mlp *m, int64_t r0, int64_t r1);
+
+/* The activation block size the int16 kernels would use for W (its group), or
+ * 0 when W does not take them (not int8, unsupported group or CPU). */
+int64_t dsv2_act16_group(const dsv2_mat *W);
+/* Bytes of int16 codes + fp32 scales of T rows of K values (0 when group is 0),
+ * and the dsv2_xq view of such a buffer (64-byte aligned) */
+size_t dsv2_act16_bytes(int64_t T, int64_t K, int64_t group);
+dsv2_xq dsv2_act16_at(void *buf, int64_t T, int64_t K, int64_t group);
 
 /* Matrix-product path (threaded; call it outside parallel regions).
  * x [T, d] (rows ldx apart) -> y [T, d] (rows ldy apart).

@@ -2,10 +2,13 @@
  * rows, with the instruction set picked at run time.
  *
  * y[t * ldy + r] = sum_k x[t * ldx + k] * W[r, k]   for r in [r0, r1), t < T
- * x [T, K] fp32 (rows ldx apart) , W [rows, K] fp32 or bf16 -> y [T, ldy]
+ * x [T, K] fp32 (rows ldx apart) , W [rows, K] fp32, bf16 or int8 -> y [T, ldy]
  * T <= DSV2_GEMV_MAX_T.  bf16 weights are widened to fp32 exactly in
  * registers and accumulated in fp32 (same values as an fp32 model with the
- * bf16 weights upcast, up to summation order). */
+ * bf16 weights upcast, up to summation order).  int8 weights are dequantized
+ * in registers (q * scale, the exact fp32 product) and accumulated in fp32:
+ * the same values as an fp32 model with the dequantized weights; activations
+ * stay fp32. */
 #ifndef DSV2_GEMV_H
 #define DSV2_GEMV_H
 
@@ -13,8 +16,56 @@
 
 #define DSV2_GEMV_MAX_T 4
 
+/* Access order of the AVX-512 row-dot kernels: while the activation rows
+ * (T x K values in the kernel's format: fp32, or int16 for the int8 fast
+ * path) fit in this many bytes, weight rows are read one after the other (one
+ * sequential stream per thread); longer activation rows use 4-row tiles (each
+ * activation vector loaded serves 4 weight rows).  Measured on Zen 4 (L1D
+ * 32 KiB): rows of 2048 columns stream ~1.5x faster one by one; rows of 10944
+ * columns ~1.6x faster in tiles. */
+#define DSV2_GEMV_TILE_XBYTES 16384
+
 void dsv2_gemv_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
                     const dsv2_mat *W, int64_t r0, int64_t r1);
+
+/* The int8 case of dsv2_gemv_rows (gemv_i8.c); any T >= 1. */
+void dsv2_gemv_i8_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
+                       const dsv2_mat *W, int64_t r0, int64_t r1);
+
+/* ---- int8 weights x int16-quantized activations (gemv_i8.c) ----
+ * The fast decode path for int8 weights: each activation row is quantized
+ * once (per call of a linear / MLP, not per block of weight rows) to int16
+ * with one fp32 scale per block of the weight's `group` columns,
+ *   s[t, b] = max_{c in b} |x[t, c]| / 32767 ,  q[t, c] = rint(x[t, c] / s[t, b])
+ * (fp32 division, round half to even; q = 0 where s = 0), and
+ *   y[t, r] = sum_b (sw[r, b] * s[t, b]) * sum_{c in b} qw[r, c] * q[t, c]
+ * with the block sums exact in int32 (AVX-512BW / AVX2 vpmaddwd) and the
+ * rest in fp32.  Activation rounding is at most max|x in block| / 65534 per
+ * value (~1e-5 relative on a dot product).  Used where
+ * dsv2_i8q_usable(W, group) holds; other int8 matrices keep the fp32 path. */
+typedef struct {
+    const int16_t *q; /* [T, K] rows K apart */
+    const float *s;   /* [T, K / group] rows K / group apart */
+    int64_t group;
+} dsv2_xq;
+
+// x [T, K] (rows ldx apart) -> q [T, K] int16 , s [T, K / group]   (K % group == 0)
+void dsv2_quantize_act16(int16_t *q, float *s, const float *x, int64_t ldx, int64_t T, int64_t K,
+                         int64_t group);
+// 1 when W is int8 with blocks of `group` columns that the int16 kernels take on this CPU
+// (and the activation mode is DSV2_I8_ACT_INT16)
+int dsv2_i8q_usable(const dsv2_mat *W, int64_t group);
+
+/* Activations of int8 row-dot products: DSV2_I8_ACT_INT16 (the default; the
+ * environment variable DSV2EXT_INT8_ACT=fp32 changes it) or DSV2_I8_ACT_FP32
+ * (exactly the dequantized weights times fp32 activations, about 2x the
+ * compute).  Set between calls, not while kernels run. */
+enum { DSV2_I8_ACT_INT16 = 0, DSV2_I8_ACT_FP32 = 1 };
+int dsv2_get_i8_act(void);
+int dsv2_set_i8_act(int mode);
+// xq [T, K] (dsv2_xq, group == W->group) , W int8 [rows, K] -> y[t * ldy + r], r in [r0, r1); any T >= 1
+void dsv2_gemv_i8q_rows(float *y, int64_t ldy, const dsv2_xq *xq, int T, const dsv2_mat *W, int64_t r0,
+                        int64_t r1);
 
 /* Widen rows [r0, r1) of W to fp32: out [(r1 - r0), W->cols]. */
 void dsv2_mat_rows_to_f32(float *out, const dsv2_mat *W, int64_t r0, int64_t r1);

@@ -1,4 +1,5 @@
-/* gemv_nn.c - y = x W for T <= 4 rows (portable, AVX2 via the compiler, AVX-512). */
+/* gemv_nn.c - y = x W for T <= 4 rows (portable, AVX2 via the compiler, AVX-512);
+ * fp32, bf16 and int8 (block-scaled, dequantized in registers) weights. */
 #include "gemv_nn.h"
 #include "cpu.h"
 
@@ -20,9 +21,16 @@ nn_generic(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2
             if (W->dtype == DSV2_F32) {
                 const float *wr = (const float *)W->data + k * N + cb;
                 for (int64_t c = 0; c < nc; c++) w[c] = wr[c];
-            } else {
+            } else if (W->dtype == DSV2_BF16) {
                 const uint16_t *wr = (const uint16_t *)W->data + k * N + cb;
                 for (int64_t c = 0; c < nc; c++) w[c] = dsv2_bf16_to_f32(wr[c]);
+            } else {
+                const int8_t *wr = (const int8_t *)W->data + k * N + cb;
+                const float *sr = W->scale + k * (N / W->group);
+                for (int64_t c = 0, b = cb / W->group, e = (b + 1) * W->group - cb; c < nc; c++) {
+                    if (c == e) b++, e += W->group;
+                    w[c] = (float)wr[c] * sr[b];
+                }
             }
             for (int t = 0; t < T; t++) {
                 const float xv = x[t * ldx + k];
@@ -45,8 +53,15 @@ DSV2_TARGET_AVX2 static void nn_avx2(float *y, int64_t ldy, const float *x, int6
 }
 
 /* ---------------- AVX-512: T rows x 64 columns in 4T accumulators ---------------- */
-DSV2_TARGET_AVX512 static inline __m512 nn_load_w(const dsv2_mat *W, int64_t k, int64_t c, __mmask16 m) {
+/* sk: for int8, the scale of row k that covers columns [c, c + 16) (the 16
+ * columns lie in one scale block: checked by the caller) */
+DSV2_TARGET_AVX512 static inline __m512 nn_load_w(const dsv2_mat *W, int64_t k, int64_t c, __mmask16 m,
+                                                  const float *sk) {
     if (W->dtype == DSV2_F32) return _mm512_maskz_loadu_ps(m, (const float *)W->data + k * W->cols + c);
+    if (W->dtype == DSV2_I8) {
+        __m128i b = _mm_maskz_loadu_epi8(m, (const int8_t *)W->data + k * W->cols + c);
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(*sk));
+    }
     __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)W->data + k * W->cols + c);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
@@ -63,9 +78,16 @@ nn_block64_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int 
     __m512 acc[DSV2_GEMV_NN_MAX_T][4];
     for (int t = 0; t < T; t++)
         for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-        __m512 w0 = nn_load_w(W, k, cb, m0), w1 = nn_load_w(W, k, cb + 16, m1);
-        __m512 w2 = nn_load_w(W, k, cb + 32, m2), w3 = nn_load_w(W, k, cb + 48, m3);
+    /* int8: scale columns of the four 16-column chunks (a chunk past the end reuses the first) */
+    static const float no_scale = 1.0f;
+    const int i8 = W->dtype == DSV2_I8;
+    const int64_t g = i8 ? W->group : 1, ng = i8 ? W->cols / g : 0;
+    const int64_t j0 = i8 ? cb / g : 0, j1 = i8 && m1 ? (cb + 16) / g : j0, j2 = i8 && m2 ? (cb + 32) / g : j0,
+                  j3 = i8 && m3 ? (cb + 48) / g : j0;
+    const float *sk = i8 ? W->scale : &no_scale;
+    for (int64_t k = 0; k < K; k++, sk += ng) {
+        __m512 w0 = nn_load_w(W, k, cb, m0, sk + j0), w1 = nn_load_w(W, k, cb + 16, m1, sk + j1);
+        __m512 w2 = nn_load_w(W, k, cb + 32, m2, sk + j2), w3 = nn_load_w(W, k, cb + 48, m3, sk + j3);
         for (int t = 0; t < T; t++) {
             __m512 xv = _mm512_set1_ps(x[t * ldx + k]);
             acc[t][0] = _mm512_fmadd_ps(xv, w0, acc[t][0]);
@@ -96,21 +118,92 @@ NN512_T(4)
 
 int dsv2_gemv_nn(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
                  int64_t c0, int64_t c1) {
-    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
+    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16 && W->dtype != DSV2_I8) return DSV2_ERR_DTYPE;
+    if (W->dtype == DSV2_I8 && (!W->scale || W->group < 1 || W->cols % W->group)) return DSV2_ERR_ARG;
     if (T <= 0 || c0 >= c1) return DSV2_OK;
     if (T > DSV2_GEMV_NN_MAX_T || c0 < 0 || c1 > W->cols) return DSV2_ERR_ARG;
     int isa = dsv2_isa();
-    if (isa == DSV2_ISA_AVX512) {
+    /* int8 in AVX-512 registers: every 16-column chunk must lie in one scale block */
+    if (isa == DSV2_ISA_AVX512 && (W->dtype != DSV2_I8 || (W->group % 16 == 0 && c0 % 16 == 0))) {
         switch (T) {
         case 1: nn_avx512_t1(y, ldy, x, ldx, W, c0, c1); break;
         case 2: nn_avx512_t2(y, ldy, x, ldx, W, c0, c1); break;
         case 3: nn_avx512_t3(y, ldy, x, ldx, W, c0, c1); break;
         default: nn_avx512_t4(y, ldy, x, ldx, W, c0, c1); break;
         }
-    } else if (isa == DSV2_ISA_AVX2) {
+    } else if (isa >= DSV2_ISA_AVX2) {
         nn_avx2(y, ldy, x, ldx, T, W, c0, c1);
     } else {
         nn_portable(y, ldy, x, ldx, T, W, c0, c1);
     }
     return DSV2_OK;
+}
+
+/* ---------------- row-streaming variant ---------------- */
+
+/* Rows of W one after the other, partial sums of all columns in y (L1).  The
+ * dtype is a template parameter (DT) so that the inner loop has no branch. */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+nn_stream_dt(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, const dsv2_mat *W, const int DT) {
+    const int64_t K = W->rows, N = W->cols;
+    const int64_t cpg = DT == DSV2_I8 ? W->group / 16 : 1, ng = DT == DSV2_I8 ? N / W->group : 0;
+    for (int t = 0; t < T; t++) memset(y + t * ldy, 0, (size_t)N * sizeof(float));
+    for (int64_t k = 0; k < K; k++) {
+        __m512 xk[DSV2_GEMV_NN_MAX_T];
+        for (int t = 0; t < T; t++) xk[t] = _mm512_set1_ps(x[t * ldx + k]);
+        const float *sk = DT == DSV2_I8 ? W->scale + k * ng : NULL;
+        __m512 sv = DT == DSV2_I8 ? _mm512_set1_ps(sk[0]) : _mm512_setzero_ps();
+        int64_t b = 0, cc = 0; /* int8: scale block of column c, chunk index within it */
+        for (int64_t c = 0; c < N; c += 16) {
+            const __mmask16 m = tail_mask(N - c);
+            __m512 w;
+            if (DT == DSV2_F32) {
+                w = _mm512_maskz_loadu_ps(m, (const float *)W->data + k * N + c);
+            } else if (DT == DSV2_BF16) {
+                __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)W->data + k * N + c);
+                w = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            } else { /* group % 16 == 0: the 16 columns share one scale */
+                __m128i q8 = _mm_maskz_loadu_epi8(m, (const int8_t *)W->data + k * N + c);
+                w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q8)), sv);
+                if (++cc == cpg && c + 16 < N) cc = 0, sv = _mm512_set1_ps(sk[++b]);
+            }
+            for (int t = 0; t < T; t++) {
+                float *yt = y + t * ldy + c;
+                _mm512_mask_storeu_ps(yt, m, _mm512_fmadd_ps(xk[t], w, _mm512_maskz_loadu_ps(m, yt)));
+            }
+        }
+    }
+}
+
+#define NN_STREAM(TT)                                                                                    \
+    DSV2_TARGET_AVX512 static void nn_stream_t##TT(float *y, int64_t ldy, const float *x, int64_t ldx, \
+                                                   const dsv2_mat *W) {                                \
+        if (W->dtype == DSV2_F32) nn_stream_dt(y, ldy, x, ldx, TT, W, DSV2_F32);                         \
+        else if (W->dtype == DSV2_BF16) nn_stream_dt(y, ldy, x, ldx, TT, W, DSV2_BF16);                  \
+        else nn_stream_dt(y, ldy, x, ldx, TT, W, DSV2_I8);                                               \
+    }
+NN_STREAM(1)
+NN_STREAM(2)
+NN_STREAM(3)
+NN_STREAM(4)
+
+DSV2_TARGET_AVX512 static void nn_stream_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
+                                                const dsv2_mat *W) {
+    switch (T) {
+    case 1: nn_stream_t1(y, ldy, x, ldx, W); break;
+    case 2: nn_stream_t2(y, ldy, x, ldx, W); break;
+    case 3: nn_stream_t3(y, ldy, x, ldx, W); break;
+    default: nn_stream_t4(y, ldy, x, ldx, W); break;
+    }
+}
+
+int dsv2_gemv_nn_stream(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W) {
+    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16 && W->dtype != DSV2_I8) return DSV2_ERR_DTYPE;
+    if (T > DSV2_GEMV_NN_MAX_T) return DSV2_ERR_ARG;
+    if (T <= 0) return DSV2_OK;
+    if (dsv2_isa() == DSV2_ISA_AVX512 && (W->dtype != DSV2_I8 || W->group % 16 == 0)) {
+        nn_stream_avx512(y, ldy, x, ldx, T, W);
+        return DSV2_OK;
+    }
+    return dsv2_gemv_nn(y, ldy, x, ldx, T, W, 0, W->cols);
 }

@@ -25,6 +25,36 @@ static void gemv_task(void *ctx, int64_t b, int64_t e, int tid) {
 typedef struct {
     float *y;
     int64_t ldy;
+    const dsv2_xq *xq;
+    const dsv2_mat *W;
+    int T;
+} gemvq_job;
+
+static void gemvq_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    gemvq_job *j = (gemvq_job *)ctx;
+    dsv2_gemv_i8q_rows(j->y, j->ldy, j->xq, j->T, j->W, b, e);
+}
+
+/* int8 weights, few rows: activations quantized to int16 once, then the int8 x int16 kernels */
+static int linear_i8q(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {
+    const int64_t K = W->cols, g = W->group;
+    const size_t qbytes = ((size_t)T * (size_t)K * sizeof(int16_t) + 63) & ~(size_t)63;
+    char stackbuf[16384] __attribute__((aligned(64)));
+    size_t need = qbytes + (size_t)T * (size_t)(K / g) * sizeof(float);
+    char *buf = need <= sizeof stackbuf ? stackbuf : (char *)malloc(need);
+    if (!buf) return DSV2_ERR_NOMEM;
+    dsv2_xq xq = {(const int16_t *)buf, (const float *)(buf + qbytes), g};
+    dsv2_quantize_act16((int16_t *)buf, (float *)(buf + qbytes), x, ldx, T, K, g);
+    gemvq_job j = {y, ldy, &xq, W, (int)T};
+    dsv2_parallel_for(W->rows, 16, gemvq_task, &j);
+    if (buf != stackbuf) free(buf);
+    return DSV2_OK;
+}
+
+typedef struct {
+    float *y;
+    int64_t ldy;
     const float *x;
     int64_t ldx;
     const dsv2_mat *W;
@@ -56,7 +86,8 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
     const int64_t N = W->rows, K = W->cols;
     if (T < 0 || N <= 0 || K <= 0 || ldx < K || ldy < N) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
-    if (T <= DSV2_LINEAR_GEMV_MAX_T || W->dtype == DSV2_I8) {
+    if (T <= DSV2_LINEAR_GEMV_MAX_T && dsv2_i8q_usable(W, W->group)) return linear_i8q(y, ldy, x, ldx, W, T);
+    if (T <= DSV2_LINEAR_GEMV_MAX_T) {
         for (int64_t t0 = 0; t0 < T; t0 += DSV2_LINEAR_GEMV_MAX_T) {
             int tt = (int)(T - t0 < DSV2_LINEAR_GEMV_MAX_T ? T - t0 : DSV2_LINEAR_GEMV_MAX_T);
             gemv_job j = {y + t0 * ldy, ldy, x + t0 * ldx, ldx, W, tt};
@@ -70,7 +101,8 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
         dsv2_sgemm_nt((int)T, (int)N, (int)K, x, (int)ldx, (const float *)W->data, (int)K, 0.0f, y, (int)ldy);
         return DSV2_OK;
     }
-    /* bf16: each thread widens its own rows of W one panel at a time (never the whole matrix) */
+    /* bf16 / int8: each thread widens (dequantizes) its own rows of W one panel at a time
+     * (never the whole matrix) */
     panel_job pj;
     pj.y = y;
     pj.ldy = ldy;

@@ -45,7 +45,7 @@ int dsv2_mla_compress_kv(dsv2_mla_cache *cache, float *lat, const float *h, int6
 /* ---- attention, absorbed form (mla_absorbed.c) ---- */
 // q [T, H, nope + rope] , cache [B, S, kv_lora + rope] , seq [T] , pos [T] , kv_b [H*(nope+v), kv_lora]
 //   -> o [T, H, v].  Scores q_lat . c + q_pe . k_pe with q_lat_h = W_UK_h^T q_nope_h, softmax(scale * .)
-//   in fp32, o_h = W_UV_h (sum_j p_j c_j).  kv_b fp32 or bf16 (int8: widened per head).
+//   in fp32, o_h = W_UV_h (sum_j p_j c_j).  kv_b fp32, bf16 or int8 (block scales).
 int dsv2_mla_attn_absorbed(float *o, const float *q, const dsv2_mla_cache *cache, const int64_t *seq,
                            const int64_t *pos, int64_t T, const dsv2_mat *kv_b, const dsv2_mla_dims *dm,
                            float scale);

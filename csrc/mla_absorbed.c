@@ -155,8 +155,11 @@ static void qlat_task(void *ctx, int64_t b, int64_t e, int tid) {
         dsv2_mat Wuk = dsv2_mat_rows(j->kv_b, h * (j->nope + j->v), j->nope);
         for (int64_t t0 = 0; t0 < j->T; t0 += DSV2_GEMV_NN_MAX_T) {
             int tt = (int)(j->T - t0 < DSV2_GEMV_NN_MAX_T ? j->T - t0 : DSV2_GEMV_NN_MAX_T);
-            int rc = dsv2_gemv_nn(j->qa + (t0 * j->H + h) * j->Wd, j->H * j->Wd, j->q + (t0 * j->H + h) * j->dqk,
-                                  j->H * j->dqk, tt, &Wuk, cb, c1);
+            float *yq = j->qa + (t0 * j->H + h) * j->Wd;
+            const float *xq = j->q + (t0 * j->H + h) * j->dqk;
+            /* one column block per head (ncb == 1): W_UK_h read as one sequential stream */
+            int rc = j->ncb == 1 ? dsv2_gemv_nn_stream(yq, j->H * j->Wd, xq, j->H * j->dqk, tt, &Wuk)
+                                 : dsv2_gemv_nn(yq, j->H * j->Wd, xq, j->H * j->dqk, tt, &Wuk, cb, c1);
             if (rc) atomic_store(&j->err, rc);
         }
     }
@@ -197,13 +200,16 @@ static void copy_qpe(float *qa, const float *q, int64_t T, const dsv2_mla_dims *
 static int absorb_queries(float *qa, const float *q, int64_t T, const dsv2_mat *kv_b, const dsv2_mla_dims *dm) {
     const int64_t H = dm->n_heads, dqk = dm->nope + dm->rope, Wd = dm->kv_lora + dm->rope, L = dm->kv_lora;
     copy_qpe(qa, q, T, dm);
-    if (T <= DSV2_LINEAR_GEMV_MAX_T && (kv_b->dtype == DSV2_F32 || kv_b->dtype == DSV2_BF16)) {
-        qlat_job j = {qa, q, kv_b, T, H, dqk, Wd, dm->nope, dm->v, L, (L + QL_CB - 1) / QL_CB};
+    if (T <= DSV2_LINEAR_GEMV_MAX_T) {
+        /* one work item per head (the head's W_UK streamed once) while that gives every
+         * thread work; column blocks of QL_CB otherwise */
+        const int64_t ncb = H >= 2 * dsv2_get_num_threads() && L <= 2048 ? 1 : (L + QL_CB - 1) / QL_CB;
+        qlat_job j = {qa, q, kv_b, T, H, dqk, Wd, dm->nope, dm->v, L, ncb};
         atomic_init(&j.err, 0);
         dsv2_parallel_for(H * j.ncb, 1, qlat_task, &j);
         return atomic_load(&j.err);
     }
-    /* many tokens (or int8 weights): sgemm per head, W_UK_h widened to fp32 if needed */
+    /* many tokens: sgemm per head, W_UK_h widened (dequantized) to fp32 if needed */
     float *wbuf = NULL;
     if (kv_b->dtype != DSV2_F32) {
         wbuf = (float *)dsv2_scratch_alloc((size_t)dm->nope * (size_t)L * sizeof(float));

@@ -2,6 +2,7 @@
  * experts (sgemm for busy experts, fused row-dot kernels for the rest), combine. */
 #include "moe_block.h"
 #include "moe_dispatch.h"
+#include "scratch.h"
 #include "threadpool.h"
 
 #include <stdatomic.h>
@@ -22,6 +23,7 @@ typedef struct {
     int64_t ldy;
     int64_t I;
     int64_t item0; /* its first gate/up work item */
+    dsv2_xq xq, hq; /* int16 x / h for int8 weights (q == NULL: fp32) */
 } unit;
 
 typedef struct {
@@ -49,7 +51,7 @@ static void gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
         const unit *un = &j->units[u];
         int64_t i0 = (it - un->item0) * MOE_ROWS_A;
         int64_t i1 = i0 + MOE_ROWS_A < un->I ? i0 + MOE_ROWS_A : un->I;
-        dsv2_mlp_gateup_rows(un->h, un->ldh, un->x, un->ldx, un->n, un->m, i0, i1);
+        dsv2_mlp_gateup_rows_q(un->h, un->ldh, un->x, un->ldx, un->xq.q ? &un->xq : NULL, un->n, un->m, i0, i1);
     }
 }
 
@@ -63,7 +65,7 @@ static void down_combine_task(void *ctx, int64_t b, int64_t e, int tid) {
         int64_t c0 = blk * MOE_COLS_B, c1 = c0 + MOE_COLS_B < j->d ? c0 + MOE_COLS_B : j->d;
         for (int64_t u = 0; u < j->nunits; u++) {
             const unit *un = &j->units[u];
-            dsv2_mlp_down_rows(un->y, un->ldy, un->h, un->ldh, un->n, un->m, c0, c1);
+            dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
         }
         dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, c0, c1);
     }
@@ -83,10 +85,55 @@ static void gather_task(void *ctx, int64_t b, int64_t e, int tid) {
         memcpy(g->dst + r * g->d, g->x + (g->order[r] / g->k) * g->d, (size_t)g->d * sizeof(float));
 }
 
+/* quantize the h rows of every unit (int8 down_proj) */
+static void quant_h_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    block_job *j = (block_job *)ctx;
+    for (int64_t u = b; u < e; u++) {
+        const unit *un = &j->units[u];
+        if (un->hq.q)
+            dsv2_quantize_act16((int16_t *)un->hq.q, (float *)un->hq.s, un->h, un->ldh, un->n, un->I, un->hq.group);
+    }
+}
+
+typedef struct {
+    int16_t *q;
+    float *s;
+    const float *x;
+    int64_t ldx, K, group;
+} quant_rows_job;
+
+static void quant_rows_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    quant_rows_job *j = (quant_rows_job *)ctx;
+    dsv2_quantize_act16(j->q + b * j->K, j->s + b * (j->K / j->group), j->x + b * j->ldx, j->ldx, e - b, j->K,
+                        j->group);
+}
+
+/* rows x [n, K] -> the int16 view xq (threaded over rows when there are many) */
+static void quant_rows(const dsv2_xq *xq, const float *x, int64_t ldx, int64_t n, int64_t K) {
+    quant_rows_job j = {(int16_t *)xq->q, (float *)xq->s, x, ldx, K, xq->group};
+    int64_t grain = (int64_t)(1 << 16) / K;
+    dsv2_parallel_for(n, grain < 1 ? 1 : grain, quant_rows_task, &j);
+}
+
+static dsv2_xq xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0) {
+    dsv2_xq r = {NULL, NULL, 0};
+    if (xq->q) {
+        r.q = xq->q + r0 * K;
+        r.s = xq->s + r0 * (K / xq->group);
+        r.group = xq->group;
+    }
+    return r;
+}
+
 typedef struct {
     int64_t *off, *order, *rows;
     float *wts, *Xg, *Y, *H, *Ys, *Hs, *gs;
     unit *units;
+    /* int16 activations for int8 weights (q == NULL when unused):
+     * Xq [S, d] gathered rows, xsq [Tc, d] (shared), Hq [S, I], Hsq [hs_tok, Is] */
+    dsv2_xq Xq, xsq, Hq, Hsq;
 } workspace;
 
 /* one chunk of Tc tokens: x [Tc, d], ids/w [Tc, k] -> out [Tc, d] */
@@ -114,17 +161,38 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         if (rc) return rc;
     }
     /* the rest: row-dot kernels in two shared parallel regions */
-    int64_t nu = 0, items = 0;
+    int64_t nu = 0, items = 0, nsmall = 0;
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = ws->off[e + 1] - ws->off[e];
+        if (n >= 1 && n <= DSV2_MLP_GEMV_MAX_T) nsmall += n;
+    }
+    /* int8 experts: their gathered rows quantized to int16 once (all S rows
+     * when most are in row-dot units, else only the units' rows) */
+    if (ws->Xq.q && nsmall) {
+        if (2 * nsmall >= S) {
+            quant_rows(&ws->Xq, ws->Xg, d, S, d);
+        } else {
+            for (int64_t e = 0; e < E; e++) {
+                int64_t o = ws->off[e], n = ws->off[e + 1] - o;
+                if (n >= 1 && n <= DSV2_MLP_GEMV_MAX_T) {
+                    dsv2_xq xr = xq_rows(&ws->Xq, d, o);
+                    dsv2_quantize_act16((int16_t *)xr.q, (float *)xr.s, ws->Xg + o * d, d, n, d, xr.group);
+                }
+            }
+        }
+    }
     for (int64_t e = 0; e < E; e++) {
         int64_t o = ws->off[e], n = ws->off[e + 1] - o;
         if (n >= 1 && n <= DSV2_MLP_GEMV_MAX_T) {
-            unit un = {&experts[e], ws->Xg + o * d, d, n, ws->H + o * I, I, ws->Y + o * d, d, I, items};
+            unit un = {&experts[e], ws->Xg + o * d, d, n, ws->H + o * I, I, ws->Y + o * d, d, I, items,
+                       xq_rows(&ws->Xq, d, o), xq_rows(&ws->Hq, I, o)};
             ws->units[nu++] = un;
             items += (I + MOE_ROWS_A - 1) / MOE_ROWS_A;
         }
     }
     if (shared && Tc <= DSV2_MLP_GEMV_MAX_T) {
-        unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items};
+        if (ws->xsq.q) quant_rows(&ws->xsq, x, d, Tc, d);
+        unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq};
         ws->units[nu++] = un;
         items += (Is + MOE_ROWS_A - 1) / MOE_ROWS_A;
     }
@@ -146,6 +214,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
      * thread): a thread that is descheduled holds up at most one item */
     int nt = dsv2_get_num_threads();
     if (items > 0) dsv2_parallel_for(nt, 1, gateup_task, &j);
+    if (ws->Hq.q || ws->Hsq.q) dsv2_parallel_for(nu, 1, quant_h_task, &j);
     dsv2_parallel_for(nt, 1, down_combine_task, &j);
     return DSV2_OK;
 }
@@ -179,15 +248,37 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
     int64_t hs_tok = Tc < DSV2_MLP_GEMV_MAX_T ? Tc : DSV2_MLP_GEMV_MAX_T;
 
     workspace ws;
+    /* int8 weights: int16 activation buffers (group 0 = not used) */
+    int64_t gx = dsv2_act16_group(&experts[0].gate), gI = dsv2_act16_group(&experts[0].down);
+    if (gx != dsv2_act16_group(&experts[0].up)) gx = 0;
+    int64_t gsx = 0, gIs = 0;
+    if (shared) {
+        gsx = dsv2_act16_group(&shared->gate) == dsv2_act16_group(&shared->up) ? dsv2_act16_group(&shared->gate) : 0;
+        gIs = dsv2_act16_group(&shared->down);
+    }
+    const size_t qb[4] = {dsv2_act16_bytes(S, d, gx), dsv2_act16_bytes(Tc, d, gsx), dsv2_act16_bytes(S, I, gI),
+                          dsv2_act16_bytes(hs_tok, Is, gIs)};
     size_t nf = (size_t)(S + 2 * S * d + S * I + Tc * d + hs_tok * Is + gsz);
     ws.off = (int64_t *)malloc((size_t)(E + 1 + 2 * S) * sizeof(int64_t));
     ws.wts = (float *)malloc(nf * sizeof(float));
     ws.units = (unit *)malloc((size_t)(E + 1) * sizeof(unit));
-    if (!ws.off || !ws.wts || !ws.units) {
+    char *qbuf = (qb[0] + qb[1] + qb[2] + qb[3]) ? (char *)dsv2_scratch_alloc(qb[0] + qb[1] + qb[2] + qb[3] + 256) : NULL;
+    if (!ws.off || !ws.wts || !ws.units || ((qb[0] + qb[1] + qb[2] + qb[3]) && !qbuf)) {
         free(ws.off);
         free(ws.wts);
         free(ws.units);
+        dsv2_scratch_free(qbuf);
         return DSV2_ERR_NOMEM;
+    }
+    {
+        const int64_t gs4[4] = {gx, gsx, gI, gIs}, rows4[4] = {S, Tc, S, hs_tok}, K4[4] = {d, d, I, Is};
+        dsv2_xq *dst[4] = {&ws.Xq, &ws.xsq, &ws.Hq, &ws.Hsq};
+        char *p = qbuf;
+        for (int i = 0; i < 4; i++) {
+            dsv2_xq none = {NULL, NULL, 0};
+            *dst[i] = gs4[i] ? dsv2_act16_at(p, rows4[i], K4[i], gs4[i]) : none;
+            p += (qb[i] + 63) & ~(size_t)63;
+        }
     }
     ws.order = ws.off + E + 1;
     ws.rows = ws.order + S;
@@ -206,6 +297,7 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
     free(ws.off);
     free(ws.wts);
     free(ws.units);
+    dsv2_scratch_free(qbuf);
     return rc;
 }
 

@@ -22,6 +22,8 @@ from .generation import GenerationOutput, IncrementalDecoder, TextStream
 from .safetensors import CheckpointReader
 from .sampling import SamplingParams, select_token
 from .tokenizer import Tokenizer, TokenizerError
+from .ops.moe import moe_expert_table
+from .quant import quantize_model_weights, read_quantization_config
 from .weights import ModelWeights, load_weights
 
 __all__ = ["DeepseekV2", "load", "default_model_path"]
@@ -76,9 +78,10 @@ class DeepseekV2:
                 n_group=config.n_group, topk_group=config.topk_group, topk_method=config.topk_method,
                 scoring_func=config.scoring_func, norm_topk_prob=norm,
                 routed_scaling_factor=config.routed_scaling_factor)
-        # per-layer argument tuples for the MoE kernel (views, no copies)
+        # per-layer argument tuples for the MoE kernel (views, no copies); the routed
+        # experts as a table parsed once (not E x 3 weights checked per call)
         self._moe_args = [None if l.moe is None else (
-            l.moe.gate, [(e.gate_proj, e.up_proj, e.down_proj) for e in l.moe.experts],
+            l.moe.gate, moe_expert_table([(e.gate_proj, e.up_proj, e.down_proj) for e in l.moe.experts]),
             None if l.moe.shared is None else (l.moe.shared.gate_proj, l.moe.shared.up_proj,
                                                l.moe.shared.down_proj),
             l.moe.correction_bias) for l in weights.layers]
@@ -95,9 +98,11 @@ class DeepseekV2:
         path : str, optional
             Directory with config.json and safetensors (single file or sharded
             with model.safetensors.index.json).  Default: the bundled model.
-        dtype : {None, "bf16", "f32"}
+        dtype : {None, "bf16", "f32", "int8"}
             None keeps the checkpoint's dtype (weights stay memory-mapped);
-            "f32"/"bf16" convert (a copy).
+            "f32"/"bf16" convert (a copy); "int8" quantizes every Linear
+            weight (dsv2ext.quant: per-32-column absmax scales; a checkpoint
+            saved by dsv2ext.quant.save_quantized loads as it is stored).
         progress : bool, optional
             tqdm progress bar; default when stderr is a terminal.
         load_tokenizer : bool
@@ -106,14 +111,16 @@ class DeepseekV2:
         if path is None:
             path = default_model_path()
         path = os.fspath(path)
-        if dtype not in (None, "bf16", "f32"):
-            raise ValueError(f"dtype: expected None, 'bf16' or 'f32', got {dtype!r}")
+        if dtype not in (None, "bf16", "f32", "int8"):
+            raise ValueError(f"dtype: expected None, 'bf16', 'f32' or 'int8', got {dtype!r}")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: {path!r} is not a checkpoint directory")
         config = ModelConfig.from_pretrained(path)
         reader = CheckpointReader(path)
         try:
-            weights = load_weights(reader, config, dtype=dtype, progress=progress)
+            weights = load_weights(reader, config, dtype=None if dtype == "int8" else dtype, progress=progress)
+            if dtype == "int8" and read_quantization_config(path) is None:
+                weights = quantize_model_weights(weights, release_source=True)
         except BaseException:
             reader.close()
             raise
@@ -446,7 +453,7 @@ class DeepseekV2:
         for w in _iter_weights(self.weights):
             dt = _dtype_of(w)
             dtypes[dt] = dtypes.get(dt, 0) + int(np.prod(w.shape))
-            nbytes += int(w.nbytes)
+            nbytes += int(getattr(w, "total_nbytes", w.nbytes))  # int8: codes + scales
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         L = cfg.num_hidden_layers
         mha = 2 * cfg.num_attention_heads * cfg.v_head_dim * L

@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .dtypes import BF16, float32_to_bf16_bits
+from .quant import is_scales_tensor, load_quantized_tensor
 from .safetensors import FP8E4M3, CheckpointError, CheckpointReader
 
 __all__ = ["AttentionWeights", "MLPWeights", "MoEWeights", "LayerWeights", "ModelWeights",
@@ -129,8 +130,10 @@ def expected_tensors(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
 _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$)")
 
 
-def _ignorable(name: str, cfg: ModelConfig) -> bool:
+def _ignorable(name: str, cfg: ModelConfig, reader: Optional[CheckpointReader] = None) -> bool:
     if _IGNORED.search(name) or name.endswith("_scale_inv"):
+        return True
+    if reader is not None and is_scales_tensor(name, reader):  # int8 block scales (dsv2ext.quant)
         return True
     m = re.match(r"model\.layers\.(\d+)\.", name)
     # V3's multi-token-prediction layers sit after the last decoder layer
@@ -193,7 +196,8 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
     reader : CheckpointReader
     cfg : ModelConfig
     dtype : {None, "bf16", "f32"}
-        None keeps each tensor's dtype (F16 -> F32, FP8 -> BF16).
+        None keeps each tensor's dtype (F16 -> F32, FP8 -> BF16, I8 with
+        ``<name>.scales`` -> :class:`dsv2ext.quant.Int8Weight`).
     progress : bool, optional
         Show a tqdm bar (default: when stderr is a terminal).
 
@@ -211,7 +215,7 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {reader.directory!r} lacks tensors the config requires: "
                               f"{', '.join(missing[:5])}{more}")
-    extra = sorted(n for n in have if n not in want and not _ignorable(n, cfg))
+    extra = sorted(n for n in have if n not in want and not _ignorable(n, cfg, reader))
     if extra:
         more = f" (and {len(extra) - 5} more)" if len(extra) > 5 else ""
         raise CheckpointError(
@@ -232,7 +236,9 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
         bar = tqdm(total=len(want), desc="Loading weights", unit="tensor", file=sys.stderr)
 
     def get(n: str) -> Weight:
-        w = _convert(reader.get(n, aligned=True), n, reader, dtype)
+        w = load_quantized_tensor(reader, n, dtype)  # int8 + <n>.scales, else None
+        if w is None:
+            w = _convert(reader.get(n, aligned=True), n, reader, dtype)
         if bar is not None:
             bar.update(1)
         return w

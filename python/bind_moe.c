@@ -283,6 +283,108 @@ fail:
     return NULL;
 }
 
+/* ---------------- expert table: the routed experts parsed once ---------------- */
+
+#define TABLE_NAME "dsv2ext.moe_expert_table"
+
+typedef struct {
+    dsv2_mlp *ms;  /* [E] */
+    int64_t E, d, inter;
+    PyObject *keep; /* the weight objects */
+} expert_table;
+
+static void table_free(PyObject *cap) {
+    expert_table *t = (expert_table *)PyCapsule_GetPointer(cap, TABLE_NAME);
+    if (!t) {
+        PyErr_Clear();
+        return;
+    }
+    PyMem_Free(t->ms);
+    Py_XDECREF(t->keep);
+    PyMem_Free(t);
+}
+
+/* moe_expert_table(experts | None, gate_up_proj | None, down_proj | None, n_experts) -> capsule */
+static PyObject *py_moe_expert_table(PyObject *self, PyObject *args) {
+    PyObject *o_ex, *o_gu, *o_dn;
+    long long E;
+    if (!PyArg_ParseTuple(args, "OOOL:moe_expert_table", &o_ex, &o_gu, &o_dn, &E)) return NULL;
+    if (E < 1) return PyErr_Format(PyExc_ValueError, "n_experts: expected >= 1, got %lld", E);
+    PyObject *keep = PyList_New(0);
+    if (!keep) return NULL;
+    /* d from the first expert's gate (or the stacked gate_up_proj) */
+    int64_t NI = 0;
+    dsv2_mlp *ms = parse_experts(o_ex, o_gu, o_dn, E, DSV2PY_ANY, &NI, keep, NULL);
+    if (!ms) {
+        Py_DECREF(keep);
+        return NULL;
+    }
+    if (o_gu != Py_None && PyList_Append(keep, o_gu) < 0) goto fail;
+    if (o_dn != Py_None && PyList_Append(keep, o_dn) < 0) goto fail;
+    expert_table *t = (expert_table *)PyMem_Calloc(1, sizeof(expert_table));
+    if (!t) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    t->ms = ms;
+    t->E = E;
+    t->d = ms[0].gate.cols;
+    t->inter = NI;
+    t->keep = keep;
+    for (int64_t e = 1; e < E; e++)
+        if (ms[e].gate.cols != t->d) {
+            PyErr_Format(PyExc_ValueError, "experts[%lld]: hidden size %lld differs from expert 0's (%lld)",
+                         (long long)e, (long long)ms[e].gate.cols, (long long)t->d);
+            PyMem_Free(t);
+            goto fail;
+        }
+    PyObject *cap = PyCapsule_New(t, TABLE_NAME, table_free);
+    if (!cap) {
+        PyMem_Free(t);
+        goto fail;
+    }
+    return cap;
+fail:
+    PyMem_Free(ms);
+    Py_DECREF(keep);
+    return NULL;
+}
+
+/* the table's experts when `o` is a table capsule (1), 0 when it is not one, -1 on error */
+static int table_of(PyObject *o, PyObject *gu, PyObject *dn, int64_t E, int64_t d, PyArrayObject *out,
+                    const expert_table **tab) {
+    if (!PyCapsule_CheckExact(o)) return 0;
+    expert_table *t = (expert_table *)PyCapsule_GetPointer(o, TABLE_NAME);
+    if (!t) return -1;
+    if (gu != Py_None || dn != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "experts: give either an expert table or the stacked gate_up_proj/down_proj, "
+                                          "not both");
+        return -1;
+    }
+    if (t->E != E) {
+        PyErr_Format(PyExc_ValueError, "experts: the expert table holds %lld experts, expected %lld", (long long)t->E,
+                     (long long)E);
+        return -1;
+    }
+    if (d >= 0 && t->d != d) {
+        PyErr_Format(PyExc_ValueError, "experts: the expert table's hidden size is %lld, x has %lld columns",
+                     (long long)t->d, (long long)d);
+        return -1;
+    }
+    for (int64_t e = 0; out && e < E; e++) {
+        const dsv2_mat *w3[3] = {&t->ms[e].gate, &t->ms[e].up, &t->ms[e].down};
+        for (int q = 0; q < 3; q++) {
+            dsv2py_tensor tt = {w3[q]->dtype, w3[q]->data, NULL, 2, {w3[q]->rows, w3[q]->cols}, 0};
+            if (tensor_overlaps(out, &tt)) {
+                PyErr_Format(PyExc_ValueError, "out and experts[%lld] must not share memory", (long long)e);
+                return -1;
+            }
+        }
+    }
+    *tab = t;
+    return 1;
+}
+
 static int parse_shared(PyObject *o, int64_t d, dsv2_mlp *m, PyObject *keep, PyArrayObject *out) {
     if (o == Py_None) return 1;
     int64_t NI = DSV2PY_ANY;
@@ -522,7 +624,13 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args) {
     PyObject *keep = PyList_New(0);
     if (!keep) return NULL;
     int64_t NI = 0;
-    dsv2_mlp *ms = parse_experts(o_ex, o_gu, o_dn, E, d, &NI, keep, out);
+    const expert_table *tab = NULL;
+    int is_tab = table_of(o_ex, o_gu, o_dn, E, d, out, &tab);
+    if (is_tab < 0) {
+        Py_DECREF(keep);
+        return NULL;
+    }
+    dsv2_mlp *ms = is_tab ? tab->ms : parse_experts(o_ex, o_gu, o_dn, E, d, &NI, keep, out);
     if (!ms) {
         Py_DECREF(keep);
         return NULL;
@@ -530,7 +638,7 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args) {
     dsv2_mlp sh;
     int no_shared = parse_shared(o_sh, d, &sh, keep, out);
     if (no_shared < 0) {
-        PyMem_Free(ms);
+        if (!is_tab) PyMem_Free(ms);
         Py_DECREF(keep);
         return NULL;
     }
@@ -539,7 +647,7 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args) {
     rc = dsv2_moe_experts((float *)dsv2py_data(out), (const float *)dsv2py_data(x), (const int64_t *)dsv2py_data(ids),
                           (const float *)dsv2py_data(w), ms, E, no_shared ? NULL : &sh, T, k);
     Py_END_ALLOW_THREADS
-    PyMem_Free(ms);
+    if (!is_tab) PyMem_Free(ms);
     Py_DECREF(keep);
     if (rc) return dsv2py_raise(rc, "moe_experts");
     Py_RETURN_NONE;
@@ -589,7 +697,13 @@ static PyObject *py_moe_block(PyObject *self, PyObject *args) {
     PyObject *keep = PyList_New(0);
     if (!keep) return NULL;
     int64_t NI = 0;
-    dsv2_mlp *ms = parse_experts(o_ex, o_gu, o_dn, E, d, &NI, keep, out);
+    const expert_table *tab = NULL;
+    int is_tab = table_of(o_ex, o_gu, o_dn, E, d, out, &tab);
+    if (is_tab < 0) {
+        Py_DECREF(keep);
+        return NULL;
+    }
+    dsv2_mlp *ms = is_tab ? tab->ms : parse_experts(o_ex, o_gu, o_dn, E, d, &NI, keep, out);
     if (!ms) {
         Py_DECREF(keep);
         return NULL;
@@ -597,7 +711,7 @@ static PyObject *py_moe_block(PyObject *self, PyObject *args) {
     dsv2_mlp sh;
     int no_shared = parse_shared(o_sh, d, &sh, keep, out);
     if (no_shared < 0) {
-        PyMem_Free(ms);
+        if (!is_tab) PyMem_Free(ms);
         Py_DECREF(keep);
         return NULL;
     }
@@ -609,7 +723,7 @@ static PyObject *py_moe_block(PyObject *self, PyObject *args) {
                         w ? (float *)dsv2py_data(w) : NULL, (const float *)dsv2py_data(x), &rm, bp, ms,
                         no_shared ? NULL : &sh, T, &cfg);
     Py_END_ALLOW_THREADS
-    PyMem_Free(ms);
+    if (!is_tab) PyMem_Free(ms);
     Py_DECREF(keep);
     if (rc) return raise_route(rc, "moe_block");
     Py_RETURN_NONE;
@@ -626,6 +740,8 @@ PyMethodDef dsv2py_moe_methods[] = {
     {"swiglu_mlp", py_swiglu_mlp, METH_VARARGS, "swiglu_mlp(out, x, gate, up, down): out = down(silu(gate x) * up x)"},
     {"moe_experts", py_moe_experts, METH_VARARGS,
      "moe_experts(out, x, ids, weights, experts, gate_up_proj, down_proj, n_experts, shared)"},
+    {"moe_expert_table", py_moe_expert_table, METH_VARARGS,
+     "moe_expert_table(experts, gate_up_proj, down_proj, n_experts) -> table: the routed experts parsed once"},
     {"moe_block", py_moe_block, METH_VARARGS,
      "moe_block(out, x, router_weight, correction_bias, experts, gate_up_proj, down_proj, shared, top_k, n_group, "
      "topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor, ids_out, weights_out)"},

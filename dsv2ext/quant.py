@@ -1,0 +1,757 @@
+"""Weight-only int8 quantization with per-block absmax scales.
+
+Scheme (``quant_method = "dsv2ext-int8"``)
+------------------------------------------
+Each row of a Linear weight ``W [rows, cols]`` is cut into blocks of
+``group`` consecutive columns (32 by default).  Block ``b`` of row ``r``
+stores one float32 scale and ``group`` int8 codes::
+
+    s[r, b] = max |W[r, b*group : (b+1)*group]| / 127      (float32 division)
+    q[r, c] = clip(rint(W[r, c] / s[r, b]), -127, 127)     (float32 division,
+                                                             round half to even)
+    W'[r, c] = q[r, c] * s[r, b]                            (dequantized)
+
+(``q = 0`` where a block is all zeros).  Every step is one correctly rounded
+float32 operation, so :func:`quantize_int8` (C, threaded) and
+:func:`quantize_int8_reference` (NumPy) give bit-identical results.
+
+Only activations x weights products are quantized: every Linear of the
+model (attention projections, dense MLP, routed and shared experts,
+``lm_head``).  The token embedding, the RMSNorm weights, the MoE router
+(``mlp.gate``, so that routing decisions do not move) and V3's correction
+bias keep their dtype.
+
+Activations: products with many activation rows (prefill) dequantize panels
+of the weight and run fp32 sgemm.  The row-dot kernels (decode) quantize
+each activation row once per call to int16 with one scale per weight block
+and sum ``q_w * q_x`` exactly in int32 (about 2x less compute than
+dequantizing in registers; ~1e-5 relative change of a dot product), or,
+with ``set_int8_activations("fp32")``, compute exactly what a float32 model
+with the dequantized weights computes (up to summation order).
+
+Checkpoint format
+-----------------
+:func:`save_quantized` writes Hugging Face safetensors in which each
+quantized weight ``<name>`` (e.g. ``model.layers.0.mlp.down_proj.weight``)
+is an ``I8`` tensor of the weight's shape plus an ``F32`` tensor
+``<name>.scales`` of shape ``[rows, cols / group]``, and adds to config.json::
+
+    "quantization_config": {"quant_method": "dsv2ext-int8", "group_size": 32, "bits": 8, ...}
+
+:func:`load_quantized_tensor` reads such a pair back as an :class:`Int8Weight`
+(memory-mapped, no re-quantization).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import mmap
+import os
+import shutil
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+
+import numpy as np
+
+from ._native import _C
+from .dtypes import BF16, float32_to_bf16_bits
+
+__all__ = ["Int8Weight", "QUANT_METHOD", "DEFAULT_GROUP", "quantize_int8", "quantize_int8_reference",
+           "dequantize", "get_int8_activations", "set_int8_activations", "quantize_act16_reference",
+           "linear_int8_reference", "row_dot_limits", "quantize_model_weights", "save_quantized", "read_quantization_config",
+           "load_quantized_tensor", "is_scales_tensor", "SCALES_SUFFIX", "stacked_experts"]
+
+QUANT_METHOD = "dsv2ext-int8"
+DEFAULT_GROUP = 32
+SCALES_SUFFIX = ".scales"
+
+
+class Int8Weight:
+    """An int8 block-quantized weight: ``W[..., r, c] = data[..., r, c] * scales[..., r, c // group]``.
+
+    Parameters
+    ----------
+    data : np.ndarray int8 [..., rows, cols]
+        The codes (not copied).
+    scales : np.ndarray float32 [..., rows, cols // group]
+        One scale per block of ``group`` columns (not copied); its last
+        dimension must divide ``cols``.
+
+    Notes
+    -----
+    ``nbytes`` is the size of the int8 codes only (like :class:`BF16`'s, the
+    payload); ``scales_nbytes`` and ``total_nbytes`` add the scales.
+    """
+
+    __slots__ = ("data", "scales")
+    __dsv2_dtype__ = "int8"
+
+    def __init__(self, data: np.ndarray, scales: np.ndarray) -> None:
+        if not isinstance(data, np.ndarray) or data.dtype != np.int8:
+            raise TypeError(f"Int8Weight: data: expected a numpy int8 array, got "
+                            f"{getattr(data, 'dtype', type(data).__name__)}")
+        if not isinstance(scales, np.ndarray) or scales.dtype != np.float32:
+            raise TypeError(f"Int8Weight: scales: expected a numpy float32 array, got "
+                            f"{getattr(scales, 'dtype', type(scales).__name__)}")
+        if data.ndim < 2:
+            raise ValueError(f"Int8Weight: data: expected at least 2 dimensions [..., rows, cols], got shape {data.shape}")
+        if (scales.ndim != data.ndim or scales.shape[:-1] != data.shape[:-1] or scales.shape[-1] < 1
+                or data.shape[-1] % scales.shape[-1]):
+            raise ValueError(f"Int8Weight: scales: expected shape [{', '.join(map(str, data.shape[:-1]))}, "
+                             f"cols / group] with a last dimension dividing {data.shape[-1]}, got {scales.shape}")
+        self.data = data
+        self.scales = scales
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def group(self) -> int:
+        """Columns per scale block."""
+        return self.data.shape[-1] // self.scales.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @property
+    def scales_nbytes(self) -> int:
+        return self.scales.nbytes
+
+    @property
+    def total_nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes
+
+    @property
+    def dtype_name(self) -> str:
+        return "int8"
+
+    def to_float32(self) -> np.ndarray:
+        """The dequantized weight (float32, a new array)."""
+        return dequantize(self)
+
+    def __getitem__(self, idx: Any) -> "Int8Weight":
+        """Index the leading (stacking) dimensions only, e.g. ``w[e]`` of a stacked ``[E, rows, cols]``."""
+        if self.ndim < 3:
+            raise IndexError("Int8Weight: only stacked weights [..., rows, cols] can be indexed (by their leading dims)")
+        if not isinstance(idx, (int, np.integer, slice)):
+            raise IndexError("Int8Weight: index the first dimension with an int or a slice")
+        return Int8Weight(self.data[idx], self.scales[idx])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"Int8Weight(shape={self.data.shape}, group={self.group})"
+
+
+# ---------------------------------------------------------------------------- tensors
+
+def _as_float32(w: Any, name: str) -> np.ndarray:
+    if isinstance(w, BF16):
+        return w.to_float32()
+    if isinstance(w, np.ndarray):
+        if w.dtype == np.uint16:
+            raise TypeError(f"{name}: a bare uint16 array is not taken as bfloat16; wrap it as dsv2ext.BF16(array)")
+        if not np.issubdtype(w.dtype, np.floating):
+            raise TypeError(f"{name}: expected a floating-point array or a dsv2ext.BF16, got dtype {w.dtype}")
+        return np.asarray(w, dtype=np.float32)
+    raise TypeError(f"{name}: expected a float32 numpy array or a dsv2ext.BF16, got {type(w).__name__}")
+
+
+def _check_group(shape: Tuple[int, ...], group: Any, name: str) -> int:
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
+        raise ValueError(f"group: expected a positive int, got {group!r}")
+    if len(shape) < 2:
+        raise ValueError(f"{name}: expected a weight of at least 2 dimensions [..., rows, cols], got shape {shape}")
+    if shape[-1] % group:
+        raise ValueError(f"group: {group} does not divide the {shape[-1]} columns of {name} (shape {shape})")
+    return int(group)
+
+
+def quantize_int8_reference(w: Any, group: int = DEFAULT_GROUP) -> Int8Weight:
+    """NumPy model of :func:`quantize_int8` (same float32 operations, same bits).
+
+    Parameters
+    ----------
+    w : np.ndarray (floating) or BF16, shape [..., rows, cols]
+    group : int
+        Columns per scale block; must divide ``cols``.
+
+    Returns
+    -------
+    Int8Weight
+    """
+    x = _as_float32(w, "w")
+    group = _check_group(x.shape, group, "w")
+    if not np.isfinite(x).all():
+        raise ValueError("w: holds NaN or Inf values; they cannot be quantized")
+    *lead, cols = x.shape
+    g = x.reshape(*lead, cols // group, group)
+    s = (np.abs(g).max(axis=-1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(g / s[..., None])
+    q = np.where(s[..., None] > 0, np.clip(q, -127, 127), 0).astype(np.int8)
+    return Int8Weight(q.reshape(x.shape), s)
+
+
+def quantize_int8(w: Any, group: int = DEFAULT_GROUP) -> Int8Weight:
+    """Quantize a weight to int8 with one absmax scale per ``group`` columns (C kernel, threaded).
+
+    Round half to even (``rint``), codes in [-127, 127]; bit-identical to
+    :func:`quantize_int8_reference`.
+
+    Parameters
+    ----------
+    w : np.ndarray float32 (other float dtypes are converted) or BF16, shape [..., rows, cols]
+    group : int
+        Columns per scale block; must divide ``cols``.
+
+    Returns
+    -------
+    Int8Weight with data int8 [..., rows, cols] and scales float32 [..., rows, cols / group].
+
+    Raises
+    ------
+    ValueError
+        ``group`` does not divide ``cols``, or ``w`` holds NaN / Inf.
+    """
+    if isinstance(w, Int8Weight):
+        raise TypeError("w: already an Int8Weight")
+    shape = tuple(w.shape) if isinstance(w, (np.ndarray, BF16)) else None
+    if shape is None:
+        raise TypeError(f"w: expected a float32 numpy array or a dsv2ext.BF16, got {type(w).__name__}")
+    group = _check_group(shape, group, "w")
+    if isinstance(w, BF16):
+        src: Any = BF16(np.ascontiguousarray(w.data).reshape(-1, shape[-1]))
+    else:
+        if w.dtype == np.uint16:
+            raise TypeError("w: a bare uint16 array is not taken as bfloat16; wrap it as dsv2ext.BF16(array)")
+        if not np.issubdtype(w.dtype, np.floating):
+            raise TypeError(f"w: expected a floating-point array or a dsv2ext.BF16, got dtype {w.dtype}")
+        src = np.ascontiguousarray(w, dtype=np.float32).reshape(-1, shape[-1])
+    q = np.empty(shape, np.int8)
+    s = np.empty(shape[:-1] + (shape[-1] // group,), np.float32)
+    _C.quantize_int8(q.reshape(-1, shape[-1]), s.reshape(-1, s.shape[-1]), src, group)
+    return Int8Weight(q, s)
+
+
+def dequantize(w: Any) -> np.ndarray:
+    """float32 values of a weight: ``data * scales`` of an :class:`Int8Weight` (exact
+    float32 products, the values the kernels use), a BF16 widened, a float32 array copied.
+
+    Parameters
+    ----------
+    w : Int8Weight, BF16 or np.ndarray float32, shape [..., rows, cols]
+
+    Returns
+    -------
+    np.ndarray float32, same shape (a new array).
+    """
+    if isinstance(w, Int8Weight):
+        shape = w.shape
+        out = np.empty(shape, np.float32)
+        src = Int8Weight(np.ascontiguousarray(w.data).reshape(-1, shape[-1]),
+                         np.ascontiguousarray(w.scales).reshape(-1, w.scales.shape[-1]))
+        _C.dequantize(out.reshape(-1, shape[-1]), src)
+        return out
+    if isinstance(w, BF16):
+        return w.to_float32()
+    if isinstance(w, np.ndarray):
+        return np.array(w, dtype=np.float32)
+    raise TypeError(f"w: expected an Int8Weight, BF16 or numpy array, got {type(w).__name__}")
+
+
+def _release_mapped_pages(arr: Any) -> None:
+    """Drop this process's resident pages of a read-only view of a file mapping.
+
+    The data stays valid (a later access re-reads it from the page cache or
+    the file); the process's resident set no longer counts it.  Anything that
+    is not a read-only view of an ``mmap.mmap`` is left alone.
+    """
+    if isinstance(arr, BF16):
+        arr = arr.data
+    if not isinstance(arr, np.ndarray) or arr.flags.writeable or arr.nbytes == 0:
+        return
+    base: Any = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or base.closed:
+        return
+    try:
+        start = np.frombuffer(base, dtype=np.uint8, count=1).ctypes.data
+        off = arr.ctypes.data - start
+        page = mmap.PAGESIZE
+        lo = -(-off // page) * page
+        hi = (off + arr.nbytes) // page * page
+        if 0 <= lo < hi <= len(base):
+            base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (ValueError, OSError, AttributeError):
+        pass
+
+
+# ---------------------------------------------------------------------------- activations
+
+def get_int8_activations() -> str:
+    """How int8 row-dot kernels (few activation rows, e.g. decode) treat activations:
+    ``"int16"`` or ``"fp32"`` (see :func:`set_int8_activations`)."""
+    return _C.get_int8_activations()
+
+
+def set_int8_activations(mode: str) -> str:
+    """Choose the activations of the int8 row-dot kernels; returns the previous mode.
+
+    ``"int16"`` (default; environment variable ``DSV2EXT_INT8_ACT=fp32``
+    changes the default): each activation row is quantized once per call to
+    int16 with one fp32 scale per block of the weight's ``group`` columns
+    (``s = max|x_block| / 32767``, ``q = rint(x / s)``, see
+    :func:`quantize_act16_reference`), block sums of ``q_w * q_x`` are exact
+    in int32 and scaled in fp32: about 2x less compute than ``"fp32"``;
+    activation rounding changes a dot product by ~1e-5 relative.
+    ``"fp32"``: weights dequantized in registers times fp32 activations,
+    exactly an fp32 product with the dequantized weights.  The int16 path
+    needs AVX2 and a group that is a multiple of 16 (at most 512); other
+    int8 matrices, and products with more than 8 activation rows (sgemm on
+    dequantized panels), always use fp32 activations.  Process-wide; set it
+    between calls.
+    """
+    if mode not in ("int16", "fp32"):
+        raise ValueError(f"mode: expected 'int16' or 'fp32', got {mode!r}")
+    prev = _C.get_int8_activations()
+    _C.set_int8_activations(mode)
+    return prev
+
+
+def quantize_act16_reference(x: np.ndarray, group: int) -> Tuple[np.ndarray, np.ndarray]:
+    """NumPy model of the kernels' int16 activation quantization.
+
+    Parameters
+    ----------
+    x : np.ndarray float32 [T, K]
+    group : int, dividing K
+
+    Returns
+    -------
+    q : np.ndarray int16 [T, K]; s : np.ndarray float32 [T, K / group] with
+    ``s = max|x_block| / 32767`` and ``q = rint(x / s)`` (float32 operations, half to even).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    T, K = x.shape
+    g = x.reshape(T, K // group, group)
+    s = (np.abs(g).max(axis=-1) / np.float32(32767)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(s[..., None] > 0, np.clip(np.rint(g / s[..., None]), -32767, 32767), 0)
+    return q.astype(np.int16).reshape(T, K), s
+
+
+def row_dot_limits() -> Tuple[int, int]:
+    """``(linear, mlp)``: the most activation rows that ``ops.linear`` / the SwiGLU MLP
+    (and each MoE expert) run on the row-dot kernels; more rows use sgemm on
+    dequantized panels (always fp32 activations)."""
+    return tuple(_C.row_dot_limits())
+
+
+def _act16_used(w: Int8Weight, rows: int) -> bool:
+    from .threads import get_isa
+
+    g = w.group
+    return (rows <= row_dot_limits()[0] and get_int8_activations() == "int16" and g % 16 == 0 and g <= 512
+            and get_isa() != "portable")
+
+
+def linear_int8_reference(x: np.ndarray, w: Int8Weight, *, act16: Optional[bool] = None) -> np.ndarray:
+    """float64 model of ``dsv2ext.ops.linear(x, w)`` for an int8 weight.
+
+    With int16 activations (the path the kernels take for ``x`` of at most
+    ``row_dot_limits()[0]`` rows in ``"int16"`` mode, see :func:`set_int8_activations`; force it with
+    ``act16``): ``sum_b (s_w * s_x)[b] * sum_{c in b} q_w * q_x`` from
+    :func:`quantize_act16_reference`; otherwise ``x @ dequantize(w).T``.
+
+    Parameters
+    ----------
+    x : np.ndarray float32 [T, K]
+    w : Int8Weight [N, K]
+
+    Returns
+    -------
+    np.ndarray float64 [T, N]
+    """
+    if act16 is None:
+        act16 = _act16_used(w, x.shape[0])
+    if not act16:
+        return x.astype(np.float64) @ dequantize(w).astype(np.float64).T
+    g = w.group
+    qx, sx = quantize_act16_reference(x, g)
+    N, K = w.shape
+    T = x.shape[0]
+    blocks = np.einsum("nbg,tbg->tnb", w.data.reshape(N, K // g, g).astype(np.int64),
+                       qx.reshape(T, K // g, g).astype(np.int64))
+    return (blocks * (w.scales.astype(np.float64)[None] * sx.astype(np.float64)[:, None])).sum(-1)
+
+
+# ---------------------------------------------------------------------------- whole model
+
+def _group_for(cols: int, group: int) -> int:
+    """The block size used for a matrix of ``cols`` columns: ``group`` when it
+    divides ``cols``, else ``gcd(cols, group)`` (e.g. 16 for 48 columns)."""
+    return group if cols % group == 0 else math.gcd(cols, group)
+
+
+def _is_float_weight(w: Any) -> bool:
+    return isinstance(w, BF16) or (isinstance(w, np.ndarray) and np.issubdtype(w.dtype, np.floating))
+
+
+def _quant(w: Any, group: int, release: bool) -> Any:
+    if w is None or isinstance(w, Int8Weight):
+        return w
+    if not _is_float_weight(w):
+        raise TypeError(f"cannot quantize a weight of type {type(w).__name__}")
+    q = quantize_int8(w, _group_for(w.shape[-1], group))
+    if release:
+        _release_mapped_pages(w)
+    return q
+
+
+def _quant_experts(experts: List[Any], group: int, release: bool) -> List[Any]:
+    """Routed experts quantized into two stacked buffers per layer (gate_up [E, 2I, d],
+    down [E, d, I]); each expert's weights are views, gate and up of an expert adjacent."""
+    from .weights import MLPWeights
+
+    if not experts or not all(_is_float_weight(e.gate_proj) and _is_float_weight(e.up_proj)
+                              and _is_float_weight(e.down_proj) for e in experts):
+        return [dataclasses.replace(e, gate_proj=_quant(e.gate_proj, group, release),
+                                    up_proj=_quant(e.up_proj, group, release),
+                                    down_proj=_quant(e.down_proj, group, release)) for e in experts]
+    E = len(experts)
+    I, d = experts[0].gate_proj.shape
+    for i, e in enumerate(experts):
+        if e.gate_proj.shape != (I, d) or e.up_proj.shape != (I, d) or e.down_proj.shape != (d, I):
+            raise ValueError(f"experts[{i}]: shapes {e.gate_proj.shape}, {e.up_proj.shape}, {e.down_proj.shape} "
+                             f"differ from expert 0's ({I}, {d}), ({I}, {d}), ({d}, {I})")
+    g1, g2 = _group_for(d, group), _group_for(I, group)
+    gu = np.empty((E, 2 * I, d), np.int8)
+    gus = np.empty((E, 2 * I, d // g1), np.float32)
+    dn = np.empty((E, d, I), np.int8)
+    dns = np.empty((E, d, I // g2), np.float32)
+    out = []
+    for i, e in enumerate(experts):
+        for w, rows in ((e.gate_proj, slice(0, I)), (e.up_proj, slice(I, 2 * I))):
+            src = BF16(np.ascontiguousarray(w.data)) if isinstance(w, BF16) else np.ascontiguousarray(w, np.float32)
+            _C.quantize_int8(gu[i, rows], gus[i, rows], src, g1)
+        src = BF16(np.ascontiguousarray(e.down_proj.data)) if isinstance(e.down_proj, BF16) \
+            else np.ascontiguousarray(e.down_proj, np.float32)
+        _C.quantize_int8(dn[i], dns[i], src, g2)
+        if release:
+            for w in (e.gate_proj, e.up_proj, e.down_proj):
+                _release_mapped_pages(w)
+        out.append(MLPWeights(Int8Weight(gu[i, :I], gus[i, :I]), Int8Weight(gu[i, I:], gus[i, I:]),
+                              Int8Weight(dn[i], dns[i])))
+    return out
+
+
+def quantize_model_weights(weights: Any, group: int = DEFAULT_GROUP, *, release_source: bool = False) -> Any:
+    """Quantize every Linear weight of a model to int8 (a new ModelWeights; the input is not changed).
+
+    Quantized: ``q_proj`` / ``q_a_proj`` / ``q_b_proj``, ``kv_a_proj_with_mqa``,
+    ``kv_b_proj``, ``o_proj``, the dense MLPs, every routed expert, the shared
+    experts, ``lm_head``.  Kept as they are: ``embed_tokens``, every RMSNorm
+    weight, the MoE router ``gate`` (routing must not change) and the
+    correction bias.  Weights that are already :class:`Int8Weight` are kept.
+
+    Parameters
+    ----------
+    weights : dsv2ext.weights.ModelWeights
+    group : int
+        Columns per scale block (default 32).  A matrix whose column count it
+        does not divide uses ``gcd(cols, group)`` (e.g. 16 for 48 columns).
+    release_source : bool
+        After quantizing a weight that is a read-only view of a memory-mapped
+        checkpoint, drop its pages from this process's resident set (keeps the
+        peak memory of quantize-at-load near the size of the int8 model).
+
+    Returns
+    -------
+    ModelWeights whose Linear weights are :class:`Int8Weight`.  The routed
+    experts of a layer share two stacked buffers (see :func:`stacked_experts`).
+    """
+    from .weights import AttentionWeights, LayerWeights, MLPWeights, ModelWeights, MoEWeights
+
+    if not isinstance(weights, ModelWeights):
+        raise TypeError(f"weights: expected a dsv2ext.weights.ModelWeights, got {type(weights).__name__}")
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1:
+        raise ValueError(f"group: expected a positive int, got {group!r}")
+    group = int(group)
+    q = lambda w: _quant(w, group, release_source)  # noqa: E731
+    layers = []
+    for lw in weights.layers:
+        a = lw.attn
+        attn = dataclasses.replace(a, q_proj=q(a.q_proj), q_a_proj=q(a.q_a_proj), q_b_proj=q(a.q_b_proj),
+                                   kv_a_proj_with_mqa=q(a.kv_a_proj_with_mqa), kv_b_proj=q(a.kv_b_proj),
+                                   o_proj=q(a.o_proj))
+        mlp = None if lw.mlp is None else MLPWeights(q(lw.mlp.gate_proj), q(lw.mlp.up_proj), q(lw.mlp.down_proj))
+        moe = None
+        if lw.moe is not None:
+            m = lw.moe
+            shared = None if m.shared is None else MLPWeights(q(m.shared.gate_proj), q(m.shared.up_proj),
+                                                              q(m.shared.down_proj))
+            moe = MoEWeights(gate=m.gate, experts=_quant_experts(m.experts, group, release_source),
+                             shared=shared, correction_bias=m.correction_bias)
+        layers.append(dataclasses.replace(lw, attn=attn, mlp=mlp, moe=moe))
+    return ModelWeights(embed_tokens=weights.embed_tokens, norm=weights.norm, lm_head=q(weights.lm_head),
+                        layers=layers)
+
+
+def stacked_experts(experts: List[Any]) -> Optional[Tuple[Int8Weight, Int8Weight]]:
+    """The stacked ``(gate_up_proj [E, 2I, d], down_proj [E, d, I])`` behind the routed
+    experts made by :func:`quantize_model_weights`, or None when the experts are
+    not views of such buffers (e.g. loaded from a checkpoint)."""
+    if not experts or not all(isinstance(w, Int8Weight) for e in experts
+                              for w in (e.gate_proj, e.up_proj, e.down_proj)):
+        return None
+    g0 = experts[0].gate_proj
+    gu, gus = g0.data.base, g0.scales.base
+    d0 = experts[0].down_proj
+    dn, dns = d0.data.base, d0.scales.base
+    if not all(isinstance(b, np.ndarray) and b.ndim == 3 and b.shape[0] == len(experts) for b in (gu, gus, dn, dns)):
+        return None
+    I = g0.shape[0]
+    for i, e in enumerate(experts):
+        if not (e.gate_proj.data.base is gu and e.up_proj.data.base is gu and e.down_proj.data.base is dn
+                and e.gate_proj.data.ctypes.data == gu[i].ctypes.data
+                and e.up_proj.data.ctypes.data == gu[i, I:].ctypes.data
+                and e.down_proj.data.ctypes.data == dn[i].ctypes.data
+                and e.gate_proj.scales.ctypes.data == gus[i].ctypes.data
+                and e.up_proj.scales.ctypes.data == gus[i, I:].ctypes.data
+                and e.down_proj.scales.ctypes.data == dns[i].ctypes.data):
+            return None
+    return Int8Weight(gu, gus), Int8Weight(dn, dns)
+
+
+# ---------------------------------------------------------------------------- save / load
+
+def _named_tensors(weights: Any, cfg: Any) -> Iterator[Tuple[str, Any]]:
+    """(HF name, weight) of every tensor of the causal LM, as ``weights.expected_tensors`` lists them."""
+    yield "model.embed_tokens.weight", weights.embed_tokens
+    yield "model.norm.weight", weights.norm
+    yield "lm_head.weight", weights.lm_head
+    for i, lw in enumerate(weights.layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", lw.input_layernorm
+        yield p + "post_attention_layernorm.weight", lw.post_attention_layernorm
+        for f in dataclasses.fields(lw.attn):
+            w = getattr(lw.attn, f.name)
+            if w is not None:
+                yield p + "self_attn." + f.name + ".weight", w
+        m = p + "mlp."
+        if lw.mlp is not None:
+            for f in ("gate_proj", "up_proj", "down_proj"):
+                yield m + f + ".weight", getattr(lw.mlp, f)
+        if lw.moe is not None:
+            yield m + "gate.weight", lw.moe.gate
+            if lw.moe.correction_bias is not None:
+                yield m + "gate.e_score_correction_bias", lw.moe.correction_bias
+            for e, ex in enumerate(lw.moe.experts):
+                for f in ("gate_proj", "up_proj", "down_proj"):
+                    yield m + f"experts.{e}.{f}.weight", getattr(ex, f)
+            if lw.moe.shared is not None:
+                for f in ("gate_proj", "up_proj", "down_proj"):
+                    yield m + f"shared_experts.{f}.weight", getattr(lw.moe.shared, f)
+
+
+def save_quantized(model_or_weights: Any, directory: Union[str, "os.PathLike[str]"], *,
+                   config: Any = None, group: int = DEFAULT_GROUP,
+                   max_shard_bytes: int = 5 * 10 ** 9) -> str:
+    """Write an int8 checkpoint that :func:`dsv2ext.load` reloads without re-quantizing.
+
+    Parameters
+    ----------
+    model_or_weights : DeepseekV2 or ModelWeights
+        Weights not yet quantized are quantized first (``group``).  From a
+        model loaded from a directory, its config.json (original spelling),
+        tokenizer files and generation_config.json are carried over.
+    directory : str or os.PathLike
+        Created if missing; must not be the directory the weights are read from.
+    config : ModelConfig or dict, optional
+        Required when passing bare ModelWeights (the model's own otherwise).
+    group : int
+        Block size for weights that still need quantizing (default 32).
+    max_shard_bytes : int
+        Larger checkpoints are written as shards with model.safetensors.index.json.
+
+    Returns
+    -------
+    str: the directory.
+    """
+    from .config import ModelConfig
+    from .safetensors import save_file, save_sharded
+    from .weights import ModelWeights
+
+    src_dir = None
+    if isinstance(model_or_weights, ModelWeights):
+        weights = model_or_weights
+        if config is None:
+            raise TypeError("config: required when saving bare ModelWeights (a ModelConfig or a config dict)")
+    elif hasattr(model_or_weights, "weights") and hasattr(model_or_weights, "config"):
+        weights = model_or_weights.weights
+        src_dir = getattr(model_or_weights, "path", None)
+        if config is None:
+            config = model_or_weights.config
+    else:
+        raise TypeError(f"model_or_weights: expected a DeepseekV2 or a ModelWeights, got {type(model_or_weights).__name__}")
+    if isinstance(config, ModelConfig):
+        cfg = config
+        raw: Dict[str, Any] = {}
+        if src_dir and os.path.isfile(os.path.join(src_dir, "config.json")):
+            with open(os.path.join(src_dir, "config.json"), "r", encoding="utf-8") as f:
+                raw = json.load(f)
+        if not raw:
+            raw = cfg.to_dict()
+    elif isinstance(config, Mapping):
+        raw = dict(config)
+        cfg = ModelConfig.from_dict(raw)
+    else:
+        raise TypeError(f"config: expected a ModelConfig or a dict, got {type(config).__name__}")
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    if src_dir and os.path.isdir(src_dir) and os.path.samefile(src_dir, directory):
+        raise ValueError(f"directory: {directory!r} is the directory the model was loaded from; "
+                         "write the quantized checkpoint elsewhere")
+    qw = quantize_model_weights(weights, group)
+
+    tensors: Dict[str, Any] = {}
+    groups = set()
+    for name, w in _named_tensors(qw, cfg):
+        if isinstance(w, Int8Weight):
+            tensors[name] = np.ascontiguousarray(w.data)
+            tensors[name + SCALES_SUFFIX] = np.ascontiguousarray(w.scales)
+            groups.add(w.group)
+        elif isinstance(w, BF16):
+            tensors[name] = BF16(np.ascontiguousarray(w.data))
+        else:
+            tensors[name] = np.ascontiguousarray(w)
+    raw = dict(raw)
+    if raw.get("tie_word_embeddings"):
+        raw["tie_word_embeddings"] = False  # lm_head is stored (quantized) on its own
+    q_group = max(groups) if groups else int(group)
+    raw["quantization_config"] = {
+        "quant_method": QUANT_METHOD, "group_size": q_group, "bits": 8, "symmetric": True,
+        "scales": f"<name>{SCALES_SUFFIX}: float32 [rows, cols / block]; block = group_size, or "
+                  "gcd(cols, group_size) when group_size does not divide cols",
+        "modules_not_converted": ["model.embed_tokens", "*norm*", "mlp.gate"]}
+    total = sum(t.nbytes for t in tensors.values())
+    meta = {"format": "pt", "quant_method": QUANT_METHOD}
+    for old in os.listdir(directory):
+        if old.endswith(".safetensors") or old == "model.safetensors.index.json":
+            os.unlink(os.path.join(directory, old))
+    if total > max_shard_bytes:
+        save_sharded(tensors, directory, max_shard_bytes, meta)
+    else:
+        save_file(tensors, os.path.join(directory, "model.safetensors"), meta)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2)
+        f.write("\n")
+    if src_dir:
+        for fn in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            p = os.path.join(src_dir, fn)
+            if os.path.isfile(p):
+                shutil.copyfile(p, os.path.join(directory, fn))
+    return directory
+
+
+def read_quantization_config(path: Union[str, "os.PathLike[str]"]) -> Optional[Dict[str, Any]]:
+    """The ``quantization_config`` of a checkpoint written by :func:`save_quantized`, or None.
+
+    Parameters
+    ----------
+    path : checkpoint directory (or its config.json)
+
+    Returns
+    -------
+    dict with at least ``quant_method == "dsv2ext-int8"`` and an int ``group_size``,
+    or None when config.json has no such section (other quantization methods,
+    e.g. V3's FP8, are not this module's and also give None).
+
+    Raises
+    ------
+    ValueError
+        A ``dsv2ext-int8`` section with a missing or bad ``group_size``.
+    """
+    path = os.fspath(path)
+    cfg_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(cfg_path, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        return None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        return None
+    g = qc.get("group_size")
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1:
+        raise ValueError(f"{cfg_path}: quantization_config.group_size: expected a positive int, got {g!r}")
+    return dict(qc)
+
+
+def is_scales_tensor(name: str, reader: Any) -> bool:
+    """True for ``<name>.scales`` whose ``<name>`` is an I8 tensor of the checkpoint
+    (the loader must not report it as an unexpected tensor)."""
+    if not name.endswith(SCALES_SUFFIX):
+        return False
+    base = name[: -len(SCALES_SUFFIX)]
+    return base in reader and reader.info(base)[0] == "I8"
+
+
+def load_quantized_tensor(reader: Any, name: str, dtype: Optional[str] = None) -> Optional[Any]:
+    """Read an int8 weight and its ``<name>.scales`` from a checkpoint.
+
+    Parameters
+    ----------
+    reader : dsv2ext.safetensors.CheckpointReader
+    name : str
+        e.g. ``"model.layers.0.mlp.down_proj.weight"``.
+    dtype : {None, "int8", "f32", "bf16"}
+        None / "int8": the :class:`Int8Weight` (memory-mapped views, no copy);
+        "f32": dequantized; "bf16": dequantized and rounded to bfloat16.
+
+    Returns
+    -------
+    Int8Weight (or np.ndarray / BF16 for dtype f32 / bf16), or None when the
+    tensor is not stored as I8 (the caller loads it the usual way).
+
+    Raises
+    ------
+    CheckpointError
+        An I8 tensor without its scales, or scales of the wrong dtype / shape.
+    """
+    from .safetensors import CheckpointError
+
+    if dtype not in (None, "int8", "f32", "bf16"):
+        raise ValueError(f"dtype: expected None, 'int8', 'f32' or 'bf16', got {dtype!r}")
+    tag, shape = reader.info(name)
+    if tag != "I8":
+        return None
+    sname = name + SCALES_SUFFIX
+    if sname not in reader:
+        raise CheckpointError(f"int8 tensor {name!r} in {reader.file_of(name)!r} has no {sname!r} "
+                              "(float32 block scales) in the checkpoint")
+    stag, sshape = reader.info(sname)
+    shape, sshape = tuple(shape), tuple(sshape)
+    if (stag != "F32" or len(shape) < 2 or len(sshape) != len(shape) or sshape[:-1] != shape[:-1]
+            or sshape[-1] < 1 or shape[-1] % sshape[-1]):
+        raise CheckpointError(f"tensor {sname!r} in {reader.file_of(sname)!r} is {stag} {list(sshape)}; expected "
+                              f"F32 [{', '.join(map(str, shape[:-1]))}, cols / group] with a last dimension "
+                              f"dividing {shape[-1]} (the scales of {name!r})")
+    w = Int8Weight(reader.get(name, aligned=True), reader.get(sname, aligned=True))
+    if dtype == "f32":
+        return dequantize(w)
+    if dtype == "bf16":
+        return BF16(float32_to_bf16_bits(dequantize(w)))
+    return w

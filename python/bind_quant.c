@@ -1,0 +1,111 @@
+/* bind_quant.c - bindings of the int8 weight quantization kernels. */
+#include "bind_util.h"
+
+#include "../csrc/expert_mlp.h"
+#include "../csrc/gemv.h"
+#include "../csrc/linear.h"
+#include "../csrc/quant.h"
+#include "../csrc/threadpool.h"
+
+/* quantize_int8(q [rows, cols] int8 out, scales [rows, cols / group] f32 out, w [rows, cols] f32|BF16, group) */
+static PyObject *py_quantize_int8(PyObject *self, PyObject *args) {
+    PyObject *o_q, *o_s, *o_w;
+    long long group;
+    if (!PyArg_ParseTuple(args, "OOOL:quantize_int8", &o_q, &o_s, &o_w, &group)) return NULL;
+    int64_t any2[2] = {DSV2PY_ANY, DSV2PY_ANY};
+    dsv2py_tensor w;
+    if (dsv2py_weight(o_w, "w", 2, any2, &w) < 0) return NULL;
+    if (w.dtype != DSV2_F32 && w.dtype != DSV2_BF16)
+        return PyErr_Format(PyExc_TypeError, "w: expected float32 or BF16 values to quantize, got an int8 weight");
+    const int64_t rows = w.shape[0], cols = w.shape[1];
+    if (group < 1 || cols % group)
+        return PyErr_Format(PyExc_ValueError, "group: expected a block size >= 1 dividing the %lld columns of w, got %lld",
+                            (long long)cols, group);
+    int64_t qshape[2] = {rows, cols}, sshape[2] = {rows, cols / group};
+    PyArrayObject *q = dsv2py_array(o_q, "q", NPY_INT8, 2, qshape, 1);
+    if (!q) return NULL;
+    PyArrayObject *s = dsv2py_array(o_s, "scales", NPY_FLOAT32, 2, sshape, 1);
+    if (!s) return NULL;
+    if (dsv2py_no_overlap(q, "q", s, "scales") < 0) return NULL;
+    const char *w0 = (const char *)w.data, *w1 = w0 + (size_t)rows * (size_t)cols * dsv2_dtype_size(w.dtype);
+    PyArrayObject *outs[2] = {q, s};
+    for (int i = 0; i < 2; i++) {
+        const char *a0 = (const char *)PyArray_DATA(outs[i]), *a1 = a0 + PyArray_NBYTES(outs[i]);
+        if (a0 < w1 && w0 < a1)
+            return PyErr_Format(PyExc_ValueError, "%s and w must not share memory", i ? "scales" : "q");
+    }
+    dsv2_mat wm = dsv2py_mat(&w);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = dsv2_quantize_i8((int8_t *)dsv2py_data(q), (float *)dsv2py_data(s), &wm, (int64_t)group);
+    Py_END_ALLOW_THREADS
+    if (rc == DSV2_ERR_NONFINITE)
+        return PyErr_Format(PyExc_ValueError, "w: holds NaN or Inf values; they cannot be quantized");
+    if (rc) return dsv2py_raise(rc, "quantize_int8");
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    float *out;
+    const dsv2_mat *W;
+} widen_job;
+
+static void widen_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    widen_job *j = (widen_job *)ctx;
+    dsv2_mat_rows_to_f32(j->out + b * j->W->cols, j->W, b, e);
+}
+
+/* dequantize(out [rows, cols] f32, w [rows, cols] int8-tagged | BF16 | f32): out = the fp32 values of w */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    PyObject *o_out, *o_w;
+    if (!PyArg_ParseTuple(args, "OO:dequantize", &o_out, &o_w)) return NULL;
+    int64_t any2[2] = {DSV2PY_ANY, DSV2PY_ANY};
+    dsv2py_tensor w;
+    if (dsv2py_weight(o_w, "w", 2, any2, &w) < 0) return NULL;
+    PyArrayObject *out = dsv2py_array(o_out, "out", NPY_FLOAT32, 2, w.shape, 1);
+    if (!out) return NULL;
+    const char *w0 = (const char *)w.data, *w1 = w0 + (size_t)w.shape[0] * (size_t)w.shape[1] * dsv2_dtype_size(w.dtype);
+    const char *a0 = (const char *)PyArray_DATA(out), *a1 = a0 + PyArray_NBYTES(out);
+    if (a0 < w1 && w0 < a1) return PyErr_Format(PyExc_ValueError, "out and w must not share memory");
+    dsv2_mat wm = dsv2py_mat(&w);
+    widen_job j = {(float *)dsv2py_data(out), &wm};
+    int64_t grain = (int64_t)(1 << 16) / wm.cols;
+    if (grain < 1) grain = 1;
+    Py_BEGIN_ALLOW_THREADS
+    dsv2_parallel_for(wm.rows, grain, widen_task, &j);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_int8_activations(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(dsv2_get_i8_act() == DSV2_I8_ACT_FP32 ? "fp32" : "int16");
+}
+
+static PyObject *py_set_int8_activations(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:set_int8_activations", &name)) return NULL;
+    int mode;
+    if (!strcmp(name, "int16")) mode = DSV2_I8_ACT_INT16;
+    else if (!strcmp(name, "fp32")) mode = DSV2_I8_ACT_FP32;
+    else return PyErr_Format(PyExc_ValueError, "mode: expected 'int16' or 'fp32', got '%s'", name);
+    dsv2_set_i8_act(mode);
+    Py_RETURN_NONE;
+}
+
+/* row_dot_limits() -> (linear, mlp): most activation rows a call sends through the row-dot
+ * kernels (more: sgemm on dequantized panels) */
+static PyObject *py_row_dot_limits(PyObject *self, PyObject *noargs) {
+    return Py_BuildValue("(ii)", (int)DSV2_LINEAR_GEMV_MAX_T, (int)DSV2_MLP_GEMV_MAX_T);
+}
+
+PyMethodDef dsv2py_quant_methods[] = {
+    {"row_dot_limits", py_row_dot_limits, METH_NOARGS,
+     "row_dot_limits() -> (linear, mlp): most activation rows per call on the row-dot kernels"},
+    {"get_int8_activations", py_get_int8_activations, METH_NOARGS, "get_int8_activations() -> 'int16' | 'fp32'"},
+    {"set_int8_activations", py_set_int8_activations, METH_VARARGS,
+     "set_int8_activations(mode): activations of int8 row-dot products, 'int16' (fast) or 'fp32' (exact)"},
+    {"quantize_int8", py_quantize_int8, METH_VARARGS,
+     "quantize_int8(q, scales, w, group): int8 codes q [rows, cols] and fp32 scales [rows, cols / group] of w"},
+    {"dequantize", py_dequantize, METH_VARARGS, "dequantize(out, w): out [rows, cols] float32 = the values of w"},
+    {NULL, NULL, 0, NULL}};
