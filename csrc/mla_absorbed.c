@@ -26,6 +26,7 @@
 
 typedef struct {
     int64_t t, j0, j1, slot; /* slot < 0: whole row range, write the result directly */
+    int64_t h0, h1;          /* heads [h0, h1) (a split by heads only when slot < 0) */
 } work_item;
 
 typedef struct {
@@ -56,18 +57,19 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
         int64_t i = atomic_fetch_add(&j->next, 1);
         if (i >= j->n_items) break;
         const work_item *it = &j->items[i];
-        const float *Q = j->qa + it->t * H * Wd;
+        const int64_t Hn = it->h1 - it->h0; /* the item's heads */
+        const float *Q = j->qa + it->t * H * Wd + it->h0 * Wd;
         const float *K = j->cache + (size_t)j->seq[it->t] * (size_t)j->S * (size_t)Wd;
-        for (int64_t h = 0; h < H; h++) {
+        for (int64_t h = 0; h < Hn; h++) {
             m[h] = -INFINITY;
             l[h] = 0.0f;
         }
-        memset(O, 0, (size_t)H * (size_t)L * sizeof(float));
+        memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float));
         for (int64_t jb = it->j0; jb < it->j1; jb += KB) {
             const int64_t nb = it->j1 - jb < KB ? it->j1 - jb : KB;
             const float *Kb = K + jb * Wd;
-            dsv2_mla_scores(Sb, KB, Q, Wd, H, Kb, Wd, nb, Wd);
-            for (int64_t h = 0; h < H; h++) {
+            dsv2_mla_scores(Sb, KB, Q, Wd, Hn, Kb, Wd, nb, Wd);
+            for (int64_t h = 0; h < Hn; h++) {
                 float *sh = Sb + h * KB;
                 const float mx = dsv2_vmax(sh, nb) * j->scale;
                 if (mx > m[h] || mx != mx) { /* NaN scores propagate */
@@ -80,11 +82,11 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
                 }
                 l[h] += dsv2_vexp_shift_sum(sh, nb, j->scale, m[h]);
             }
-            dsv2_mla_pv_acc(O, L, Sb, KB, H, Kb, Wd, nb, L);
+            dsv2_mla_pv_acc(O, L, Sb, KB, Hn, Kb, Wd, nb, L);
         }
         if (it->slot < 0) {
-            float *dst = j->olat + it->t * H * L;
-            for (int64_t h = 0; h < H; h++) {
+            float *dst = j->olat + it->t * H * L + it->h0 * L;
+            for (int64_t h = 0; h < Hn; h++) {
                 const float inv = 1.0f / l[h];
                 for (int64_t c = 0; c < L; c++) dst[h * L + c] = O[h * L + c] * inv;
             }
@@ -262,9 +264,16 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
         n_items += k;
         if (k > 1) n_slots += k;
     }
+    /* fewer (token, rows) items than threads and none split by rows (decode at short
+     * contexts): split them by heads instead, so that every thread works */
+    int64_t hparts = 1;
+    if (n_items < nthreads && n_slots == 0) {
+        hparts = (nthreads + n_items - 1) / n_items;
+        if (hparts > H) hparts = H;
+    }
     float *qa = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)Wd * sizeof(float));
     float *olat = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)L * sizeof(float));
-    work_item *items = (work_item *)malloc((size_t)n_items * sizeof(work_item));
+    work_item *items = (work_item *)malloc((size_t)(n_items * hparts) * sizeof(work_item));
     int64_t *first = (int64_t *)malloc((size_t)T * 2 * sizeof(int64_t));
     float *part = n_slots ? (float *)dsv2_scratch_alloc((size_t)n_slots * (size_t)H * (size_t)(L + 2) * sizeof(float)) : NULL;
     int rc = DSV2_OK;
@@ -279,14 +288,18 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
             const int64_t len = pos[t] + 1, k = (len + span - 1) / span;
             first[t] = slot;
             nsl[t] = k > 1 ? k : 0;
-            for (int64_t s = 0; s < k; s++) {
-                items[ii].t = t;
-                items[ii].j0 = s * span;
-                items[ii].j1 = (s + 1) * span < len ? (s + 1) * span : len;
-                items[ii].slot = k > 1 ? slot++ : -1;
-                ii++;
-            }
+            for (int64_t s = 0; s < k; s++)
+                for (int64_t hp = 0; hp < hparts; hp++) {
+                    items[ii].t = t;
+                    items[ii].j0 = s * span;
+                    items[ii].j1 = (s + 1) * span < len ? (s + 1) * span : len;
+                    items[ii].slot = k > 1 ? slot++ : -1;
+                    items[ii].h0 = H * hp / hparts;
+                    items[ii].h1 = H * (hp + 1) / hparts;
+                    ii++;
+                }
         }
+        n_items = ii;
     }
     rc = absorb_queries(qa, q, T, kv_b, dm);
     if (rc) goto done;

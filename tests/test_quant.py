@@ -211,11 +211,11 @@ def test_linear_bf16_access_orders(isa, T, K):
 def test_linear_int8_threads_identical():
     q = quantize_int8(rand_w((515, 2048), 1), 32)
     x = np.random.default_rng(2).standard_normal((3, 2048)).astype(np.float32)
-    outs = []
+    outs, prev = [], dsv2ext.get_num_threads()
     for n in (1, 2, 3):
         dsv2ext.set_num_threads(n)
         outs.append(ops.linear(x, q))
-    dsv2ext.set_num_threads(2)
+    dsv2ext.set_num_threads(prev)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
 
@@ -446,3 +446,26 @@ def test_expert_table_checks(bundled_int8):
         e0 = m.experts[0].gate_proj
         out = np.frombuffer(e0.data, np.float32).reshape(-1)[:512].reshape(2, 256)  # aliases expert 0's weights
         ops.moe_block(x, m.gate, tab, None, cfg, out=out)
+
+
+@pytest.mark.parametrize("kv_b_kind", ["f32", "bf16", "int8"])
+def test_absorbed_decode_split_by_heads(kv_b_kind):
+    """Decode at a short context: the attention work is split by heads over the threads
+    (and the absorbed query computed one head per work item); identical for 1, 2, 3
+    threads and equal to the non-absorbed form."""
+    rng = np.random.default_rng(5)
+    H, nope, rope, v, L = 16, 32, 16, 32, 64
+    cache = rng.standard_normal((2, 50, L + rope)).astype(np.float32)
+    w = (rng.standard_normal((H * (nope + v), L)) / 8).astype(np.float32)
+    kv_b = {"f32": w, "bf16": BF16.from_float32(w), "int8": quantize_int8(w, 32)}[kv_b_kind]
+    q = rng.standard_normal((1, H, nope + rope)).astype(np.float32)
+    seq, pos = np.array([1]), np.array([37])
+    outs, prev = [], dsv2ext.get_num_threads()
+    for n in (1, 2, 3):
+        dsv2ext.set_num_threads(n)
+        outs.append(ops.mla_attention_absorbed(q, cache, seq, pos, kv_b, 0.2))
+    dsv2ext.set_num_threads(prev)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    ref = ops.mla_attention_decompressed(q, cache, seq, pos, kv_b, 0.2)
+    assert max_rel_err(outs[0], ref) <= KTOL
