@@ -14,6 +14,7 @@ the process's ``ru_maxrss``) and lets the driver time-box each one.
 from __future__ import annotations
 
 import math
+import abc
 import os
 import sys
 import time
@@ -28,34 +29,40 @@ from common import peak_rss_bytes, prompt_ids, read_json, top2, write_json  # no
 # ----------------------------------------------------------------------------- engines
 
 
-class Engine:
-    """What every engine offers the measurements."""
+class Engine(abc.ABC):
+    """What every engine offers the measurements (each engine implements every abstract method)."""
 
     name = "?"
     dtype = "?"
 
+    @abc.abstractmethod
     def logits_all(self, ids: List[int]) -> np.ndarray:
         """float32 [T, V] logits of every position of a fresh sequence."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def greedy(self, ids: List[int], n: int) -> Tuple[List[int], List[Dict[str, Any]]]:
         """n greedy tokens after ids, and the top-2 of the logits at each step."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def prefill(self, ids: List[int]) -> float:
         """Seconds to process a fresh prompt (logits of its last token only)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode(self, ids: List[int], n: int) -> Dict[str, Any]:
         """Prefill ids, then n greedy decode steps; {"prefill_s", "decode_s", "tokens", "step_s"}."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def kv_bytes_per_token(self) -> Dict[str, Any]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def active_weight_bytes(self) -> Dict[str, Any]:
         """Bytes of weights one decode step reads (experts: top-k of E; embedding: one row)."""
-        raise NotImplementedError
+        ...
 
     def profile(self, ids: List[int], n: int) -> Optional[Dict[str, Any]]:
         return None
