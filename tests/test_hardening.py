@@ -578,7 +578,7 @@ def test_config_claiming_huge_counts_fails_fast(tmp_path, over):
     t0 = time.perf_counter()
     with pytest.raises(dsv2ext.CheckpointError, match="lacks tensors"):
         dsv2ext.load(str(tmp_path))
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 30.0  # building 10**9 names would take minutes
 
 
 def test_config_file_errors_name_the_file(tmp_path):
