@@ -155,6 +155,54 @@ def measure_peaks(cache: str, threads: List[int], quick: bool = False, read_only
     return out
 
 
+class BandwidthProbe:
+    """A streaming-read probe that keeps its buffer between measurements (``machine_peak readloop``).
+
+    The interleaved decode rounds take one reading before each round: on a shared host the
+    bandwidth drifts by tens of percent within minutes, so a roofline must come from probes
+    taken at the same time as the measurement it judges.  The buffer (2 GiB, as in
+    :func:`measure_peaks`) is allocated once: allocating it anew for each reading would make
+    the kernel evict other processes' page cache (the engines' memory-mapped weights) and
+    slow them down.  Use as a context manager; :meth:`read` returns GB/s (best of ``reps``).
+    """
+
+    def __init__(self, cache: str, threads: int, size: int = 2 << 30, reps: int = 3) -> None:
+        self.proc = subprocess.Popen([_binary(cache), "readloop", str(threads), str(size), str(reps)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError("machine_peak readloop did not start")
+
+    def read(self) -> float:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("read\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("machine_peak readloop exited")
+        return float(line)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> "BandwidthProbe":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 if __name__ == "__main__":
     import json
     print(json.dumps(machine_info(), indent=1))

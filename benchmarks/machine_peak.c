@@ -5,6 +5,11 @@
  *   machine_peak fma32 THREADS ITERS REPS   -> best GFLOP/s (zmm vfmadd231ps)
  *   machine_peak bf16  THREADS ITERS REPS   -> best GFLOP/s (zmm vdpbf16ps)
  *   machine_peak vnni  THREADS ITERS REPS   -> best GOP/s   (zmm vpdpbusd)
+ *   machine_peak readloop THREADS BYTES REPS -> allocates and touches BYTES once, then prints the
+ *                                              best GB/s of REPS passes for every line read from
+ *                                              stdin (until EOF): a probe that keeps its memory,
+ *                                              so that probing between measurements does not make
+ *                                              the kernel evict other processes' page cache
  *
  * Prints one number.  Compiled by benchmarks/machine.py with
  * gcc -O2 -march=native -pthread.  The read loop sums 64-bit lanes into
@@ -33,6 +38,7 @@ typedef struct {
     size_t bytes;
     long iters;
     pthread_barrier_t *start, *stop;
+    volatile int *quit;
     int reps;
     double *times; /* written by thread 0 */
     uint64_t sink;
@@ -102,7 +108,15 @@ static void *worker(void *arg) {
     job_t *j = (job_t *)arg;
     size_t slice = (j->bytes / j->nthreads) & ~(size_t)511;
     uint8_t *p = j->buf + (size_t)j->id * slice;
-    if (j->mode == 0) memset(p, j->id + 1, slice);
+    if (j->mode == 0 || j->mode == 4) memset(p, j->id + 1, slice);
+    if (j->mode == 4) { /* the main thread times each pass between the two barriers */
+        for (;;) {
+            pthread_barrier_wait(j->start);
+            if (*j->quit) return NULL;
+            j->sink += read_slice(p, slice);
+            pthread_barrier_wait(j->stop);
+        }
+    }
     for (int r = 0; r < j->reps; r++) {
         pthread_barrier_wait(j->start);
         double t0 = now();
@@ -125,11 +139,12 @@ static void *worker(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc != 5) {
-        fprintf(stderr, "usage: %s read|fma32|bf16|vnni THREADS BYTES_OR_ITERS REPS\n", argv[0]);
+        fprintf(stderr, "usage: %s read|fma32|bf16|vnni|readloop THREADS BYTES_OR_ITERS REPS\n", argv[0]);
         return 2;
     }
     int mode = !strcmp(argv[1], "read") ? 0 : !strcmp(argv[1], "fma32") ? 1
-             : !strcmp(argv[1], "bf16") ? 2 : !strcmp(argv[1], "vnni") ? 3 : -1;
+             : !strcmp(argv[1], "bf16") ? 2 : !strcmp(argv[1], "vnni") ? 3
+             : !strcmp(argv[1], "readloop") ? 4 : -1;
     int nt = atoi(argv[2]);
     long n = atol(argv[3]);
     int reps = atoi(argv[4]);
@@ -144,20 +159,46 @@ int main(int argc, char **argv) {
     if (mode == 3) { fprintf(stderr, "this CPU/compiler has no AVX512-VNNI\n"); return 3; }
 #endif
     uint8_t *buf = NULL;
-    if (mode == 0 && posix_memalign((void **)&buf, 4096, (size_t)n) != 0) {
+    if ((mode == 0 || mode == 4) && posix_memalign((void **)&buf, 4096, (size_t)n) != 0) {
         fprintf(stderr, "cannot allocate %ld bytes\n", n);
         return 1;
     }
     pthread_barrier_t b1, b2;
-    pthread_barrier_init(&b1, NULL, nt);
-    pthread_barrier_init(&b2, NULL, nt);
+    pthread_barrier_init(&b1, NULL, nt + (mode == 4));
+    pthread_barrier_init(&b2, NULL, nt + (mode == 4));
     double *times = calloc(reps, sizeof(double));
     job_t *jobs = calloc(nt, sizeof(job_t));
     pthread_t *th = calloc(nt, sizeof(pthread_t));
+    volatile int quit = 0;
     for (int i = 0; i < nt; i++) {
         jobs[i] = (job_t){.id = i, .nthreads = nt, .mode = mode, .buf = buf, .bytes = (size_t)n,
-                          .iters = n, .start = &b1, .stop = &b2, .reps = reps, .times = times};
+                          .iters = n, .start = &b1, .stop = &b2, .quit = &quit, .reps = reps, .times = times};
         pthread_create(&th[i], NULL, worker, &jobs[i]);
+    }
+    if (mode == 4) {
+        double bytes = (double)(((size_t)n / nt) & ~(size_t)511) * nt;
+        char line[256];
+        pthread_barrier_wait(&b1); /* a first, untimed pass: every thread has touched its slice */
+        pthread_barrier_wait(&b2);
+        printf("ready\n");
+        fflush(stdout);
+        while (fgets(line, sizeof line, stdin)) {
+            double best = 0;
+            for (int r = 0; r < reps; r++) {
+                double t0 = now();
+                pthread_barrier_wait(&b1);
+                pthread_barrier_wait(&b2);
+                double dt = now() - t0;
+                if (r == 0 || dt < best) best = dt;
+            }
+            printf("%.3f\n", bytes / best / 1e9);
+            fflush(stdout);
+        }
+        quit = 1;
+        pthread_barrier_wait(&b1);
+        for (int i = 0; i < nt; i++) pthread_join(th[i], NULL);
+        free(buf);
+        return 0;
     }
     uint64_t sink = 0;
     for (int i = 0; i < nt; i++) {

@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -41,7 +44,7 @@ sys.path.insert(0, HERE)
 
 from checkpoint import GEOMETRIES, build_checkpoint, hf_config, tensor_specs  # noqa: E402
 from common import FULL, QUICK, first_divergence, read_json, write_json  # noqa: E402
-from machine import cpu_busy, machine_info, measure_peaks, wait_until_idle  # noqa: E402
+from machine import BandwidthProbe, cpu_busy, machine_info, measure_peaks, wait_until_idle  # noqa: E402
 
 #: relative-error bound of dsv2ext fp32 vs transformers fp32 logits
 FP32_REL_TOL = 1e-4
@@ -71,6 +74,11 @@ class Run:
 
 
 ENGINE_LABEL = {"dsv2ext": "dsv2ext", "transformers": "transformers", "llama": "llama.cpp"}
+
+#: engines whose decode is measured again in interleaved rounds (they fit in memory side by side)
+INTERLEAVED = {("dsv2ext", "bf16"), ("dsv2ext", "int8"), ("llama", "BF16"), ("llama", "Q8_0")}
+#: lite-full's int8 and Q8_0 models (16-17 GiB each) cannot be resident together in 24 GiB
+INTERLEAVE_GEOMETRIES = {"lite-L4"}
 
 
 def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool, all_contexts: bool,
@@ -158,12 +166,144 @@ def run_worker(run: Run, spec: Dict[str, Any], work_dir: str, log: Any) -> Dict[
     return res
 
 
-def keep_best(peaks: Dict[str, Any], new: Dict[str, Any]) -> None:
-    """Raise every ceiling in ``peaks`` to ``new``'s where that is higher (in place)."""
-    for metric in ("read_GBps", "fma32_GFLOPs", "bf16_GFLOPs", "vnni_GOPs"):
+class Served:
+    """A worker process in ``serve`` mode: one engine kept loaded, decoding on request."""
+
+    def __init__(self, run: Run, spec: Dict[str, Any], work_dir: str) -> None:
+        self.run = run
+        name = "serve-" + run.key.split(":", 1)[1].replace(":", "-")
+        spec_path = os.path.join(work_dir, name + ".spec.json")
+        self.log_path = os.path.join(work_dir, name + ".log")
+        write_json(spec_path, dict(spec, out=os.path.join(work_dir, name + ".json"), engine=run.engine,
+                                   variant=run.variant, task="serve"))
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "worker.py"), spec_path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                     text=True, start_new_session=True)
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def reply(self, timeout: float) -> Dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"{self.run.key}: no answer within {timeout:.0f} s (log: {self.log_path})")
+        if line is None:
+            raise RuntimeError(f"{self.run.key}: the worker exited (log: {self.log_path})")
+        return json.loads(line)
+
+    def ask(self, cmd: Dict[str, Any], timeout: float) -> Dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.reply(timeout)
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._log.close()
+
+
+def interleaved_decode(runs: List[Run], base_spec: Dict[str, Any], ggufs: Dict[str, str], contexts: List[int],
+                       steps: int, rounds: int, cache: str, threads: int, work_dir: str,
+                       log: Any) -> Dict[str, Any]:
+    """Decode of several engines, measured in alternating rounds with a bandwidth probe per round.
+
+    The engines stay loaded side by side (one process each).  For each context,
+    every engine prefills it, then ``rounds`` rounds follow: a short
+    streaming-read probe (the 2 GiB buffer of the machine probe), then
+    ``steps / rounds`` decode steps of every engine, the starting engine rotating
+    from round to round, with a 0.3 s pause before each engine's turn (llama.cpp's
+    threads poll for a while after their work; the pause lets them sleep) and one
+    untimed step at the start of each turn (wakes the threads, refills the caches).  Memory-bandwidth drift on
+    a shared host (tens of percent within minutes) then hits every engine alike,
+    and the roofline uses the median of the probes taken between the steps.
+
+    Returns
+    -------
+    dict
+        ``{"bandwidth_GBps": {ctx: [...]}, "engines": {key: {"decode": {ctx: {...}}, "weights": ...,
+        "kv_cache": ...}}, "rounds": R, "steps_per_round": k}``
+    """
+    per = max(1, steps // rounds)
+    out: Dict[str, Any] = {"rounds": rounds, "steps_per_round": per, "bandwidth_GBps": {}, "engines": {}}
+    served: List[Served] = []
+    probe = BandwidthProbe(cache, threads)  # allocated before the engines load, kept to the end
+    try:
+        for run in runs:
+            spec = dict(base_spec)
+            if run.engine == "llama":
+                spec["gguf"] = ggufs[run.variant]
+            served.append(Served(run, spec, work_dir))
+        for s in served:
+            hello = s.reply(timeout=s.run.timeout)
+            out["engines"][s.run.key] = {"weights": hello["weights"], "kv_cache": hello["kv_cache"], "decode": {}}
+        log(f"  interleaved decode: {', '.join(s.run.key for s in served)} loaded")
+        for ctx in contexts:
+            for s in served:
+                d = s.ask({"cmd": "begin", "context": ctx}, timeout=s.run.timeout)
+                out["engines"][s.run.key]["decode"][str(ctx)] = {"prefill_s": d["prefill_s"], "step_s": []}
+            bws = []
+            for r in range(rounds):
+                time.sleep(0.3)
+                bws.append(probe.read())
+                for i in range(len(served)):
+                    s = served[(i + r) % len(served)]
+                    # let the previous engine's threads go to sleep first: llama.cpp's pool keeps polling
+                    # for a while after its work, which would take the cores from the next engine
+                    time.sleep(0.3)
+                    d = s.ask({"cmd": "steps", "n": per, "warmup": 1}, timeout=s.run.timeout)
+                    out["engines"][s.run.key]["decode"][str(ctx)]["step_s"].extend(d["step_s"])
+            out["bandwidth_GBps"][str(ctx)] = bws
+            msg = []
+            for s in served:
+                d = out["engines"][s.run.key]["decode"][str(ctx)]
+                d["tokens"] = len(d["step_s"])
+                d["decode_s"] = float(sum(d["step_s"]))
+                d["tokens_per_s"] = 1.0 / float(np.median(d["step_s"]))
+                d["tokens_per_s_mean"] = d["tokens"] / d["decode_s"]
+                d["prefill_tokens_per_s"] = ctx / d["prefill_s"]
+                msg.append(f"{s.run.key.split(':', 1)[1]} {d['tokens_per_s']:.1f}")
+            log(f"  interleaved decode @{ctx}: " + ", ".join(msg) + f" tok/s; read bandwidth median "
+                f"{np.median(bws):.1f} GB/s (min {min(bws):.1f}, max {max(bws):.1f})")
+    finally:
+        for s in served:
+            s.close()
+        probe.close()
+    return out
+
+
+def merge_peaks(peaks: Dict[str, Any], new: Dict[str, Any]) -> None:
+    """Fold another probe into ``peaks`` (in place).
+
+    Compute ceilings keep the best seen (they only drop when other processes
+    take the cores).  Read bandwidth keeps every sample (``read_samples``) and
+    ``read_GBps`` is their median: on a shared host it drifts both ways, and the
+    best sample would make every roofline fraction look worse than it is.
+    """
+    for metric in ("fma32_GFLOPs", "bf16_GFLOPs", "vnni_GOPs"):
         for t, v in new.get(metric, {}).items():
             if v is not None and (peaks[metric].get(t) or 0) < v:
                 peaks[metric][t] = v
+    samples = peaks.setdefault("read_samples", {})
+    for t, v in new.get("read_samples", new.get("read_GBps", {})).items():
+        vs = v if isinstance(v, list) else [v]
+        samples.setdefault(t, []).extend(x for x in vs if x is not None)
+    for t, vs in samples.items():
+        if vs:
+            peaks["read_GBps"][t] = float(np.median(vs))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -285,9 +425,16 @@ def flops_per_prefill_token(cfg: Dict[str, Any], T: int) -> float:
 
 
 def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threads: int,
-                cfg: Dict[str, Any], workload: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """One row per speed run, with rooflines."""
+                cfg: Dict[str, Any], workload: Dict[str, Any],
+                interleaved: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """One row per speed run, with rooflines.
+
+    Decode numbers of the engines measured in the interleaved rounds come from
+    there, with the roofline of the probes taken in those rounds; the others use
+    the median of the probes taken between the workers.
+    """
     bw = (peaks["read_GBps"].get(str(threads)) or float("nan")) * 1e9
+    inter = (interleaved or {}).get("engines", {})
     fma = (peaks["fma32_GFLOPs"].get(str(threads)) or float("nan")) * 1e9
     rows = []
     for key, r in results.items():
@@ -318,13 +465,21 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
         row["peak_rss_bytes"] = r["peak_rss_bytes"]
         row["load_seconds"] = r.get("load_seconds")
         row["decode"] = {}
-        for ctx, d in r["decode"].items():
+        decode = r["decode"]
+        if key in inter:
+            decode = inter[key]["decode"]
+            row["decode_source"] = "interleaved"
+        for ctx, d in decode.items():
             c = int(ctx)
             read = wbytes + (c + workload["decode_tokens"] / 2.0) * kvb
-            roof = bw / read
+            bw_c = bw
+            if key in inter:
+                bw_c = float(np.median(interleaved["bandwidth_GBps"][ctx])) * 1e9
+            roof = bw_c / read
             row["decode"][ctx] = {"tps": d["tokens_per_s"], "tps_mean": d.get("tokens_per_s_mean"),
                                   "roofline_tps": roof,
                                   "roofline_fraction": d["tokens_per_s"] / roof, "bytes_per_token": read,
+                                  "bandwidth_GBps": bw_c / 1e9,
                                   "prefill_tps": d["prefill_tokens_per_s"]}
         fl = flops_per_prefill_token(cfg, workload["prefill"])
         row["prefill_gflops"] = row["prefill_tps"] * fl / 1e9
@@ -546,9 +701,21 @@ def render_markdown(all_runs: Dict[str, Any]) -> str:
         out.append("")
         out += r["table"]
         out.append("")
-        out.append("Decode tokens/s = 1 / median time of the 64 steps (the mean is in results.json). "
+        out.append("Decode tokens/s = 1 / median time of the decode steps (the mean is in results.json). "
                    "Roofline = read bandwidth / (active weight bytes per token in the engine's own format + "
                    "KV cache bytes read per token at that context).")
+        il = r.get("interleaved")
+        if il:
+            names = ", ".join(k.split(":", 1)[1].replace(":", " ") for k in il.get("engines", {}))
+            bws = "; ".join(f"@{c}: median {_fmt(float(np.median(v)))} GB/s (min {_fmt(min(v))}, max {_fmt(max(v))})"
+                            for c, v in il["bandwidth_GBps"].items())
+            out += ["", f"Decode of {names} was measured side by side: all four stay loaded, and {il['rounds']} "
+                    f"rounds alternate {il['steps_per_round']} steps of each (the first engine rotating), each round "
+                    f"after a short streaming-read probe; their roofline uses those probes ({bws}). On this shared "
+                    "host the read bandwidth drifts by tens of percent within minutes, so engines measured minutes "
+                    "apart are not comparable; rounds are. The other rows' roofline uses the median of the probes "
+                    "taken between workers "
+                    f"({', '.join(_fmt(x) for x in pk.get('read_samples', {}).get(t, []))} GB/s)."]
         busy = [(x["engine"] + " " + x["variant"], x.get("cpu_busy_before")) for x in r["rows"]]
         loud = [f"{n} {100 * b:.0f}%" for n, b in busy if b is not None and b >= 0.15]
         if loud:
@@ -604,6 +771,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each worker, wait up to this long for other processes to leave the CPUs "
                          "idle (< 15%% busy); the busy fraction is recorded either way")
+    ap.add_argument("--no-interleave", action="store_true",
+                    help="skip the interleaved decode rounds (decode numbers then come from each engine's "
+                         "own worker, measured minutes apart)")
     args = ap.parse_args(argv)
     if args.threads < 1:
         ap.error("--threads: expected >= 1")
@@ -621,6 +791,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"machine: {info['cpu_model']}, {info['logical_cpus']} CPUs, "
         f"{(info['memory_bytes'] or 0) / 2 ** 30:.1f} GiB, ISA {' '.join(info['isa'])}")
     peaks = measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick)
+    peaks["read_samples"] = {t: [v] for t, v in peaks["read_GBps"].items() if v is not None}
     t = str(args.threads)
     log(f"read bandwidth {peaks['read_GBps']['1']:.1f} GB/s (1 thread), {peaks['read_GBps'][t]:.1f} GB/s "
         f"({t} threads); fp32 FMA {peaks['fma32_GFLOPs'][t]:.0f} GFLOP/s, bf16 dot "
@@ -650,6 +821,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only:
         keys = [s.strip() for s in args.only.split(",") if s.strip()]
         runs = [r for r in runs if any(k in r.key for k in keys)]
+    if not args.no_interleave and geometry in INTERLEAVE_GEOMETRIES and \
+            sum(r.task == "speed" and (r.engine, r.variant) in INTERLEAVED for r in runs) >= 2:
+        for r in runs:  # their decode is measured in the interleaved rounds; the first context keeps the profile
+            if r.task == "speed" and (r.engine, r.variant) in INTERLEAVED:
+                r.contexts = workload["decode_contexts"][:1]
     work = os.path.join(args.cache, "runs", geometry + ("-quick" if args.quick else ""))
     os.makedirs(work, exist_ok=True)
     n_ctx = max([workload["prefill"], workload["check_prompt"] + workload["check_greedy"]]
@@ -663,7 +839,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         prev_path = os.path.join(out_dir, "results.json")
         if os.path.isfile(prev_path):
             try:
-                keep_best(peaks, read_json(prev_path)["geometries"][geometry]["peaks"])
+                merge_peaks(peaks, read_json(prev_path)["geometries"][geometry]["peaks"])
             except (KeyError, ValueError, TypeError):
                 pass
         for run in plan_runs(geometry, args.quick, args.skip_llama, args.skip_transformers, args.all_contexts,
@@ -683,13 +859,32 @@ def main(argv: Optional[List[str]] = None) -> int:
         results[run.key] = run_worker(run, spec, work, log)
         results[run.key]["cpu_busy_before"] = busy
         # the machine's ceilings between workers: other processes may hold them down at times; keep the best
-        keep_best(peaks, measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick))
+        merge_peaks(peaks, measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick))
 
     # the bandwidth probe again: other processes may have held it down at the start; keep the best
     again = measure_peaks(args.cache, sorted({1, args.threads}), quick=args.quick)
-    keep_best(peaks, again)
-    log(f"read bandwidth at the end {again['read_GBps']} GB/s; using the best seen in the run: read "
-        f"{peaks['read_GBps']} GB/s, fp32 FMA {peaks['fma32_GFLOPs']} GFLOP/s")
+    merge_peaks(peaks, again)
+    log(f"read bandwidth at the end {again['read_GBps']} GB/s; median of the run's probes: "
+        f"{peaks['read_GBps']} GB/s (samples {peaks['read_samples']}); fp32 FMA {peaks['fma32_GFLOPs']} GFLOP/s")
+
+    # decode of dsv2ext and llama.cpp once more, side by side in alternating rounds (see interleaved_decode)
+    inter_path = os.path.join(work, "interleaved.json")
+    inter_runs = [r for r in runs if r.task == "speed" and (r.engine, r.variant) in INTERLEAVED]
+    interleaved: Optional[Dict[str, Any]] = None
+    if len(inter_runs) >= 2 and not args.no_interleave and geometry in INTERLEAVE_GEOMETRIES:
+        if os.path.exists(inter_path):
+            os.unlink(inter_path)
+        busy = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else cpu_busy(1.0)
+        try:
+            interleaved = interleaved_decode(inter_runs, base_spec, ggufs, workload["decode_contexts"],
+                                             workload["decode_tokens"], 8, args.cache, args.threads, work, log)
+            interleaved["cpu_busy_before"] = busy
+            write_json(inter_path, interleaved)
+        except Exception as ex:  # the sequential numbers stay; the failure is reported
+            log(f"interleaved decode FAILED: {type(ex).__name__}: {ex}")
+    elif args.reuse and os.path.isfile(inter_path):
+        interleaved = read_json(inter_path)
+        log(f"  reused the interleaved decode rounds from {inter_path}")
 
     checks = evaluate_checks(results, geometry)
     print()
@@ -697,7 +892,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for c in checks:
         print(f"  {'PASS' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}")
 
-    rows = engine_rows(results, peaks, args.threads, cfg, workload)
+    rows = engine_rows(results, peaks, args.threads, cfg, workload, interleaved)
     order = {"dsv2ext": 0, "llama.cpp": 1, "transformers": 2}
     rows.sort(key=lambda r: (order[r["engine"]], r["variant"]))
     add_ratios(rows, workload["decode_contexts"])
@@ -729,7 +924,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"chart not written: {type(ex).__name__}: {ex}")
         chart_name = ""
     entry = {"meta": meta, "machine": info, "peaks": peaks, "checks": checks, "rows": rows, "table": table,
-             "targets": tg, "profile": profiles, "chart": chart_name,
+             "targets": tg, "profile": profiles, "chart": chart_name, "interleaved": interleaved,
              "records": results_records(rows, meta),
              "economics": {k: economics[k] for k in ("total_params", "active_params", "active_params_no_lm_head",
                                                      "flops_per_token") if k in economics}}

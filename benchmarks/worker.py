@@ -3,7 +3,7 @@
     python benchmarks/worker.py SPEC.json
 
 SPEC keys: engine ("dsv2ext" | "transformers" | "llama"), variant (see
-``ENGINES`` in run.py), task ("check" | "speed"), ckpt (HF directory), gguf
+``ENGINES`` in run.py), task ("check" | "speed" | "serve"), ckpt (HF directory), gguf
 (file, llama only), threads, workload (common.Workload), out (result JSON
 path), npy_dir (check: where logits go).  The result JSON always has
 ``ok``; on failure ``error`` holds the message and traceback.
@@ -51,9 +51,27 @@ class Engine(abc.ABC):
         ...
 
     @abc.abstractmethod
+    def begin(self, ids: List[int]) -> int:
+        """Start a fresh decode state: prefill ids, return the greedy next token (fed by ``step``)."""
+        ...
+
+    @abc.abstractmethod
+    def step(self) -> None:
+        """One greedy decode step: feed the pending token, keep the argmax as the next one."""
+        ...
+
     def decode(self, ids: List[int], n: int) -> Dict[str, Any]:
         """Prefill ids, then n greedy decode steps; {"prefill_s", "decode_s", "tokens", "step_s"}."""
-        ...
+        t0 = time.perf_counter()
+        self.begin(ids)
+        t1 = time.perf_counter()
+        steps = []
+        for _ in range(n):
+            ts = time.perf_counter()
+            self.step()
+            steps.append(time.perf_counter() - ts)
+        t2 = time.perf_counter()
+        return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": n, "step_s": steps}
 
     @abc.abstractmethod
     def kv_bytes_per_token(self) -> Dict[str, Any]:
@@ -115,23 +133,23 @@ class DsEngine(Engine):
         out = self.model.generate(list(ids), max_new_tokens=1, temperature=0)
         return float(out.prefill_seconds)
 
-    def decode(self, ids: List[int], n: int) -> Dict[str, Any]:
+    #: decode steps a state started by ``begin`` has room for
+    STEP_ROOM = 4096
+
+    def begin(self, ids: List[int]) -> int:
         m = self.model
         T = len(ids)
-        t0 = time.perf_counter()
-        cache = m.new_cache(1, T + n + 1)
+        self._cache = m.new_cache(1, T + self.STEP_ROOM)
         logits = m.forward(np.asarray(ids, np.int64), np.zeros(T, np.int64), np.arange(T, dtype=np.int64),
-                           cache, logit_rows=np.array([T - 1]))
-        tok = int(np.argmax(logits[0]))
-        t1 = time.perf_counter()
-        steps = []
-        for i in range(n):
-            ts = time.perf_counter()
-            logits = m.forward(np.array([tok], np.int64), np.zeros(1, np.int64), np.array([T + i], np.int64), cache)
-            tok = int(np.argmax(logits[0]))
-            steps.append(time.perf_counter() - ts)
-        t2 = time.perf_counter()
-        return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": n, "step_s": steps}
+                           self._cache, logit_rows=np.array([T - 1]))
+        self._tok, self._pos = int(np.argmax(logits[0])), T
+        return self._tok
+
+    def step(self) -> None:
+        logits = self.model.forward(np.array([self._tok], np.int64), np.zeros(1, np.int64),
+                                    np.array([self._pos], np.int64), self._cache)
+        self._tok = int(np.argmax(logits[0]))
+        self._pos += 1
 
     def kv_bytes_per_token(self) -> Dict[str, Any]:
         c = self.model.new_cache(1, 1)
@@ -297,23 +315,21 @@ class HFEngine(Engine):
             self._prefill(ids)
             return time.perf_counter() - t0
 
-    def decode(self, ids: List[int], n: int) -> Dict[str, Any]:
+    def begin(self, ids: List[int]) -> int:
         t = self.torch
         with t.inference_mode():
-            t0 = time.perf_counter()
-            logits, pkv = self._prefill(ids)
-            tok = int(t.argmax(logits))
-            t1 = time.perf_counter()
-            steps = []
-            for _ in range(n):
-                ts = time.perf_counter()
-                out = self.model(input_ids=t.tensor([[tok]]), past_key_values=pkv, use_cache=True)
-                pkv = out.past_key_values
-                tok = int(t.argmax(out.logits[0, -1]))
-                steps.append(time.perf_counter() - ts)
-            t2 = time.perf_counter()
-        self._last_cache, self._last_len = pkv, len(ids) + n
-        return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": n, "step_s": steps}
+            logits, self._pkv = self._prefill(ids)
+        self._tok, self._last_len = int(t.argmax(logits)), len(ids)
+        self._last_cache = self._pkv
+        return self._tok
+
+    def step(self) -> None:
+        t = self.torch
+        with t.inference_mode():
+            out = self.model(input_ids=t.tensor([[self._tok]]), past_key_values=self._pkv, use_cache=True)
+            self._pkv = out.past_key_values
+            self._tok = int(t.argmax(out.logits[0, -1]))
+        self._last_cache, self._last_len = self._pkv, self._last_len + 1
 
     def kv_bytes_per_token(self) -> Dict[str, Any]:
         pkv, T = self._last_cache, self._last_len
@@ -408,20 +424,15 @@ class LlamaEngine(Engine):
         self.llm.eval(ids)
         return time.perf_counter() - t0
 
-    def decode(self, ids: List[int], n: int) -> Dict[str, Any]:
-        self.llm.reset()
-        t0 = time.perf_counter()
+    def begin(self, ids: List[int]) -> int:
+        self.llm.reset()  # the next eval() drops the cached tokens
         self.llm.eval(ids)
-        tok = int(np.argmax(self._last_logits()))
-        t1 = time.perf_counter()
-        steps = []
-        for _ in range(n):
-            ts = time.perf_counter()
-            self.llm.eval([tok])
-            tok = int(np.argmax(self._last_logits()))
-            steps.append(time.perf_counter() - ts)
-        t2 = time.perf_counter()
-        return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": n, "step_s": steps}
+        self._tok = int(np.argmax(self._last_logits()))
+        return self._tok
+
+    def step(self) -> None:
+        self.llm.eval([self._tok])
+        self._tok = int(np.argmax(self._last_logits()))
 
     def kv_bytes_per_token(self) -> Dict[str, Any]:
         import re
@@ -529,13 +540,62 @@ def task_speed(spec: Dict[str, Any]) -> Dict[str, Any]:
     return res
 
 
+def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Keep one engine loaded and decode on request, for the driver's interleaved rounds.
+
+    Protocol: one JSON object per line.  The worker answers ``{"ready": true, "weights": ...,
+    "kv_cache": ...}`` once loaded and warmed up, then reads commands from stdin:
+    ``{"cmd": "begin", "context": N}`` (fresh state after an N-token prompt; answers
+    ``{"prefill_s": s}``), ``{"cmd": "steps", "n": k, "warmup": w}`` (w untimed, then k timed greedy
+    steps; answers ``{"step_s": [...]}``)
+    and ``{"cmd": "quit"}``.  Everything else the process prints goes to stderr (the log).
+    """
+    import json
+
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints (engines, progress bars) must not corrupt the protocol
+
+    def send(obj: Dict[str, Any]) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    w = spec["workload"]
+    e = make_engine(spec, logits_all=False)
+    e.decode(prompt_ids(min(128, w["prefill"]), seed=10), 4)  # warm-up, as in task_speed
+    send({"ready": True, "weights": e.active_weight_bytes(), "kv_cache": e.kv_bytes_per_token(),
+          "load_seconds": getattr(e, "load_s", None)})
+    served = 0
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "begin":
+            ctx = int(cmd["context"])
+            t0 = time.perf_counter()
+            e.begin(prompt_ids(ctx, seed=20 + ctx))
+            send({"prefill_s": time.perf_counter() - t0})
+        elif cmd["cmd"] == "steps":
+            for _ in range(int(cmd.get("warmup", 0))):  # untimed: wakes the threads, refills caches
+                e.step()
+            ts = []
+            for _ in range(int(cmd["n"])):
+                t0 = time.perf_counter()
+                e.step()
+                ts.append(time.perf_counter() - t0)
+            served += len(ts)
+            send({"step_s": ts})
+        elif cmd["cmd"] == "quit":
+            break
+        else:
+            raise ValueError(f"serve: unknown command {cmd!r}")
+    return {"steps_served": served}
+
+
 def main() -> int:
     spec = read_json(sys.argv[1])
     out = spec["out"]
     os.environ["BENCH_OUT"] = out
     t0 = time.perf_counter()
     try:
-        fn = {"check": task_check, "speed": task_speed}[spec["task"]]
+        fn = {"check": task_check, "speed": task_speed, "serve": task_serve}[spec["task"]]
         res = fn(spec)
         res["ok"] = True
     except BaseException as ex:  # the driver reports it; the process still exits cleanly
@@ -545,7 +605,7 @@ def main() -> int:
                 res = read_json(out)
             except ValueError:
                 res = {}
-        res.update({"ok": "prefill" in res, "error": f"{type(ex).__name__}: {ex}",
+        res.update({"ok": "prefill" in res and spec["task"] == "speed", "error": f"{type(ex).__name__}: {ex}",
                     "traceback": traceback.format_exc()})
     res["wall_seconds"] = time.perf_counter() - t0
     res["peak_rss_bytes"] = peak_rss_bytes()
