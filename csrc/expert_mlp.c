@@ -1,6 +1,7 @@
 /* expert_mlp.c - SwiGLU MLP: fused gate/up row-dot path and sgemm path. */
 #include "expert_mlp.h"
 #include "cpu.h"
+#include "gemm_bf16dp.h"
 #include "gemv.h"
 #include "linear.h"
 #include "threadpool.h"
@@ -180,6 +181,15 @@ static void dot_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t
     if (T == 1) {
         dsv2_gemv_rows(y, ldy, x, ldx, 1, W, r0, r1);
         return;
+    }
+    if (dsv2_bf16dp_use(W, T)) { /* opt-in bf16 compute: activations rounded once per call */
+        uint16_t *xb = (uint16_t *)malloc((size_t)T * (size_t)W->cols * sizeof(uint16_t));
+        if (xb) {
+            dsv2_round_bf16_rows(xb, x, ldx, T, W->cols);
+            dsv2_bf16dp_rows(y, ldy, xb, W->cols, T, W, r0, r1);
+            free(xb);
+            return;
+        } /* out of memory: the exact path below needs no buffer */
     }
     if (dsv2_isa() == DSV2_ISA_AVX512 && (W->dtype == DSV2_F32 || W->dtype == DSV2_BF16)) {
         for (int64_t t0 = 0; t0 < T;) {

@@ -1,6 +1,8 @@
 /* moe_block.c - the DeepSeekMoE block: route, group by expert, run the
  * experts (sgemm for busy experts, fused row-dot kernels for the rest), combine. */
 #include "moe_block.h"
+#include "gemm_bf16dp.h"
+#include "linear.h"
 #include "moe_dispatch.h"
 #include "scratch.h"
 #include "threadpool.h"
@@ -148,15 +150,20 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     int64_t grain = d >= 16384 ? 1 : 16384 / d;
     dsv2_parallel_for(S, grain, gather_task, &gj);
 
-    /* busy experts: one sgemm-based MLP each */
+    /* busy experts: one matrix-product MLP each.  Busy means more than
+     * DSV2_MLP_GEMV_MAX_T tokens, or more than 8 in the bf16 compute mode,
+     * whose product kernels round each activation matrix once per call
+     * (the row-dot units would round it once per block of rows). */
+    const int64_t busy = dsv2_bf16dp_use(&experts[0].gate, 2) && dsv2_bf16dp_use(&experts[0].down, 2)
+                             ? DSV2_LINEAR_GEMV_MAX_T : DSV2_MLP_GEMV_MAX_T;
     for (int64_t e = 0; e < E; e++) {
         int64_t o = ws->off[e], n = ws->off[e + 1] - o;
-        if (n > DSV2_MLP_GEMV_MAX_T) {
+        if (n > busy) {
             rc = dsv2_mlp_gemm(ws->Y + o * d, d, ws->Xg + o * d, d, n, &experts[e], ws->gs);
             if (rc) return rc;
         }
     }
-    if (shared && Tc > DSV2_MLP_GEMV_MAX_T) {
+    if (shared && Tc > busy) {
         rc = dsv2_mlp_gemm(ws->Ys, d, x, d, Tc, shared, ws->gs);
         if (rc) return rc;
     }
@@ -164,7 +171,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     int64_t nu = 0, items = 0, nsmall = 0;
     for (int64_t e = 0; e < E; e++) {
         int64_t n = ws->off[e + 1] - ws->off[e];
-        if (n >= 1 && n <= DSV2_MLP_GEMV_MAX_T) nsmall += n;
+        if (n >= 1 && n <= busy) nsmall += n;
     }
     /* int8 experts: their gathered rows quantized to int16 once (all S rows
      * when most are in row-dot units, else only the units' rows) */
@@ -174,7 +181,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         } else {
             for (int64_t e = 0; e < E; e++) {
                 int64_t o = ws->off[e], n = ws->off[e + 1] - o;
-                if (n >= 1 && n <= DSV2_MLP_GEMV_MAX_T) {
+                if (n >= 1 && n <= busy) {
                     dsv2_xq xr = xq_rows(&ws->Xq, d, o);
                     dsv2_quantize_act16((int16_t *)xr.q, (float *)xr.s, ws->Xg + o * d, d, n, d, xr.group);
                 }
@@ -183,14 +190,14 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     }
     for (int64_t e = 0; e < E; e++) {
         int64_t o = ws->off[e], n = ws->off[e + 1] - o;
-        if (n >= 1 && n <= DSV2_MLP_GEMV_MAX_T) {
+        if (n >= 1 && n <= busy) {
             unit un = {&experts[e], ws->Xg + o * d, d, n, ws->H + o * I, I, ws->Y + o * d, d, I, items,
                        xq_rows(&ws->Xq, d, o), xq_rows(&ws->Hq, I, o)};
             ws->units[nu++] = un;
             items += (I + MOE_ROWS_A - 1) / MOE_ROWS_A;
         }
     }
-    if (shared && Tc <= DSV2_MLP_GEMV_MAX_T) {
+    if (shared && Tc <= busy) {
         if (ws->xsq.q) quant_rows(&ws->xsq, x, d, Tc, d);
         unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq};
         ws->units[nu++] = un;

@@ -44,6 +44,7 @@ from .model import DeepseekV2, default_model_path, load
 from .safetensors import CheckpointError
 from .stats import stats
 from .threads import get_isa, get_num_threads, set_isa, set_num_threads
+from .precision import bf16_compute, bf16_compute_available, get_bf16_compute, set_bf16_compute
 from .tokenizer import TokenizerError
 
 __version__ = "0.1.0"
@@ -59,6 +60,6 @@ def generate(prompt: Any, max_new_tokens: int = 64, **kwargs: Any):
     return _default_model.generate(prompt, max_new_tokens, **kwargs)
 
 
-__all__ = ["BF16", "ops", "load", "generate", "DeepseekV2", "ModelConfig", "ConfigError", "CheckpointError",
+__all__ = ["bf16_compute", "bf16_compute_available", "get_bf16_compute", "set_bf16_compute", "BF16", "ops", "load", "generate", "DeepseekV2", "ModelConfig", "ConfigError", "CheckpointError",
            "TokenizerError", "stats", "default_model_path", "set_num_threads", "get_num_threads", "get_isa",
            "set_isa", "__version__"]

@@ -2,6 +2,7 @@
 #include "bind_util.h"
 
 #include "../csrc/expert_mlp.h"
+#include "../csrc/gemm_bf16dp.h"
 #include "../csrc/gemv.h"
 #include "../csrc/linear.h"
 #include "../csrc/quant.h"
@@ -99,7 +100,27 @@ static PyObject *py_row_dot_limits(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("(ii)", (int)DSV2_LINEAR_GEMV_MAX_T, (int)DSV2_MLP_GEMV_MAX_T);
 }
 
+static PyObject *py_get_bf16_compute(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(dsv2_get_bf16_compute());
+}
+
+static PyObject *py_set_bf16_compute(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p:set_bf16_compute", &on)) return NULL;
+    dsv2_set_bf16_compute(on);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_bf16_compute_available(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(dsv2_bf16dp_available());
+}
+
 PyMethodDef dsv2py_quant_methods[] = {
+    {"get_bf16_compute", py_get_bf16_compute, METH_NOARGS, "get_bf16_compute() -> bool"},
+    {"set_bf16_compute", py_set_bf16_compute, METH_VARARGS,
+     "set_bf16_compute(on): bf16 weights x bf16-rounded activations on vdpbf16ps for products of 2+ rows"},
+    {"bf16_compute_available", py_bf16_compute_available, METH_NOARGS,
+     "bf16_compute_available() -> bool: the CPU (and the ISA cap) allow the bf16 dot-product kernels"},
     {"row_dot_limits", py_row_dot_limits, METH_NOARGS,
      "row_dot_limits() -> (linear, mlp): most activation rows per call on the row-dot kernels"},
     {"get_int8_activations", py_get_int8_activations, METH_NOARGS, "get_int8_activations() -> 'int16' | 'fp32'"},
