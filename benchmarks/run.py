@@ -95,12 +95,15 @@ def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool, all_c
     if geometry == "lite-L4":
         runs.append(Run("dsv2ext", "f32", "check", t_ds))
         runs.append(Run("dsv2ext", "bf16", "check", t_ds))
+        runs.append(Run("dsv2ext", "bf16-compute", "check", t_ds))
         if not skip_hf:
             runs.append(Run("transformers", "fp32-eager", "check", t_hf))
         if not skip_llama:
             runs.append(Run("llama", "BF16", "check", t_ll))
         runs.append(Run("dsv2ext", "bf16", "speed", t_ds))
         runs.append(Run("dsv2ext", "int8", "speed", t_ds))
+        # its decode of one token is the bf16 path: only the first context
+        runs.append(Run("dsv2ext", "bf16-compute", "speed", t_ds, contexts[:1]))
         if not quick:
             runs.append(Run("dsv2ext", "f32", "speed", t_ds, short))
         if not skip_llama:
@@ -403,6 +406,8 @@ def evaluate_checks(results: Dict[str, Dict[str, Any]], geometry: str) -> List[D
         pair("check:dsv2ext:bf16", "check:llama:BF16", "cross")
         pair("check:dsv2ext:f32", "check:llama:BF16", "cross")
         pair("check:dsv2ext:bf16", "check:transformers:fp32-eager", "cross")
+        pair("check:dsv2ext:bf16-compute", "check:llama:BF16", "cross")
+        pair("check:dsv2ext:bf16-compute", "check:transformers:fp32-eager", "cross")
     else:
         pair("check:dsv2ext:int8", "check:llama:Q8_0", "quant")  # two different 8-bit quantizations
     return checks
@@ -484,6 +489,8 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
         fl = flops_per_prefill_token(cfg, workload["prefill"])
         row["prefill_gflops"] = row["prefill_tps"] * fl / 1e9
         row["prefill_fma_fraction"] = row["prefill_tps"] * fl / fma
+        bdot = (peaks["bf16_GFLOPs"].get(str(threads)) or float("nan")) * 1e9
+        row["prefill_bf16dot_fraction"] = row["prefill_tps"] * fl / bdot
         if "profile" in r:
             row["profile"] = r["profile"]
         if "implementation" in r:
@@ -590,6 +597,13 @@ def targets(rows: List[Dict[str, Any]], geometry: str, contexts: List[int]) -> L
             add("prefill bf16: dsv2ext / llama.cpp BF16", ds_b["prefill_tps"] / ll_b["prefill_tps"], 1.2, "x")
         if ds_b:
             add("prefill bf16: fraction of the fp32 FMA peak (whole prefill)", ds_b["prefill_fma_fraction"], 0.60)
+        ds_c = by.get(("dsv2ext", "bf16-compute"))
+        if ds_c and ll_b:
+            add("prefill bf16, bf16 compute mode: dsv2ext / llama.cpp BF16", ds_c["prefill_tps"] / ll_b["prefill_tps"],
+                1.2, "x")
+        if ds_c and ds_c.get("prefill_bf16dot_fraction") is not None:
+            add("prefill bf16, bf16 compute mode: fraction of the bf16 dot peak (whole prefill)",
+                ds_c["prefill_bf16dot_fraction"], 0.60)
         for dt, hf in (("fp32", "fp32-eager"), ("bf16", "bf16-eager")):
             ds = by.get(("dsv2ext", "f32" if dt == "fp32" else dt))
             h = by.get(("transformers", hf))

@@ -105,7 +105,10 @@ class DsEngine(Engine):
         dsv2ext.set_num_threads(threads)
         self.dtype = variant
         t0 = time.perf_counter()
-        self.model = dsv2ext.load(ckpt, dtype=variant)
+        # "bf16-compute": bf16 weights with the opt-in bf16 compute mode (activations rounded to
+        # bf16 in products of 2+ rows, vdpbf16ps); decode of one token is the same as "bf16"
+        dsv2ext.set_bf16_compute(variant == "bf16-compute")
+        self.model = dsv2ext.load(ckpt, dtype=variant.split("-")[0])
         self.load_s = time.perf_counter() - t0
         self.cfg = self.model.config
 
