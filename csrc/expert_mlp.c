@@ -182,15 +182,6 @@ static void dot_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t
         dsv2_gemv_rows(y, ldy, x, ldx, 1, W, r0, r1);
         return;
     }
-    if (dsv2_bf16dp_use(W, T)) { /* opt-in bf16 compute: activations rounded once per call */
-        uint16_t *xb = (uint16_t *)malloc((size_t)T * (size_t)W->cols * sizeof(uint16_t));
-        if (xb) {
-            dsv2_round_bf16_rows(xb, x, ldx, T, W->cols);
-            dsv2_bf16dp_rows(y, ldy, xb, W->cols, T, W, r0, r1);
-            free(xb);
-            return;
-        } /* out of memory: the exact path below needs no buffer */
-    }
     if (dsv2_isa() == DSV2_ISA_AVX512 && (W->dtype == DSV2_F32 || W->dtype == DSV2_BF16)) {
         for (int64_t t0 = 0; t0 < T;) {
             int64_t left = T - t0, c = left % 4 == 1 && left >= 5 ? 5 : (left < 4 ? left : 4);
@@ -259,6 +250,13 @@ void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, co
 void dsv2_mlp_down_rows(float *y, int64_t ldy, const float *h, int64_t ldh, int64_t T,
                         const dsv2_mlp *m, int64_t r0, int64_t r1) {
     dsv2_mlp_down_rows_q(y, ldy, h, ldh, NULL, T, m, r0, r1);
+}
+
+int64_t dsv2_mlp_rowdot_max_t(const dsv2_mlp *m) {
+    /* the bf16 compute mode lives in the matrix-product kernels (dsv2_linear_ex), which round
+     * each activation matrix once; the row-dot path keeps fp32 activations */
+    if (dsv2_bf16dp_use(&m->gate, 2) && dsv2_bf16dp_use(&m->up, 2) && dsv2_bf16dp_use(&m->down, 2)) return 1;
+    return DSV2_MLP_GEMV_MAX_T;
 }
 
 int64_t dsv2_act16_group(const dsv2_mat *W) {
@@ -366,7 +364,7 @@ int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
     if (rc) return rc;
     if (T < 0) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
-    if (T <= DSV2_MLP_GEMV_MAX_T) {
+    if (T <= dsv2_mlp_rowdot_max_t(m)) {
         /* int8 weights: x and h quantized to int16 once each (see gemv.h) */
         const int64_t gx = dsv2_act16_group(&m->gate) == dsv2_act16_group(&m->up) ? dsv2_act16_group(&m->gate) : 0;
         const int64_t gh = dsv2_act16_group(&m->down);

@@ -38,6 +38,12 @@ typedef struct {
     dsv2_mat down; /* [d, I] */
 } dsv2_mlp;
 
+/* Most tokens an MLP call sends through the row-dot path: DSV2_MLP_GEMV_MAX_T, or 1 when
+ * its weights take the opt-in bf16 compute mode (gemm_bf16dp.h), whose kernels are
+ * matrix products that round each activation matrix once. */
+int64_t dsv2_mlp_rowdot_max_t(const dsv2_mlp *m);
+
+
 /* DSV2_OK if the three shapes agree (gate/up [I, d], down [d, I], I, d >= 1)
  * and the dtypes are supported; sets *d and *I when the pointers are given. */
 int dsv2_mlp_check(const dsv2_mlp *m, int64_t *d, int64_t *ni);

@@ -57,7 +57,8 @@ DSV2_TARGET_AVX512 static void round_row_avx512(uint16_t *out, const float *in, 
     for (; i < n; i++) out[i] = round_bf16(in[i]);
 }
 
-void dsv2_round_bf16_rows(uint16_t *xb, const float *x, int64_t ldx, int64_t T, int64_t K) {
+// x [T, K] f32 (rows ldx apart) -> xb [T, K] bf16 (rows K apart), round to nearest even
+static void round_bf16_rows(uint16_t *xb, const float *x, int64_t ldx, int64_t T, int64_t K) {
     for (int64_t t = 0; t < T; t++) {
         if (dsv2_isa() == DSV2_ISA_AVX512) {
             round_row_avx512(xb + t * K, x + t * ldx, K);
@@ -136,8 +137,9 @@ BDP_KERNEL(6, 4)
 typedef void (*bdp_fn)(float *, int64_t, const uint16_t *, int64_t, const uint16_t *, int64_t, int64_t, int64_t);
 static const bdp_fn bdp_kernels[BDP_MAXC + 1] = {NULL, bdp_c1, bdp_c2, bdp_c3, bdp_c4, bdp_c5, bdp_c6};
 
-void dsv2_bf16dp_rows(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int64_t T, const dsv2_mat *W,
-                      int64_t r0, int64_t r1) {
+// xb [T, K] bf16 (rows ldxb apart), W rows [r0, r1) of bf16 [N, K] -> y [T, N] columns [r0, r1)
+static void bf16dp_rows(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int64_t T, const dsv2_mat *W,
+                        int64_t r0, int64_t r1) {
     if (T <= 0 || r0 >= r1) return;
     const uint16_t *w = (const uint16_t *)W->data;
     for (int64_t t0 = 0; t0 < T;) {
@@ -163,7 +165,7 @@ static void bdp_task(void *ctx, int64_t b, int64_t e, int tid) {
     bdp_job *j = (bdp_job *)ctx;
     for (int64_t blk = b; blk < e; blk++) {
         int64_t r0 = blk * BDP_ROWBLK, r1 = r0 + BDP_ROWBLK < j->W->rows ? r0 + BDP_ROWBLK : j->W->rows;
-        dsv2_bf16dp_rows(j->y, j->ldy, j->xb, j->W->cols, j->T, j->W, r0, r1);
+        bf16dp_rows(j->y, j->ldy, j->xb, j->W->cols, j->T, j->W, r0, r1);
     }
 }
 
@@ -176,7 +178,7 @@ typedef struct {
 static void round_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     round_job *j = (round_job *)ctx;
-    dsv2_round_bf16_rows(j->xb + b * j->K, j->x + b * j->ldx, j->ldx, e - b, j->K);
+    round_bf16_rows(j->xb + b * j->K, j->x + b * j->ldx, j->ldx, e - b, j->K);
 }
 
 int dsv2_linear_bf16dp(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {

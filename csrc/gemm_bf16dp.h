@@ -24,13 +24,6 @@ void dsv2_set_bf16_compute(int on);
 /* 1 when a product of W with T activation rows goes through the bf16 kernels */
 int dsv2_bf16dp_use(const dsv2_mat *W, int64_t T);
 
-// x [T, K] f32 (rows ldx apart) -> xb [T, K] bf16 (rows K apart), round to nearest even
-void dsv2_round_bf16_rows(uint16_t *xb, const float *x, int64_t ldx, int64_t T, int64_t K);
-
-// xb [T, K] bf16 (rows ldxb apart), W rows [r0, r1) of bf16 [N, K] -> y [T, N] columns [r0, r1) (rows ldy apart)
-void dsv2_bf16dp_rows(float *y, int64_t ldy, const uint16_t *xb, int64_t ldxb, int64_t T, const dsv2_mat *W,
-                      int64_t r0, int64_t r1);
-
 // x [T, K] f32 (rows ldx apart), W bf16 [N, K] -> y [T, N] = round_bf16(x) W^T, split over the pool
 int dsv2_linear_bf16dp(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T);
 

@@ -1,8 +1,6 @@
 /* moe_block.c - the DeepSeekMoE block: route, group by expert, run the
  * experts (sgemm for busy experts, fused row-dot kernels for the rest), combine. */
 #include "moe_block.h"
-#include "gemm_bf16dp.h"
-#include "linear.h"
 #include "moe_dispatch.h"
 #include "scratch.h"
 #include "threadpool.h"
@@ -150,12 +148,9 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     int64_t grain = d >= 16384 ? 1 : 16384 / d;
     dsv2_parallel_for(S, grain, gather_task, &gj);
 
-    /* busy experts: one matrix-product MLP each.  Busy means more than
-     * DSV2_MLP_GEMV_MAX_T tokens, or more than 8 in the bf16 compute mode,
-     * whose product kernels round each activation matrix once per call
-     * (the row-dot units would round it once per block of rows). */
-    const int64_t busy = dsv2_bf16dp_use(&experts[0].gate, 2) && dsv2_bf16dp_use(&experts[0].down, 2)
-                             ? DSV2_LINEAR_GEMV_MAX_T : DSV2_MLP_GEMV_MAX_T;
+    /* busy experts (more tokens than the row-dot path takes): one matrix-product MLP each */
+    const int64_t busy = dsv2_mlp_rowdot_max_t(&experts[0]);
+    const int64_t busy_shared = shared ? dsv2_mlp_rowdot_max_t(shared) : 0;
     for (int64_t e = 0; e < E; e++) {
         int64_t o = ws->off[e], n = ws->off[e + 1] - o;
         if (n > busy) {
@@ -163,7 +158,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
             if (rc) return rc;
         }
     }
-    if (shared && Tc > busy) {
+    if (shared && Tc > busy_shared) {
         rc = dsv2_mlp_gemm(ws->Ys, d, x, d, Tc, shared, ws->gs);
         if (rc) return rc;
     }
@@ -197,7 +192,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
             items += (I + MOE_ROWS_A - 1) / MOE_ROWS_A;
         }
     }
-    if (shared && Tc <= busy) {
+    if (shared && Tc <= busy_shared) {
         if (ws->xsq.q) quant_rows(&ws->xsq, x, d, Tc, d);
         unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq};
         ws->units[nu++] = un;
