@@ -2,6 +2,7 @@
 #include "expert_mlp.h"
 #include "cpu.h"
 #include "gemm_bf16dp.h"
+#include "gemv_eo.h"
 #include "gemv.h"
 #include "linear.h"
 #include "threadpool.h"
@@ -204,13 +205,14 @@ static inline dsv2_xq xq_rows(const dsv2_xq *xq, int64_t K, int64_t t0) {
     return r;
 }
 
-void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
-                            const dsv2_mlp *m, int64_t i0, int64_t i1) {
+/* x_eo: x is in the even|odd layout (gate and up take dsv2_eo_usable) */
+static void gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int x_eo,
+                        int64_t T, const dsv2_mlp *m, int64_t i0, int64_t i1) {
     /* gate and up of MLP_ROWBLK rows for up to 16 tokens at a time, then
      * silu * up straight into h: only a block's gate/up values are in flight */
     float g[16 * MLP_ROWBLK], u[16 * MLP_ROWBLK];
     const int64_t K = m->gate.cols;
-    const int q = xq && dsv2_i8q_usable(&m->gate, xq->group) && dsv2_i8q_usable(&m->up, xq->group);
+    const int q = !x_eo && xq && dsv2_i8q_usable(&m->gate, xq->group) && dsv2_i8q_usable(&m->up, xq->group);
     for (int64_t ib = i0; ib < i1; ib += MLP_ROWBLK) {
         int64_t n = i1 - ib < MLP_ROWBLK ? i1 - ib : MLP_ROWBLK;
         dsv2_mat sg = dsv2_mat_rows(&m->gate, ib, n), su = dsv2_mat_rows(&m->up, ib, n);
@@ -220,6 +222,9 @@ void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, 
                 dsv2_xq xs = xq_rows(xq, K, t0);
                 dsv2_gemv_i8q_rows(g, n, &xs, (int)tt, &sg, 0, n);
                 dsv2_gemv_i8q_rows(u, n, &xs, (int)tt, &su, 0, n);
+            } else if (x_eo) {
+                dsv2_gemv_eo_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
+                dsv2_gemv_eo_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
             } else {
                 dot_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
                 dot_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
@@ -229,9 +234,19 @@ void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, 
     }
 }
 
+void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
+                            const dsv2_mlp *m, int64_t i0, int64_t i1) {
+    gateup_rows(h, ldh, x, ldx, xq, 0, T, m, i0, i1);
+}
+
+void dsv2_mlp_gateup_rows_eo(float *h, int64_t ldh, const float *xp, int64_t ldx, int64_t T, const dsv2_mlp *m,
+                             int64_t i0, int64_t i1) {
+    gateup_rows(h, ldh, xp, ldx, NULL, 1, T, m, i0, i1);
+}
+
 void dsv2_mlp_gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, int64_t T,
                           const dsv2_mlp *m, int64_t i0, int64_t i1) {
-    dsv2_mlp_gateup_rows_q(h, ldh, x, ldx, NULL, T, m, i0, i1);
+    gateup_rows(h, ldh, x, ldx, NULL, 0, T, m, i0, i1);
 }
 
 void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, const dsv2_xq *hq, int64_t T,
@@ -247,15 +262,31 @@ void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, co
     }
 }
 
+void dsv2_mlp_down_rows_eo(float *y, int64_t ldy, const float *hp, int64_t ldh, int64_t T, const dsv2_mlp *m,
+                           int64_t r0, int64_t r1) {
+    dsv2_gemv_eo_rows_blocked(y, ldy, hp, ldh, T, &m->down, r0, r1);
+}
+
 void dsv2_mlp_down_rows(float *y, int64_t ldy, const float *h, int64_t ldh, int64_t T,
                         const dsv2_mlp *m, int64_t r0, int64_t r1) {
     dsv2_mlp_down_rows_q(y, ldy, h, ldh, NULL, T, m, r0, r1);
+}
+
+int dsv2_mlp_eo_x(const dsv2_mlp *m, int64_t T) {
+    return T >= DSV2_EO_MIN_T && dsv2_eo_usable(&m->gate) && dsv2_eo_usable(&m->up);
+}
+
+int dsv2_mlp_eo_h(const dsv2_mlp *m, int64_t T) {
+    return T >= DSV2_EO_MIN_T && dsv2_eo_usable(&m->down);
 }
 
 int64_t dsv2_mlp_rowdot_max_t(const dsv2_mlp *m) {
     /* the bf16 compute mode lives in the matrix-product kernels (dsv2_linear_ex), which round
      * each activation matrix once; the row-dot path keeps fp32 activations */
     if (dsv2_bf16dp_use(&m->gate, 2) && dsv2_bf16dp_use(&m->up, 2) && dsv2_bf16dp_use(&m->down, 2)) return 1;
+    /* bf16 on AVX-512: the even|odd row-dot kernels beat sgemm on widened panels at every
+     * token count (gemv_eo.h) */
+    if (dsv2_mlp_eo_x(m, DSV2_EO_MIN_T) && dsv2_mlp_eo_h(m, DSV2_EO_MIN_T)) return DSV2_MLP_ROWDOT_ALL;
     return DSV2_MLP_GEMV_MAX_T;
 }
 
@@ -333,18 +364,21 @@ typedef struct {
     const dsv2_mlp *m;
     int64_t T, d, I;
     const dsv2_xq *xq, *hq; /* int16 activations for int8 weights, or NULL */
+    int x_eo, h_eo;         /* x / h in the even|odd layout (bf16 weights) */
 } mlp_job;
 
 static void mlp_gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     mlp_job *j = (mlp_job *)ctx;
-    dsv2_mlp_gateup_rows_q(j->h, j->I, j->x, j->d, j->xq, j->T, j->m, b, e);
+    if (j->x_eo) dsv2_mlp_gateup_rows_eo(j->h, j->I, j->x, j->d, j->T, j->m, b, e);
+    else dsv2_mlp_gateup_rows_q(j->h, j->I, j->x, j->d, j->xq, j->T, j->m, b, e);
 }
 
 static void mlp_down_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     mlp_job *j = (mlp_job *)ctx;
-    dsv2_mlp_down_rows_q(j->y, j->d, j->h, j->I, j->hq, j->T, j->m, b, e);
+    if (j->h_eo) dsv2_mlp_down_rows_eo(j->y, j->d, j->h, j->I, j->T, j->m, b, e);
+    else dsv2_mlp_down_rows_q(j->y, j->d, j->h, j->I, j->hq, j->T, j->m, b, e);
 }
 
 size_t dsv2_act16_bytes(int64_t T, int64_t K, int64_t group) {
@@ -365,22 +399,37 @@ int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
     if (T < 0) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
     if (T <= dsv2_mlp_rowdot_max_t(m)) {
+        /* chunks of up to DSV2_MLP_GEMM_CHUNK tokens bound the buffers */
+        const int64_t Tc = T < DSV2_MLP_GEMM_CHUNK ? T : DSV2_MLP_GEMM_CHUNK;
         /* int8 weights: x and h quantized to int16 once each (see gemv.h) */
         const int64_t gx = dsv2_act16_group(&m->gate) == dsv2_act16_group(&m->up) ? dsv2_act16_group(&m->gate) : 0;
         const int64_t gh = dsv2_act16_group(&m->down);
-        const size_t bx = dsv2_act16_bytes(T, d, gx), bh = dsv2_act16_bytes(T, I, gh);
-        float *h = (float *)malloc((size_t)T * (size_t)I * sizeof(float) + bx + bh + 128);
+        const size_t bx = dsv2_act16_bytes(Tc, d, gx), bh = dsv2_act16_bytes(Tc, I, gh);
+        /* bf16 weights: x copied into the even|odd layout, h permuted in place */
+        const size_t bp = dsv2_mlp_eo_x(m, Tc) ? (size_t)Tc * (size_t)d * sizeof(float) : 0;
+        float *h = (float *)malloc((size_t)Tc * (size_t)I * sizeof(float) + bx + bh + bp + 192);
         if (!h) return DSV2_ERR_NOMEM;
-        char *qb = (char *)(((uintptr_t)(h + T * I) + 63) & ~(uintptr_t)63);
-        dsv2_xq xq = dsv2_act16_at(qb, T, d, gx), hq = dsv2_act16_at(qb + bx, T, I, gh);
-        if (gx) dsv2_quantize_act16((int16_t *)xq.q, (float *)xq.s, x, d, T, d, gx);
-        mlp_job j = {h, y, x, m, T, d, I, gx ? &xq : NULL, NULL};
-        dsv2_parallel_for(I, MLP_ROWBLK, mlp_gateup_task, &j);
-        if (gh) {
-            dsv2_quantize_act16((int16_t *)hq.q, (float *)hq.s, h, I, T, I, gh);
-            j.hq = &hq;
+        char *qb = (char *)(((uintptr_t)(h + Tc * I) + 63) & ~(uintptr_t)63);
+        float *xp = (float *)(((uintptr_t)(qb + bx + bh) + 63) & ~(uintptr_t)63);
+        for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+            const int64_t tc = T - t0 < Tc ? T - t0 : Tc;
+            const float *xc = x + t0 * d;
+            const int x_eo = dsv2_mlp_eo_x(m, tc), h_eo = dsv2_mlp_eo_h(m, tc);
+            dsv2_xq xq = dsv2_act16_at(qb, tc, d, gx), hq = dsv2_act16_at(qb + bx, tc, I, gh);
+            if (gx) dsv2_quantize_act16((int16_t *)xq.q, (float *)xq.s, xc, d, tc, d, gx);
+            if (x_eo) {
+                dsv2_eo_copy_permute(xp, d, xc, d, tc, d);
+                xc = xp;
+            }
+            mlp_job j = {h, y + t0 * d, xc, m, tc, d, I, gx ? &xq : NULL, NULL, x_eo, h_eo};
+            dsv2_parallel_for(I, MLP_ROWBLK, mlp_gateup_task, &j);
+            if (gh) {
+                dsv2_quantize_act16((int16_t *)hq.q, (float *)hq.s, h, I, tc, I, gh);
+                j.hq = &hq;
+            }
+            if (h_eo) dsv2_eo_copy_permute(h, I, h, I, tc, I);
+            dsv2_parallel_for(d, 16, mlp_down_task, &j);
         }
-        dsv2_parallel_for(d, 16, mlp_down_task, &j);
         free(h);
         return DSV2_OK;
     }

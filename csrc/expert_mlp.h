@@ -10,7 +10,9 @@
  *  - row-dot ("gemv") path for few tokens: gate and up are computed a block
  *    of 24 intermediate rows at a time and SiLU(gate)*up is applied at once,
  *    so the intermediate for one token (I floats) stays in cache; then down.
- *    Used for T <= DSV2_MLP_GEMV_MAX_T.
+ *    Used for T <= dsv2_mlp_rowdot_max_t (DSV2_MLP_GEMV_MAX_T, or every T
+ *    for bf16 weights on AVX-512: the even|odd kernels of gemv_eo.h run
+ *    512-token products at ~205 GFLOP/s on Zen 4 against ~187 for sgemm).
  *  - matrix-product path for many tokens (OpenBLAS sgemm through
  *    dsv2_linear_ex; bf16 weights widened one panel at a time). */
 #ifndef DSV2_EXPERT_MLP_H
@@ -18,6 +20,7 @@
 
 #include "dsv2.h"
 #include "gemv.h"
+#include "gemv_eo.h"
 
 /* Up to this many tokens per MLP call the row-dot path is used.  Measured on
  * Zen 4 at V2-Lite expert shapes (d 2048, I 1408), 2 threads: 48 tokens run at
@@ -29,7 +32,10 @@
 #ifndef DSV2_MLP_GEMV_MAX_T
 #define DSV2_MLP_GEMV_MAX_T 64
 #endif
-/* Tokens per matrix-product pass (bounds the [T, 2I] scratch). */
+/* dsv2_mlp_rowdot_max_t of MLPs whose weights take the even|odd kernels (all token counts) */
+#define DSV2_MLP_ROWDOT_ALL ((int64_t)1 << 40)
+/* Tokens per matrix-product pass (bounds the [T, 2I] scratch; also the row-dot
+ * path's chunk). */
 #define DSV2_MLP_GEMM_CHUNK 512
 
 typedef struct {
@@ -69,6 +75,16 @@ void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, 
                             const dsv2_mlp *m, int64_t i0, int64_t i1);
 void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, const dsv2_xq *hq, int64_t T,
                           const dsv2_mlp *m, int64_t r0, int64_t r1);
+
+// 1 when an MLP call of T tokens runs gate/up (x) / down (h) on the even|odd kernels (T >= DSV2_EO_MIN_T)
+int dsv2_mlp_eo_x(const dsv2_mlp *m, int64_t T);
+int dsv2_mlp_eo_h(const dsv2_mlp *m, int64_t T);
+// as dsv2_mlp_gateup_rows / dsv2_mlp_down_rows with xp / hp in the even|odd layout
+// (requires dsv2_mlp_eo_x / dsv2_mlp_eo_h)
+void dsv2_mlp_gateup_rows_eo(float *h, int64_t ldh, const float *xp, int64_t ldx, int64_t T, const dsv2_mlp *m,
+                             int64_t i0, int64_t i1);
+void dsv2_mlp_down_rows_eo(float *y, int64_t ldy, const float *hp, int64_t ldh, int64_t T, const dsv2_mlp *m,
+                           int64_t r0, int64_t r1);
 
 /* The activation block size the int16 kernels would use for W (its group), or
  * 0 when W does not take them (not int8, unsupported group or CPU). */

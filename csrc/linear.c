@@ -3,6 +3,8 @@
 #include "blas.h"
 #include "gemm_bf16dp.h"
 #include "gemv.h"
+#include "gemv_eo.h"
+#include "scratch.h"
 #include "threadpool.h"
 
 #include <stdatomic.h>
@@ -53,6 +55,38 @@ static int linear_i8q(float *y, int64_t ldy, const float *x, int64_t ldx, const 
     return DSV2_OK;
 }
 
+/* bf16 weights, many rows, AVX-512: the activations laid out even|odd once per
+ * chunk of LINEAR_EO_CHUNK rows, then the blocked even|odd row dots (gemv_eo.h). */
+#define LINEAR_EO_CHUNK 256
+
+typedef struct {
+    float *y;
+    int64_t ldy;
+    const float *xp;
+    const dsv2_mat *W;
+    int64_t T;
+} eo_job;
+
+static void eo_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    eo_job *j = (eo_job *)ctx;
+    dsv2_gemv_eo_rows_blocked(j->y, j->ldy, j->xp, j->W->cols, j->T, j->W, b, e);
+}
+
+static int linear_eo(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {
+    const int64_t K = W->cols, Tc = T < LINEAR_EO_CHUNK ? T : LINEAR_EO_CHUNK;
+    float *xp = (float *)dsv2_scratch_alloc((size_t)Tc * (size_t)K * sizeof(float));
+    if (!xp) return DSV2_ERR_NOMEM;
+    for (int64_t t0 = 0; t0 < T; t0 += Tc) {
+        const int64_t tc = T - t0 < Tc ? T - t0 : Tc;
+        dsv2_eo_copy_permute(xp, K, x + t0 * ldx, ldx, tc, K);
+        eo_job j = {y + t0 * ldy, ldy, xp, W, tc};
+        dsv2_parallel_for(W->rows, 16, eo_task, &j);
+    }
+    dsv2_scratch_free(xp);
+    return DSV2_OK;
+}
+
 typedef struct {
     float *y;
     int64_t ldy;
@@ -97,6 +131,7 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
         }
         return DSV2_OK;
     }
+    if (T >= DSV2_EO_MIN_T && dsv2_eo_usable(W)) return linear_eo(y, ldy, x, ldx, W, T);
     if (T > INT32_MAX || N > INT32_MAX || K > INT32_MAX || ldx > INT32_MAX || ldy > INT32_MAX)
         return DSV2_ERR_ARG;
     if (W->dtype == DSV2_F32) {

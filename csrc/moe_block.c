@@ -10,7 +10,13 @@
 
 #define MOE_ROWS_A 48               /* intermediate rows per gate/up work item */
 #define MOE_COLS_B 24               /* output columns per down + combine work item */
-#define MOE_CHUNK_BYTES (64u << 20) /* workspace budget that sets the token chunk */
+#define MOE_COLS_DOWN 128           /* output columns per down work item (many tokens) */
+/* From this many tokens a chunk runs down_proj unit by unit, then the combine on its own:
+ * lite-L4, 512 tokens, bf16: down phase 180 -> 125 ms (each unit's h stays in cache
+ * instead of being re-read from memory for every 24 output columns).  Fewer tokens
+ * (decode) keep the one fused phase (one parallel region less). */
+#define MOE_SPLIT_MIN_T 16
+#define MOE_CHUNK_BYTES (128u << 20) /* workspace budget that sets the token chunk */
 
 /* an expert (or the shared expert) run by the row-dot kernels */
 typedef struct {
@@ -24,6 +30,7 @@ typedef struct {
     int64_t I;
     int64_t item0; /* its first gate/up work item */
     dsv2_xq xq, hq; /* int16 x / h for int8 weights (q == NULL: fp32) */
+    int x_eo, h_eo; /* x / h in the even|odd layout (bf16 weights, see expert_mlp.h) */
 } unit;
 
 typedef struct {
@@ -51,7 +58,8 @@ static void gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
         const unit *un = &j->units[u];
         int64_t i0 = (it - un->item0) * MOE_ROWS_A;
         int64_t i1 = i0 + MOE_ROWS_A < un->I ? i0 + MOE_ROWS_A : un->I;
-        dsv2_mlp_gateup_rows_q(un->h, un->ldh, un->x, un->ldx, un->xq.q ? &un->xq : NULL, un->n, un->m, i0, i1);
+        if (un->x_eo) dsv2_mlp_gateup_rows_eo(un->h, un->ldh, un->x, un->ldx, un->n, un->m, i0, i1);
+        else dsv2_mlp_gateup_rows_q(un->h, un->ldh, un->x, un->ldx, un->xq.q ? &un->xq : NULL, un->n, un->m, i0, i1);
     }
 }
 
@@ -65,10 +73,33 @@ static void down_combine_task(void *ctx, int64_t b, int64_t e, int tid) {
         int64_t c0 = blk * MOE_COLS_B, c1 = c0 + MOE_COLS_B < j->d ? c0 + MOE_COLS_B : j->d;
         for (int64_t u = 0; u < j->nunits; u++) {
             const unit *un = &j->units[u];
-            dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
+            if (un->h_eo) dsv2_mlp_down_rows_eo(un->y, un->ldy, un->h, un->ldh, un->n, un->m, c0, c1);
+            else dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
         }
         dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, c0, c1);
     }
+}
+
+/* many tokens: down_proj by unit (its h stays in cache while its down rows
+ * stream by in blocks of MOE_COLS_DOWN), then the combine on its own */
+static void down_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)b, (void)e, (void)tid;
+    block_job *j = (block_job *)ctx;
+    const int64_t nblk = (j->d + MOE_COLS_DOWN - 1) / MOE_COLS_DOWN;
+    for (;;) {
+        int64_t it = atomic_fetch_add_explicit(&j->next_b, 1, memory_order_relaxed);
+        if (it >= nblk * j->nunits) break;
+        const unit *un = &j->units[it / nblk];
+        int64_t c0 = (it % nblk) * MOE_COLS_DOWN, c1 = c0 + MOE_COLS_DOWN < j->d ? c0 + MOE_COLS_DOWN : j->d;
+        if (un->h_eo) dsv2_mlp_down_rows_eo(un->y, un->ldy, un->h, un->ldh, un->n, un->m, c0, c1);
+        else dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
+    }
+}
+
+static void combine_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    block_job *j = (block_job *)ctx;
+    dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, b, e);
 }
 
 typedef struct {
@@ -129,7 +160,7 @@ static dsv2_xq xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0) {
 
 typedef struct {
     int64_t *off, *order, *rows;
-    float *wts, *Xg, *Y, *H, *Ys, *Hs, *gs;
+    float *wts, *Xg, *Y, *H, *Ys, *Hs, *Xs, *gs;
     unit *units;
     /* int16 activations for int8 weights (q == NULL when unused):
      * Xq [S, d] gathered rows, xsq [Tc, d] (shared), Hq [S, I], Hsq [hs_tok, Is] */
@@ -187,14 +218,22 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         int64_t o = ws->off[e], n = ws->off[e + 1] - o;
         if (n >= 1 && n <= busy) {
             unit un = {&experts[e], ws->Xg + o * d, d, n, ws->H + o * I, I, ws->Y + o * d, d, I, items,
-                       xq_rows(&ws->Xq, d, o), xq_rows(&ws->Hq, I, o)};
+                       xq_rows(&ws->Xq, d, o), xq_rows(&ws->Hq, I, o), 0, 0};
+            un.x_eo = !un.xq.q && dsv2_mlp_eo_x(un.m, n);
+            un.h_eo = !un.hq.q && dsv2_mlp_eo_h(un.m, n);
             ws->units[nu++] = un;
             items += (I + MOE_ROWS_A - 1) / MOE_ROWS_A;
         }
     }
     if (shared && Tc <= busy_shared) {
         if (ws->xsq.q) quant_rows(&ws->xsq, x, d, Tc, d);
-        unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq};
+        unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq, 0, 0};
+        un.h_eo = !un.hq.q && dsv2_mlp_eo_h(shared, Tc);
+        if (!un.xq.q && dsv2_mlp_eo_x(shared, Tc)) { /* the caller's x: an even|odd copy */
+            dsv2_eo_copy_permute(ws->Xs, d, x, d, Tc, d);
+            un.x = ws->Xs;
+            un.x_eo = 1;
+        }
         ws->units[nu++] = un;
         items += (Is + MOE_ROWS_A - 1) / MOE_ROWS_A;
     }
@@ -215,9 +254,24 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     /* both phases hand out work items from an atomic counter (one task per
      * thread): a thread that is descheduled holds up at most one item */
     int nt = dsv2_get_num_threads();
+    /* bf16 experts: their gathered x rows (read by nothing else) go even|odd in place
+     * (the shared expert's copy in Xs already is) */
+    for (int64_t u = 0; u < nu; u++) {
+        const unit *un = &ws->units[u];
+        if (un->x_eo && un->x != ws->Xs) dsv2_eo_copy_permute((float *)un->x, un->ldx, un->x, un->ldx, un->n, d);
+    }
     if (items > 0) dsv2_parallel_for(nt, 1, gateup_task, &j);
     if (ws->Hq.q || ws->Hsq.q) dsv2_parallel_for(nu, 1, quant_h_task, &j);
-    dsv2_parallel_for(nt, 1, down_combine_task, &j);
+    for (int64_t u = 0; u < nu; u++) {
+        const unit *un = &ws->units[u];
+        if (un->h_eo) dsv2_eo_copy_permute(un->h, un->ldh, un->h, un->ldh, un->n, un->I);
+    }
+    if (Tc >= MOE_SPLIT_MIN_T) {
+        dsv2_parallel_for(nt, 1, down_task, &j);
+        dsv2_parallel_for(d, 16, combine_task, &j);
+    } else {
+        dsv2_parallel_for(nt, 1, down_combine_task, &j);
+    }
     return DSV2_OK;
 }
 
@@ -244,10 +298,17 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
     int64_t Tc = (int64_t)MOE_CHUNK_BYTES / per_token;
     if (Tc < 64) Tc = 64;
     if (Tc > T) Tc = T;
+    /* chunks of equal size: every chunk streams all the experts' weights, so a short last
+     * chunk costs nearly as much as a full one (lite-L4, 512 tokens in chunks of 477 + 35:
+     * the 35-token chunk took ~50 of ~480 ms) */
+    const int64_t nchunks = (T + Tc - 1) / Tc;
+    Tc = (T + nchunks - 1) / nchunks;
     const int64_t S = Tc * k;
     int64_t gsz = dsv2_mlp_gemm_scratch(&experts[0], S);
     if (shared && dsv2_mlp_gemm_scratch(shared, Tc) > gsz) gsz = dsv2_mlp_gemm_scratch(shared, Tc);
-    int64_t hs_tok = Tc < DSV2_MLP_GEMV_MAX_T ? Tc : DSV2_MLP_GEMV_MAX_T;
+    /* rows of the shared expert's row-dot buffers: it takes that path when Tc <= its limit */
+    int64_t hs_tok = Tc;
+    if (shared && dsv2_mlp_rowdot_max_t(shared) < hs_tok) hs_tok = dsv2_mlp_rowdot_max_t(shared);
 
     workspace ws;
     /* int8 weights: int16 activation buffers (group 0 = not used) */
@@ -260,14 +321,14 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
     }
     const size_t qb[4] = {dsv2_act16_bytes(S, d, gx), dsv2_act16_bytes(Tc, d, gsx), dsv2_act16_bytes(S, I, gI),
                           dsv2_act16_bytes(hs_tok, Is, gIs)};
-    size_t nf = (size_t)(S + 2 * S * d + S * I + Tc * d + hs_tok * Is + gsz);
+    size_t nf = (size_t)(S + 2 * S * d + S * I + Tc * d + hs_tok * Is + hs_tok * d + gsz);
     ws.off = (int64_t *)malloc((size_t)(E + 1 + 2 * S) * sizeof(int64_t));
-    ws.wts = (float *)malloc(nf * sizeof(float));
+    ws.wts = (float *)dsv2_scratch_alloc(nf * sizeof(float)); /* kept between calls: no fresh page faults */
     ws.units = (unit *)malloc((size_t)(E + 1) * sizeof(unit));
     char *qbuf = (qb[0] + qb[1] + qb[2] + qb[3]) ? (char *)dsv2_scratch_alloc(qb[0] + qb[1] + qb[2] + qb[3] + 256) : NULL;
     if (!ws.off || !ws.wts || !ws.units || ((qb[0] + qb[1] + qb[2] + qb[3]) && !qbuf)) {
         free(ws.off);
-        free(ws.wts);
+        dsv2_scratch_free(ws.wts);
         free(ws.units);
         dsv2_scratch_free(qbuf);
         return DSV2_ERR_NOMEM;
@@ -289,7 +350,8 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
     ws.H = ws.Y + S * d;
     ws.Ys = ws.H + S * I;
     ws.Hs = ws.Ys + Tc * d;
-    ws.gs = ws.Hs + hs_tok * Is;
+    ws.Xs = ws.Hs + hs_tok * Is;
+    ws.gs = ws.Xs + hs_tok * d;
 
     for (int64_t t0 = 0; t0 < T && !rc; t0 += Tc) {
         int64_t tc = T - t0 < Tc ? T - t0 : Tc;
@@ -297,7 +359,7 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
                        Is);
     }
     free(ws.off);
-    free(ws.wts);
+    dsv2_scratch_free(ws.wts);
     free(ws.units);
     dsv2_scratch_free(qbuf);
     return rc;

@@ -4,18 +4,25 @@
  * of its tokens (moe_dispatch.h) through the SwiGLU kernels (expert_mlp.h).
  *
  * Work split (one pool, no nested regions):
- *  - experts with more than DSV2_MLP_GEMV_MAX_T tokens of a chunk (and the
- *    shared expert when the chunk has that many tokens) run one after the
- *    other as sgemm matrix products, OpenBLAS threaded;
- *  - all the others share two parallel regions: gate/up+SiLU over blocks of
- *    48 intermediate rows of every expert, then down over blocks of 24 output
- *    columns fused with the weighted combine of those columns.  Work items
- *    come from an atomic counter, so both cores work on every matrix and a
- *    descheduled thread holds up at most one item.  (Measured against one
- *    thread per whole expert at V2-Lite shapes, 1 and 64 tokens: as fast or
- *    faster, e.g. bf16 1 token 9.0 vs 14.3 ms best-of-30 on a busy machine;
- *    whole experts also balance badly at 1 token: 6 routed + 1 shared twice
- *    as wide on 2 threads.)
+ *  - experts with more tokens of a chunk than the row-dot path takes
+ *    (dsv2_mlp_rowdot_max_t: 64 for fp32 / int8 weights, every count for bf16
+ *    weights on AVX-512, whose even|odd kernels beat sgemm; see gemv_eo.h),
+ *    and the shared expert likewise, run one after the other as matrix
+ *    products split over the pool;
+ *  - all the others share the row-dot parallel regions: gate/up+SiLU over
+ *    blocks of 48 intermediate rows of every expert, then down_proj.  Few
+ *    tokens (decode): down over blocks of 24 output columns of every expert,
+ *    fused with the weighted combine of those columns.  From MOE_SPLIT_MIN_T
+ *    tokens: down expert by expert in blocks of 128 output columns (its h stays
+ *    in cache), then the combine on its own.  Work items come from an atomic
+ *    counter, so both cores work on every matrix and a descheduled thread
+ *    holds up at most one item.  (Measured against one thread per whole
+ *    expert at V2-Lite shapes, 1 and 64 tokens: as fast or faster, e.g. bf16
+ *    1 token 9.0 vs 14.3 ms best-of-30 on a busy machine; whole experts also
+ *    balance badly at 1 token: 6 routed + 1 shared twice as wide on 2 threads.)
+ *  - long prompts go in equal chunks of tokens that keep the workspace under
+ *    128 MiB (V2-Lite: up to ~950 tokens a chunk); every chunk streams the
+ *    weights of the experts it uses once.
  * The result does not depend on the number of threads. */
 #ifndef DSV2_MOE_BLOCK_H
 #define DSV2_MOE_BLOCK_H

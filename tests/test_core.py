@@ -74,6 +74,36 @@ def test_linear_every_isa(T, K, isa):
         assert max_rel_err(ops.linear(x, warg), ref) <= TOL
 
 
+@pytest.mark.parametrize("T", [9, 16, 257, 300])
+@pytest.mark.parametrize("N,K", [(37, 100), (40, 50), (576, 2048)])
+def test_linear_bf16_many_rows(T, N, K):
+    """bf16 weights with 9+ activation rows: on AVX-512 the even|odd row-dot kernels (activations
+    re-laid once per chunk of 256 rows; K % 32 tails in place), elsewhere sgemm on widened panels."""
+    rng = np.random.default_rng(T * 7 + K)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    wq = BF16.from_float32((rng.standard_normal((N, K)) * 0.05).astype(np.float32))
+    ref = x.astype(np.float64) @ wq.to_float32().astype(np.float64).T
+    x_before = x.copy()
+    outs = []
+    n = dsv2ext.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            dsv2ext.set_num_threads(t)
+            outs.append(ops.linear(x, wq))
+    finally:
+        dsv2ext.set_num_threads(n)
+    assert max_rel_err(outs[0], ref) <= TOL
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    np.testing.assert_array_equal(x, x_before)  # the input is not re-laid in place
+    prev = dsv2ext.get_isa()
+    try:
+        dsv2ext.set_isa("avx2")
+        assert max_rel_err(ops.linear(x, wq), ref) <= TOL
+    finally:
+        dsv2ext.set_isa(prev)
+
+
 def test_bf16_rounding_matches_torch():
     x = np.random.default_rng(1).standard_normal(10000).astype(np.float32) * 1e3
     x[:4] = [np.inf, -np.inf, 0.0, -0.0]

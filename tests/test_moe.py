@@ -253,6 +253,20 @@ def test_v2_lite_shapes_fp32_and_bf16(lite, T):
         assert_close(moe_block(x, router, per16, b["shared"], m.cfg), ref)
 
 
+def test_v2_lite_long_prompt_in_chunks(lite):
+    """1,000 tokens at V2-Lite dims exceed one workspace chunk (~950 tokens): two equal chunks of
+    500, each the same computation as a 500-token call."""
+    m = lite
+    x = np.random.default_rng(1000).standard_normal((1000, 2048), dtype=np.float32)
+    b = m.bf16
+    router, _, _, _ = weights_of(m, "stacked")
+    ex = StackedExperts(b["gu"], b["dn"])
+    out = moe_block(x, router, ex, b["shared"], m.cfg)
+    assert_close(out, reference(m, x))
+    np.testing.assert_array_equal(out[:500], moe_block(x[:500], router, ex, b["shared"], m.cfg))
+    np.testing.assert_array_equal(out[500:], moe_block(x[500:], router, ex, b["shared"], m.cfg))
+
+
 def test_v2_lite_dense_mlp_shapes():
     """The dense MLP of the first layer (intermediate 10944) through the same kernel."""
     torch.manual_seed(0)
@@ -422,6 +436,68 @@ def test_swiglu_mlp_matches_transformers(T):
     out = np.full_like(x, np.nan)
     assert swiglu_mlp(x, *[bf16_of(t) for t in ws], out=out) is out
     assert_close(out, ref)
+
+
+def _bf16_bits(shape, seed: int, scale: float) -> BF16:
+    a = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) * scale
+    return BF16((a.view(np.uint32) >> 16).astype(np.uint16))
+
+
+def _widen(w: BF16) -> np.ndarray:
+    return (w.data.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+ROW_DOT_CASES = [(d, i, T) for d, i in [(96, 200), (72, 40), (50, 33)] for T in (7, 8, 9, 13, 33, 64)]
+ROW_DOT_CASES += [(2048, 1408, T) for T in (8, 33, 64)]  # V2-Lite expert dims
+ROW_DOT_CASES += [(96, 200, 600)]  # more tokens than one row-dot chunk (512)
+
+
+@pytest.mark.parametrize("d,inter,T", ROW_DOT_CASES)
+def test_swiglu_bf16_row_dot_kernels_against_numpy(d, inter, T):
+    """bf16 weights take the row-dot kernels (from 8 tokens on AVX-512, at any token count: activations
+    laid out even|odd per 32 columns, tails of d % 32 / inter % 32 columns in place)."""
+    g, u = _bf16_bits((inter, d), 1, d ** -0.5), _bf16_bits((inter, d), 2, d ** -0.5)
+    dn = _bf16_bits((d, inter), 3, inter ** -0.5)
+    x = np.random.default_rng(T).standard_normal((T, d), dtype=np.float32)
+    x64 = x.astype(np.float64)
+    a, b = x64 @ _widen(g).T, x64 @ _widen(u).T
+    h = a / (1 + np.exp(-a)) * b
+    ref = h @ _widen(dn).T
+    outs = []
+    for n in (1, 2, 3):
+        dsv2ext.set_num_threads(n)
+        outs.append(swiglu_mlp(x, g, u, dn))
+    dsv2ext.set_num_threads(2)
+    assert_close(outs[0], ref)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    prev = dsv2ext.get_isa()
+    try:
+        dsv2ext.set_isa("avx2")  # the plain kernels: same fp32 products, other order
+        assert_close(swiglu_mlp(x, g, u, dn), ref)
+    finally:
+        dsv2ext.set_isa(prev)
+
+
+def test_block_bf16_busy_row_dot_experts():
+    """A bf16 MoE block whose experts get 8..64 tokens each (the even|odd row-dot kernels, rows permuted
+    in the gathered workspace) and whose 40-token shared expert reads a permuted copy of x."""
+    version, kw = METHODS["greedy"]
+    m = hf_moe(version, d=96, inter=72, E=4, k=2, **kw, seed=5)
+    round_module_bf16(m)
+    x = np.random.default_rng(11).standard_normal((40, 96), dtype=np.float32)
+    ref = reference(m, x)
+    router, experts, shared, bias = weights_of(m, bf16=True)
+    out, ids, w = moe_block(x, router, experts, shared, m.cfg, bias, return_routing=True)
+    counts = np.bincount(ids.ravel(), minlength=4)
+    assert counts.min() >= 8 and counts.max() <= 64, counts
+    assert_close(out, ref)
+    x_before = x.copy()
+    for n in (1, 3):
+        dsv2ext.set_num_threads(n)
+        np.testing.assert_array_equal(moe_block(x, router, experts, shared, m.cfg, bias), out)
+    dsv2ext.set_num_threads(2)
+    np.testing.assert_array_equal(x, x_before)  # the caller's activations are not permuted
 
 
 class Int8:
