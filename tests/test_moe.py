@@ -450,6 +450,7 @@ def _widen(w: BF16) -> np.ndarray:
 ROW_DOT_CASES = [(d, i, T) for d, i in [(96, 200), (72, 40), (50, 33)] for T in (7, 8, 9, 13, 33, 64)]
 ROW_DOT_CASES += [(2048, 1408, T) for T in (8, 33, 64)]  # V2-Lite expert dims
 ROW_DOT_CASES += [(96, 200, 600)]  # more tokens than one row-dot chunk (512)
+ROW_DOT_CASES += [(24, 20, 9), (16, 31, 12)]  # rows shorter than one 32-column chunk: all tail
 
 
 @pytest.mark.parametrize("d,inter,T", ROW_DOT_CASES)
