@@ -6,11 +6,6 @@
 #include <immintrin.h>
 #include <string.h>
 
-/* Tiles of R weight rows x C activation rows (R * C <= 24 accumulators, plus
- * 2R widened weight vectors and two activation vectors in registers):
- * 1-2 tokens x 6 rows, 3 x 5, 4-5 x 4; T tokens go in passes of 4 (a first
- * pass of 5 when T % 4 == 1), as the plain kernels in expert_mlp.c. */
-
 int dsv2_eo_usable(const dsv2_mat *W) {
     return W->dtype == DSV2_BF16 && dsv2_isa() == DSV2_ISA_AVX512;
 }
@@ -60,6 +55,11 @@ void dsv2_eo_copy_permute(float *xp, int64_t ldxp, const float *x, int64_t ldx, 
     int64_t grain = (int64_t)(1 << 16) / (K > 0 ? K : 1);
     dsv2_parallel_for(T, grain < 1 ? 1 : grain, copy_task, &j);
 }
+
+/* Tiles of R weight rows x C activation rows (R * C <= 24 accumulators, plus
+ * 2R widened weight vectors and two activation vectors in registers):
+ * 1-2 tokens x 6 rows, 3 x 5, 4-5 x 4; T tokens go in passes of 4 (a first
+ * pass of 5 when T % 4 == 1), as the plain kernels in expert_mlp.c. */
 
 #define EO_MAXR 6
 #define EO_MAXC 5
