@@ -185,7 +185,7 @@ static void dot_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t
     }
     if (dsv2_isa() == DSV2_ISA_AVX512 && (W->dtype == DSV2_F32 || W->dtype == DSV2_BF16)) {
         for (int64_t t0 = 0; t0 < T;) {
-            int64_t left = T - t0, c = left % 4 == 1 && left >= 5 ? 5 : (left < 4 ? left : 4);
+            const int64_t c = dsv2_tile_pass(T - t0);
             dot_avx512[c](y + t0 * ldy, ldy, x + t0 * ldx, ldx, W, r0, r1);
             t0 += c;
         }
@@ -200,31 +200,37 @@ static void dot_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t
 /* ---------------- row-dot path ---------------- */
 
 /* rows t0.. of quantized activations */
-static inline dsv2_xq xq_rows(const dsv2_xq *xq, int64_t K, int64_t t0) {
-    dsv2_xq r = {xq->q + t0 * K, xq->s + t0 * (K / xq->group), xq->group};
+dsv2_xq dsv2_xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0) {
+    dsv2_xq r = {NULL, NULL, 0, NULL};
+    if (xq->q) {
+        r.q = xq->q + r0 * K;
+        r.s = xq->s + r0 * (K / xq->group);
+        r.group = xq->group;
+    }
+    if (xq->p) r.p = xq->p + r0 * K;
     return r;
 }
 
-/* x_eo: x is in the even|odd layout (gate and up take dsv2_eo_usable) */
-static void gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int x_eo,
-                        int64_t T, const dsv2_mlp *m, int64_t i0, int64_t i1) {
+void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
+                            const dsv2_mlp *m, int64_t i0, int64_t i1) {
     /* gate and up of MLP_ROWBLK rows for up to 16 tokens at a time, then
      * silu * up straight into h: only a block's gate/up values are in flight */
     float g[16 * MLP_ROWBLK], u[16 * MLP_ROWBLK];
     const int64_t K = m->gate.cols;
-    const int q = !x_eo && xq && dsv2_i8q_usable(&m->gate, xq->group) && dsv2_i8q_usable(&m->up, xq->group);
+    const int eo = xq && xq->p; /* set only where dsv2_mlp_eo_x holds */
+    const int q = !eo && xq && xq->q && dsv2_i8q_usable(&m->gate, xq->group) && dsv2_i8q_usable(&m->up, xq->group);
     for (int64_t ib = i0; ib < i1; ib += MLP_ROWBLK) {
         int64_t n = i1 - ib < MLP_ROWBLK ? i1 - ib : MLP_ROWBLK;
         dsv2_mat sg = dsv2_mat_rows(&m->gate, ib, n), su = dsv2_mat_rows(&m->up, ib, n);
         for (int64_t t0 = 0; t0 < T; t0 += 16) {
             int64_t tt = T - t0 < 16 ? T - t0 : 16;
             if (q) {
-                dsv2_xq xs = xq_rows(xq, K, t0);
+                dsv2_xq xs = dsv2_xq_rows(xq, K, t0);
                 dsv2_gemv_i8q_rows(g, n, &xs, (int)tt, &sg, 0, n);
                 dsv2_gemv_i8q_rows(u, n, &xs, (int)tt, &su, 0, n);
-            } else if (x_eo) {
-                dsv2_gemv_eo_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
-                dsv2_gemv_eo_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
+            } else if (eo) {
+                dsv2_gemv_eo_rows(g, n, xq->p + t0 * K, K, tt, &sg, 0, n);
+                dsv2_gemv_eo_rows(u, n, xq->p + t0 * K, K, tt, &su, 0, n);
             } else {
                 dot_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
                 dot_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
@@ -234,42 +240,21 @@ static void gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, cons
     }
 }
 
-void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
-                            const dsv2_mlp *m, int64_t i0, int64_t i1) {
-    gateup_rows(h, ldh, x, ldx, xq, 0, T, m, i0, i1);
-}
-
-void dsv2_mlp_gateup_rows_eo(float *h, int64_t ldh, const float *xp, int64_t ldx, int64_t T, const dsv2_mlp *m,
-                             int64_t i0, int64_t i1) {
-    gateup_rows(h, ldh, xp, ldx, NULL, 1, T, m, i0, i1);
-}
-
-void dsv2_mlp_gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, int64_t T,
-                          const dsv2_mlp *m, int64_t i0, int64_t i1) {
-    gateup_rows(h, ldh, x, ldx, NULL, 0, T, m, i0, i1);
-}
-
 void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, const dsv2_xq *hq, int64_t T,
                           const dsv2_mlp *m, int64_t r0, int64_t r1) {
-    if (!(hq && dsv2_i8q_usable(&m->down, hq->group))) {
+    if (hq && hq->p) { /* set only where dsv2_mlp_eo_h holds */
+        dsv2_gemv_eo_rows_blocked(y, ldy, hq->p, m->down.cols, T, &m->down, r0, r1);
+        return;
+    }
+    if (!(hq && hq->q && dsv2_i8q_usable(&m->down, hq->group))) {
         dot_rows(y, ldy, h, ldh, T, &m->down, r0, r1);
         return;
     }
     for (int64_t t0 = 0; t0 < T; t0 += 16) {
         int tt = (int)(T - t0 < 16 ? T - t0 : 16);
-        dsv2_xq hs = xq_rows(hq, m->down.cols, t0);
+        dsv2_xq hs = dsv2_xq_rows(hq, m->down.cols, t0);
         dsv2_gemv_i8q_rows(y + t0 * ldy, ldy, &hs, tt, &m->down, r0, r1);
     }
-}
-
-void dsv2_mlp_down_rows_eo(float *y, int64_t ldy, const float *hp, int64_t ldh, int64_t T, const dsv2_mlp *m,
-                           int64_t r0, int64_t r1) {
-    dsv2_gemv_eo_rows_blocked(y, ldy, hp, ldh, T, &m->down, r0, r1);
-}
-
-void dsv2_mlp_down_rows(float *y, int64_t ldy, const float *h, int64_t ldh, int64_t T,
-                        const dsv2_mlp *m, int64_t r0, int64_t r1) {
-    dsv2_mlp_down_rows_q(y, ldy, h, ldh, NULL, T, m, r0, r1);
 }
 
 int dsv2_mlp_eo_x(const dsv2_mlp *m, int64_t T) {
@@ -363,22 +348,19 @@ typedef struct {
     const float *x;
     const dsv2_mlp *m;
     int64_t T, d, I;
-    const dsv2_xq *xq, *hq; /* int16 activations for int8 weights, or NULL */
-    int x_eo, h_eo;         /* x / h in the even|odd layout (bf16 weights) */
+    const dsv2_xq *xq, *hq; /* prepared activations (int16 or even|odd), or NULL */
 } mlp_job;
 
 static void mlp_gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     mlp_job *j = (mlp_job *)ctx;
-    if (j->x_eo) dsv2_mlp_gateup_rows_eo(j->h, j->I, j->x, j->d, j->T, j->m, b, e);
-    else dsv2_mlp_gateup_rows_q(j->h, j->I, j->x, j->d, j->xq, j->T, j->m, b, e);
+    dsv2_mlp_gateup_rows_q(j->h, j->I, j->x, j->d, j->xq, j->T, j->m, b, e);
 }
 
 static void mlp_down_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     mlp_job *j = (mlp_job *)ctx;
-    if (j->h_eo) dsv2_mlp_down_rows_eo(j->y, j->d, j->h, j->I, j->T, j->m, b, e);
-    else dsv2_mlp_down_rows_q(j->y, j->d, j->h, j->I, j->hq, j->T, j->m, b, e);
+    dsv2_mlp_down_rows_q(j->y, j->d, j->h, j->I, j->hq, j->T, j->m, b, e);
 }
 
 size_t dsv2_act16_bytes(int64_t T, int64_t K, int64_t group) {
@@ -387,8 +369,11 @@ size_t dsv2_act16_bytes(int64_t T, int64_t K, int64_t group) {
 }
 
 dsv2_xq dsv2_act16_at(void *buf, int64_t T, int64_t K, int64_t group) {
-    dsv2_xq r = {(const int16_t *)buf,
-                 (const float *)((char *)buf + (((size_t)T * (size_t)K * sizeof(int16_t) + 63) & ~(size_t)63)), group};
+    dsv2_xq r = {NULL, NULL, 0, NULL};
+    if (group <= 0) return r; /* not used: no int16 view */
+    r.q = (const int16_t *)buf;
+    r.s = (const float *)((char *)buf + (((size_t)T * (size_t)K * sizeof(int16_t) + 63) & ~(size_t)63));
+    r.group = group;
     return r;
 }
 
@@ -414,20 +399,19 @@ int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
         for (int64_t t0 = 0; t0 < T; t0 += Tc) {
             const int64_t tc = T - t0 < Tc ? T - t0 : Tc;
             const float *xc = x + t0 * d;
-            const int x_eo = dsv2_mlp_eo_x(m, tc), h_eo = dsv2_mlp_eo_h(m, tc);
             dsv2_xq xq = dsv2_act16_at(qb, tc, d, gx), hq = dsv2_act16_at(qb + bx, tc, I, gh);
             if (gx) dsv2_quantize_act16((int16_t *)xq.q, (float *)xq.s, xc, d, tc, d, gx);
-            if (x_eo) {
+            if (dsv2_mlp_eo_x(m, tc)) {
                 dsv2_eo_copy_permute(xp, d, xc, d, tc, d);
-                xc = xp;
+                xq.p = xp;
             }
-            mlp_job j = {h, y + t0 * d, xc, m, tc, d, I, gx ? &xq : NULL, NULL, x_eo, h_eo};
+            mlp_job j = {h, y + t0 * d, xc, m, tc, d, I, &xq, &hq};
             dsv2_parallel_for(I, MLP_ROWBLK, mlp_gateup_task, &j);
-            if (gh) {
-                dsv2_quantize_act16((int16_t *)hq.q, (float *)hq.s, h, I, tc, I, gh);
-                j.hq = &hq;
+            if (gh) dsv2_quantize_act16((int16_t *)hq.q, (float *)hq.s, h, I, tc, I, gh);
+            if (dsv2_mlp_eo_h(m, tc)) {
+                dsv2_eo_copy_permute(h, I, h, I, tc, I);
+                hq.p = h;
             }
-            if (h_eo) dsv2_eo_copy_permute(h, I, h, I, tc, I);
             dsv2_parallel_for(d, 16, mlp_down_task, &j);
         }
         free(h);

@@ -44,7 +44,8 @@ typedef struct {
     dsv2_mat down; /* [d, I] */
 } dsv2_mlp;
 
-/* Most tokens an MLP call sends through the row-dot path: DSV2_MLP_GEMV_MAX_T, or 1 when
+/* Most tokens an MLP call sends through the row-dot path: DSV2_MLP_GEMV_MAX_T;
+ * DSV2_MLP_ROWDOT_ALL for bf16 weights on the even|odd kernels (gemv_eo.h); 1 when
  * its weights take the opt-in bf16 compute mode (gemm_bf16dp.h), whose kernels are
  * matrix products that round each activation matrix once. */
 int64_t dsv2_mlp_rowdot_max_t(const dsv2_mlp *m);
@@ -58,33 +59,26 @@ int dsv2_mlp_check(const dsv2_mlp *m, int64_t *d, int64_t *ni);
 void dsv2_silu_mul(float *h, const float *g, const float *u, int64_t n);
 
 /* Intermediate columns [i0, i1) of T tokens (single-threaded, any T):
- * x [T, d] (rows ldx apart) -> h[t * ldh + i] = silu(x_t . gate_i) * (x_t . up_i) */
-void dsv2_mlp_gateup_rows(float *h, int64_t ldh, const float *x, int64_t ldx, int64_t T,
-                          const dsv2_mlp *m, int64_t i0, int64_t i1);
-
-/* Output columns [r0, r1) (single-threaded, any T):
- * h [T, I] (rows ldh apart) -> y[t * ldy + r] = h_t . down_r */
-void dsv2_mlp_down_rows(float *y, int64_t ldy, const float *h, int64_t ldh, int64_t T,
-                        const dsv2_mlp *m, int64_t r0, int64_t r1);
-
-/* The same two with int16-quantized activations for int8 weights (xq / hq:
- * x / h quantized once with dsv2_quantize_act16, rows K apart; used for a
- * matrix where dsv2_i8q_usable(W, xq->group) holds, else the fp32 x / h;
- * NULL: fp32 always). */
+ *   x [T, d] (rows ldx apart) -> h[t * ldh + i] = silu(x_t . gate_i) * (x_t . up_i)
+ * and output columns [r0, r1):
+ *   h [T, I] (rows ldh apart) -> y[t * ldy + r] = h_t . down_r
+ * with activations prepared once per call (xq / hq, see dsv2_xq in gemv.h;
+ * NULL or both parts NULL: the plain fp32 x / h):
+ *  - p set (bf16 weights where dsv2_mlp_eo_x / dsv2_mlp_eo_h hold): x / h in
+ *    the even|odd layout of gemv_eo.h, rows K apart; the x / h arguments are
+ *    then not read;
+ *  - q set: x / h quantized once with dsv2_quantize_act16, rows K apart, used
+ *    for a matrix where dsv2_i8q_usable(W, xq->group) holds, else the fp32 x / h. */
 void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
                             const dsv2_mlp *m, int64_t i0, int64_t i1);
 void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, const dsv2_xq *hq, int64_t T,
                           const dsv2_mlp *m, int64_t r0, int64_t r1);
+// rows [r0, ...) of prepared activations with rows K apart (either kind; NULL parts stay NULL)
+dsv2_xq dsv2_xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0);
 
 // 1 when an MLP call of T tokens runs gate/up (x) / down (h) on the even|odd kernels (T >= DSV2_EO_MIN_T)
 int dsv2_mlp_eo_x(const dsv2_mlp *m, int64_t T);
 int dsv2_mlp_eo_h(const dsv2_mlp *m, int64_t T);
-// as dsv2_mlp_gateup_rows / dsv2_mlp_down_rows with xp / hp in the even|odd layout
-// (requires dsv2_mlp_eo_x / dsv2_mlp_eo_h)
-void dsv2_mlp_gateup_rows_eo(float *h, int64_t ldh, const float *xp, int64_t ldx, int64_t T, const dsv2_mlp *m,
-                             int64_t i0, int64_t i1);
-void dsv2_mlp_down_rows_eo(float *y, int64_t ldy, const float *hp, int64_t ldh, int64_t T, const dsv2_mlp *m,
-                           int64_t r0, int64_t r1);
 
 /* The activation block size the int16 kernels would use for W (its group), or
  * 0 when W does not take them (not int8, unsupported group or CPU). */

@@ -43,10 +43,21 @@ void dsv2_gemv_i8_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T
  * rest in fp32.  Activation rounding is at most max|x in block| / 65534 per
  * value (~1e-5 relative on a dot product).  Used where
  * dsv2_i8q_usable(W, group) holds; other int8 matrices keep the fp32 path. */
+/* Activation rows in the next pass of the AVX-512 multi-token row-dot tiles
+ * (expert_mlp.c, gemv_eo.c) when `left` rows remain: passes of 4, a first pass
+ * of 5 when left % 4 == 1 (no 1-row pass after a 4-row one), or all that is left. */
+static inline int64_t dsv2_tile_pass(int64_t left) {
+    return left % 4 == 1 && left >= 5 ? 5 : (left < 4 ? left : 4);
+}
+
 typedef struct {
     const int16_t *q; /* [T, K] rows K apart */
     const float *s;   /* [T, K / group] rows K / group apart */
     int64_t group;
+    /* Or, for bf16 weights (gemv_eo.h): the fp32 activations in the even|odd
+     * layout, [T, K] rows K apart (q == NULL then).  The MLP row functions of
+     * expert_mlp.h take either kind as "activations prepared once per call". */
+    const float *p;
 } dsv2_xq;
 
 // x [T, K] (rows ldx apart) -> q [T, K] int16 , s [T, K / group]   (K % group == 0)

@@ -1,5 +1,6 @@
 /* gemv_eo.c - row dots of bf16 weights against activations in the "even|odd" layout (AVX-512). */
 #include "gemv_eo.h"
+#include "gemv.h"
 #include "cpu.h"
 #include "threadpool.h"
 
@@ -28,17 +29,12 @@ static void eo_permute_portable(float *x, int64_t K) {
     }
 }
 
-void dsv2_eo_permute(float *x, int64_t ldx, int64_t T, int64_t K) {
-    for (int64_t t = 0; t < T; t++) {
-        if (dsv2_isa() == DSV2_ISA_AVX512) eo_permute_avx512(x + t * ldx, K);
-        else eo_permute_portable(x + t * ldx, K);
-    }
-}
 
 typedef struct {
     float *xp;
     const float *x;
     int64_t ldxp, ldx, K;
+    int avx512;
 } copy_job;
 
 static void copy_task(void *ctx, int64_t b, int64_t e, int tid) {
@@ -46,12 +42,13 @@ static void copy_task(void *ctx, int64_t b, int64_t e, int tid) {
     copy_job *j = (copy_job *)ctx;
     for (int64_t t = b; t < e; t++) {
         if (j->xp != j->x || j->ldxp != j->ldx) memcpy(j->xp + t * j->ldxp, j->x + t * j->ldx, (size_t)j->K * sizeof(float));
-        dsv2_eo_permute(j->xp + t * j->ldxp, j->ldxp, 1, j->K);
+        if (j->avx512) eo_permute_avx512(j->xp + t * j->ldxp, j->K);
+        else eo_permute_portable(j->xp + t * j->ldxp, j->K);
     }
 }
 
 void dsv2_eo_copy_permute(float *xp, int64_t ldxp, const float *x, int64_t ldx, int64_t T, int64_t K) {
-    copy_job j = {xp, x, ldxp, ldx, K};
+    copy_job j = {xp, x, ldxp, ldx, K, dsv2_isa() == DSV2_ISA_AVX512};
     int64_t grain = (int64_t)(1 << 16) / (K > 0 ? K : 1);
     dsv2_parallel_for(T, grain < 1 ? 1 : grain, copy_task, &j);
 }
@@ -122,7 +119,7 @@ void dsv2_gemv_eo_rows(float *y, int64_t ldy, const float *xp, int64_t ldx, int6
                         int64_t r0, int64_t r1) {
     if (T <= 0 || r0 >= r1) return;
     for (int64_t t0 = 0; t0 < T;) {
-        int64_t left = T - t0, c = left % 4 == 1 && left >= 5 ? 5 : (left < 4 ? left : 4);
+        const int64_t c = dsv2_tile_pass(T - t0);
         eo_avx512[c](y + t0 * ldy, ldy, xp + t0 * ldx, ldx, W, r0, r1);
         t0 += c;
     }

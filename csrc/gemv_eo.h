@@ -31,9 +31,6 @@ void dsv2_gemv_eo_rows_blocked(float *y, int64_t ldy, const float *xp, int64_t l
 // 1 when W is bf16 and the CPU runs these kernels (AVX-512)
 int dsv2_eo_usable(const dsv2_mat *W);
 
-// x [T, K] (rows ldx apart) -> the even|odd layout, in place
-void dsv2_eo_permute(float *x, int64_t ldx, int64_t T, int64_t K);
-
 // x [T, K] (rows ldx apart) -> xp [T, K] even|odd (rows ldxp apart; xp == x permutes in place),
 // threaded over rows when there are many
 void dsv2_eo_copy_permute(float *xp, int64_t ldxp, const float *x, int64_t ldx, int64_t T, int64_t K);

@@ -29,8 +29,7 @@ typedef struct {
     int64_t ldy;
     int64_t I;
     int64_t item0; /* its first gate/up work item */
-    dsv2_xq xq, hq; /* int16 x / h for int8 weights (q == NULL: fp32) */
-    int x_eo, h_eo; /* x / h in the even|odd layout (bf16 weights, see expert_mlp.h) */
+    dsv2_xq xq, hq; /* prepared x / h: int16 (int8 weights) or even|odd (bf16); both NULL: fp32 */
 } unit;
 
 typedef struct {
@@ -58,8 +57,7 @@ static void gateup_task(void *ctx, int64_t b, int64_t e, int tid) {
         const unit *un = &j->units[u];
         int64_t i0 = (it - un->item0) * MOE_ROWS_A;
         int64_t i1 = i0 + MOE_ROWS_A < un->I ? i0 + MOE_ROWS_A : un->I;
-        if (un->x_eo) dsv2_mlp_gateup_rows_eo(un->h, un->ldh, un->x, un->ldx, un->n, un->m, i0, i1);
-        else dsv2_mlp_gateup_rows_q(un->h, un->ldh, un->x, un->ldx, un->xq.q ? &un->xq : NULL, un->n, un->m, i0, i1);
+        dsv2_mlp_gateup_rows_q(un->h, un->ldh, un->x, un->ldx, &un->xq, un->n, un->m, i0, i1);
     }
 }
 
@@ -73,8 +71,7 @@ static void down_combine_task(void *ctx, int64_t b, int64_t e, int tid) {
         int64_t c0 = blk * MOE_COLS_B, c1 = c0 + MOE_COLS_B < j->d ? c0 + MOE_COLS_B : j->d;
         for (int64_t u = 0; u < j->nunits; u++) {
             const unit *un = &j->units[u];
-            if (un->h_eo) dsv2_mlp_down_rows_eo(un->y, un->ldy, un->h, un->ldh, un->n, un->m, c0, c1);
-            else dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
+            dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, &un->hq, un->n, un->m, c0, c1);
         }
         dsv2_moe_combine_cols(j->out, j->d, j->Y, j->d, j->rows, j->wts, j->Ys, j->d, j->T, j->k, c0, c1);
     }
@@ -91,8 +88,7 @@ static void down_task(void *ctx, int64_t b, int64_t e, int tid) {
         if (it >= nblk * j->nunits) break;
         const unit *un = &j->units[it / nblk];
         int64_t c0 = (it % nblk) * MOE_COLS_DOWN, c1 = c0 + MOE_COLS_DOWN < j->d ? c0 + MOE_COLS_DOWN : j->d;
-        if (un->h_eo) dsv2_mlp_down_rows_eo(un->y, un->ldy, un->h, un->ldh, un->n, un->m, c0, c1);
-        else dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, un->hq.q ? &un->hq : NULL, un->n, un->m, c0, c1);
+        dsv2_mlp_down_rows_q(un->y, un->ldy, un->h, un->ldh, &un->hq, un->n, un->m, c0, c1);
     }
 }
 
@@ -148,16 +144,6 @@ static void quant_rows(const dsv2_xq *xq, const float *x, int64_t ldx, int64_t n
     dsv2_parallel_for(n, grain < 1 ? 1 : grain, quant_rows_task, &j);
 }
 
-static dsv2_xq xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0) {
-    dsv2_xq r = {NULL, NULL, 0};
-    if (xq->q) {
-        r.q = xq->q + r0 * K;
-        r.s = xq->s + r0 * (K / xq->group);
-        r.group = xq->group;
-    }
-    return r;
-}
-
 typedef struct {
     int64_t *off, *order, *rows;
     float *wts, *Xg, *Y, *H, *Ys, *Hs, *Xs, *gs;
@@ -208,7 +194,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
             for (int64_t e = 0; e < E; e++) {
                 int64_t o = ws->off[e], n = ws->off[e + 1] - o;
                 if (n >= 1 && n <= busy) {
-                    dsv2_xq xr = xq_rows(&ws->Xq, d, o);
+                    dsv2_xq xr = dsv2_xq_rows(&ws->Xq, d, o);
                     dsv2_quantize_act16((int16_t *)xr.q, (float *)xr.s, ws->Xg + o * d, d, n, d, xr.group);
                 }
             }
@@ -218,21 +204,21 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         int64_t o = ws->off[e], n = ws->off[e + 1] - o;
         if (n >= 1 && n <= busy) {
             unit un = {&experts[e], ws->Xg + o * d, d, n, ws->H + o * I, I, ws->Y + o * d, d, I, items,
-                       xq_rows(&ws->Xq, d, o), xq_rows(&ws->Hq, I, o), 0, 0};
-            un.x_eo = !un.xq.q && dsv2_mlp_eo_x(un.m, n);
-            un.h_eo = !un.hq.q && dsv2_mlp_eo_h(un.m, n);
+                       dsv2_xq_rows(&ws->Xq, d, o), dsv2_xq_rows(&ws->Hq, I, o)};
+            /* bf16: its own gathered x rows and h rows go even|odd in place (read by nothing else) */
+            if (!un.xq.q && dsv2_mlp_eo_x(un.m, n)) un.xq.p = un.x;
+            if (!un.hq.q && dsv2_mlp_eo_h(un.m, n)) un.hq.p = un.h;
             ws->units[nu++] = un;
             items += (I + MOE_ROWS_A - 1) / MOE_ROWS_A;
         }
     }
     if (shared && Tc <= busy_shared) {
         if (ws->xsq.q) quant_rows(&ws->xsq, x, d, Tc, d);
-        unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq, 0, 0};
-        un.h_eo = !un.hq.q && dsv2_mlp_eo_h(shared, Tc);
+        unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq};
+        if (!un.hq.q && dsv2_mlp_eo_h(shared, Tc)) un.hq.p = un.h;
         if (!un.xq.q && dsv2_mlp_eo_x(shared, Tc)) { /* the caller's x: an even|odd copy */
             dsv2_eo_copy_permute(ws->Xs, d, x, d, Tc, d);
-            un.x = ws->Xs;
-            un.x_eo = 1;
+            un.xq.p = ws->Xs;
         }
         ws->units[nu++] = un;
         items += (Is + MOE_ROWS_A - 1) / MOE_ROWS_A;
@@ -254,17 +240,16 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     /* both phases hand out work items from an atomic counter (one task per
      * thread): a thread that is descheduled holds up at most one item */
     int nt = dsv2_get_num_threads();
-    /* bf16 experts: their gathered x rows (read by nothing else) go even|odd in place
-     * (the shared expert's copy in Xs already is) */
+    /* even|odd x of the routed units, in place (the shared expert's copy in Xs already is) */
     for (int64_t u = 0; u < nu; u++) {
         const unit *un = &ws->units[u];
-        if (un->x_eo && un->x != ws->Xs) dsv2_eo_copy_permute((float *)un->x, un->ldx, un->x, un->ldx, un->n, d);
+        if (un->xq.p == un->x) dsv2_eo_copy_permute((float *)un->x, un->ldx, un->x, un->ldx, un->n, d);
     }
     if (items > 0) dsv2_parallel_for(nt, 1, gateup_task, &j);
     if (ws->Hq.q || ws->Hsq.q) dsv2_parallel_for(nu, 1, quant_h_task, &j);
     for (int64_t u = 0; u < nu; u++) {
         const unit *un = &ws->units[u];
-        if (un->h_eo) dsv2_eo_copy_permute(un->h, un->ldh, un->h, un->ldh, un->n, un->I);
+        if (un->hq.p) dsv2_eo_copy_permute(un->h, un->ldh, un->h, un->ldh, un->n, un->I);
     }
     if (Tc >= MOE_SPLIT_MIN_T) {
         dsv2_parallel_for(nt, 1, down_task, &j);
@@ -338,7 +323,7 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
         dsv2_xq *dst[4] = {&ws.Xq, &ws.xsq, &ws.Hq, &ws.Hsq};
         char *p = qbuf;
         for (int i = 0; i < 4; i++) {
-            dsv2_xq none = {NULL, NULL, 0};
+            dsv2_xq none = {NULL, NULL, 0, NULL};
             *dst[i] = gs4[i] ? dsv2_act16_at(p, rows4[i], K4[i], gs4[i]) : none;
             p += (qb[i] + 63) & ~(size_t)63;
         }

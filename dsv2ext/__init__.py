@@ -60,6 +60,7 @@ def generate(prompt: Any, max_new_tokens: int = 64, **kwargs: Any):
     return _default_model.generate(prompt, max_new_tokens, **kwargs)
 
 
-__all__ = ["bf16_compute", "bf16_compute_available", "get_bf16_compute", "set_bf16_compute", "BF16", "ops", "load", "generate", "DeepseekV2", "ModelConfig", "ConfigError", "CheckpointError",
+__all__ = ["BF16", "ops", "load", "generate", "DeepseekV2", "ModelConfig", "ConfigError", "CheckpointError",
            "TokenizerError", "stats", "default_model_path", "set_num_threads", "get_num_threads", "get_isa",
-           "set_isa", "__version__"]
+           "set_isa", "bf16_compute", "bf16_compute_available", "get_bf16_compute", "set_bf16_compute",
+           "__version__"]

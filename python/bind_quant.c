@@ -122,7 +122,8 @@ PyMethodDef dsv2py_quant_methods[] = {
     {"bf16_compute_available", py_bf16_compute_available, METH_NOARGS,
      "bf16_compute_available() -> bool: the CPU (and the ISA cap) allow the bf16 dot-product kernels"},
     {"row_dot_limits", py_row_dot_limits, METH_NOARGS,
-     "row_dot_limits() -> (linear, mlp): most activation rows per call on the row-dot kernels"},
+     "row_dot_limits() -> (linear, mlp): most activation rows per call on the row-dot kernels for fp32 / int8 "
+     "weights (bf16 MLPs on AVX-512 take them at every count)"},
     {"get_int8_activations", py_get_int8_activations, METH_NOARGS, "get_int8_activations() -> 'int16' | 'fp32'"},
     {"set_int8_activations", py_set_int8_activations, METH_VARARGS,
      "set_int8_activations(mode): activations of int8 row-dot products, 'int16' (fast) or 'fp32' (exact)"},
