@@ -10,33 +10,35 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
+/* A row-parallel product: y [T, N] (rows ldy apart) from activations given as x (rows ldx apart)
+ * or prepared once per call (xq: int16 codes, or the even|odd layout in xq->p), split over the
+ * weight rows by dsv2_parallel_for with one of the tasks below. */
 typedef struct {
     float *y;
     int64_t ldy;
     const float *x;
     int64_t ldx;
+    const dsv2_xq *xq;
     const dsv2_mat *W;
-    int T;
-} gemv_job;
+    int64_t T;
+} rows_job;
 
 static void gemv_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
-    gemv_job *j = (gemv_job *)ctx;
-    dsv2_gemv_rows(j->y, j->ldy, j->x, j->ldx, j->T, j->W, b, e);
+    rows_job *j = (rows_job *)ctx;
+    dsv2_gemv_rows(j->y, j->ldy, j->x, j->ldx, (int)j->T, j->W, b, e);
 }
-
-typedef struct {
-    float *y;
-    int64_t ldy;
-    const dsv2_xq *xq;
-    const dsv2_mat *W;
-    int T;
-} gemvq_job;
 
 static void gemvq_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
-    gemvq_job *j = (gemvq_job *)ctx;
-    dsv2_gemv_i8q_rows(j->y, j->ldy, j->xq, j->T, j->W, b, e);
+    rows_job *j = (rows_job *)ctx;
+    dsv2_gemv_i8q_rows(j->y, j->ldy, j->xq, (int)j->T, j->W, b, e);
+}
+
+static void eo_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    rows_job *j = (rows_job *)ctx;
+    dsv2_gemv_eo_rows_blocked(j->y, j->ldy, j->xq->p, j->W->cols, j->T, j->W, b, e);
 }
 
 /* int8 weights, few rows: activations quantized to int16 once, then the int8 x int16 kernels */
@@ -49,7 +51,7 @@ static int linear_i8q(float *y, int64_t ldy, const float *x, int64_t ldx, const 
     if (!buf) return DSV2_ERR_NOMEM;
     dsv2_xq xq = {(const int16_t *)buf, (const float *)(buf + qbytes), g};
     dsv2_quantize_act16((int16_t *)buf, (float *)(buf + qbytes), x, ldx, T, K, g);
-    gemvq_job j = {y, ldy, &xq, W, (int)T};
+    rows_job j = {y, ldy, NULL, 0, &xq, W, T};
     dsv2_parallel_for(W->rows, 16, gemvq_task, &j);
     if (buf != stackbuf) free(buf);
     return DSV2_OK;
@@ -59,20 +61,6 @@ static int linear_i8q(float *y, int64_t ldy, const float *x, int64_t ldx, const 
  * chunk of LINEAR_EO_CHUNK rows, then the blocked even|odd row dots (gemv_eo.h). */
 #define LINEAR_EO_CHUNK 256
 
-typedef struct {
-    float *y;
-    int64_t ldy;
-    const float *xp;
-    const dsv2_mat *W;
-    int64_t T;
-} eo_job;
-
-static void eo_task(void *ctx, int64_t b, int64_t e, int tid) {
-    (void)tid;
-    eo_job *j = (eo_job *)ctx;
-    dsv2_gemv_eo_rows_blocked(j->y, j->ldy, j->xp, j->W->cols, j->T, j->W, b, e);
-}
-
 static int linear_eo(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {
     const int64_t K = W->cols, Tc = T < LINEAR_EO_CHUNK ? T : LINEAR_EO_CHUNK;
     float *xp = (float *)dsv2_scratch_alloc((size_t)Tc * (size_t)K * sizeof(float));
@@ -80,7 +68,8 @@ static int linear_eo(float *y, int64_t ldy, const float *x, int64_t ldx, const d
     for (int64_t t0 = 0; t0 < T; t0 += Tc) {
         const int64_t tc = T - t0 < Tc ? T - t0 : Tc;
         dsv2_eo_copy_permute(xp, K, x + t0 * ldx, ldx, tc, K);
-        eo_job j = {y + t0 * ldy, ldy, xp, W, tc};
+        dsv2_xq xq = {NULL, NULL, 0, xp};
+        rows_job j = {y + t0 * ldy, ldy, NULL, 0, &xq, W, tc};
         dsv2_parallel_for(W->rows, 16, eo_task, &j);
     }
     dsv2_scratch_free(xp);
@@ -126,7 +115,7 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
     if (T <= DSV2_LINEAR_GEMV_MAX_T) {
         for (int64_t t0 = 0; t0 < T; t0 += DSV2_LINEAR_GEMV_MAX_T) {
             int tt = (int)(T - t0 < DSV2_LINEAR_GEMV_MAX_T ? T - t0 : DSV2_LINEAR_GEMV_MAX_T);
-            gemv_job j = {y + t0 * ldy, ldy, x + t0 * ldx, ldx, W, tt};
+            rows_job j = {y + t0 * ldy, ldy, x + t0 * ldx, ldx, NULL, W, tt};
             dsv2_parallel_for(N, 16, gemv_task, &j);
         }
         return DSV2_OK;

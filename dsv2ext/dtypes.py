@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["BF16", "bf16_to_float32", "float32_to_bf16_bits", "as_weight"]
+__all__ = ["TaggedArray", "BF16", "bf16_to_float32", "float32_to_bf16_bits", "as_weight"]
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
@@ -54,7 +54,44 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return out
 
 
-class BF16:
+class TaggedArray:
+    """Base of the dtype-tagged tensors (:class:`BF16`, FP8 bits, quantized weights).
+
+    ``data`` is the NumPy payload (raw bits or codes) whose element type NumPy
+    cannot describe by itself; ``__dsv2_dtype__`` names what it holds, and the
+    kernels' bindings read that tag (they never guess a dtype from the array).
+    Subclasses check ``data`` in their constructor and may carry more arrays
+    (e.g. block scales).
+    """
+
+    __slots__ = ("data",)
+    __dsv2_dtype__ = ""
+
+    @property
+    def shape(self) -> tuple:
+        return self.data.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of ``data`` (the payload; quantized weights add their scales in ``total_nbytes``)."""
+        return self.data.nbytes
+
+    @property
+    def dtype_name(self) -> str:
+        return self.__dsv2_dtype__
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.data.shape})"
+
+
+class BF16(TaggedArray):
     """A bfloat16 tensor stored as its raw ``uint16`` bits.
 
     Parameters
@@ -69,7 +106,7 @@ class BF16:
     ((4, 8), dtype('uint16'))
     """
 
-    __slots__ = ("data",)
+    __slots__ = ()
     __dsv2_dtype__ = "bf16"
 
     def __init__(self, data: np.ndarray) -> None:
@@ -92,30 +129,8 @@ class BF16:
         """Exact float32 copy of the values."""
         return bf16_to_float32(self.data)
 
-    @property
-    def shape(self) -> tuple:
-        return self.data.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.data.ndim
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-    @property
-    def dtype_name(self) -> str:
-        return "bf16"
-
     def __getitem__(self, idx: Any) -> "BF16":
         return BF16(self.data[idx])
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __repr__(self) -> str:
-        return f"BF16(shape={self.data.shape})"
 
 
 def as_weight(w: Any) -> Any:

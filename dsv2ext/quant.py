@@ -54,7 +54,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from ._native import _C
-from .dtypes import BF16, float32_to_bf16_bits
+from .dtypes import BF16, TaggedArray, float32_to_bf16_bits
 
 __all__ = ["Int8Weight", "QUANT_METHOD", "DEFAULT_GROUP", "quantize_int8", "quantize_int8_reference",
            "dequantize", "get_int8_activations", "set_int8_activations", "quantize_act16_reference",
@@ -66,7 +66,7 @@ DEFAULT_GROUP = 32
 SCALES_SUFFIX = ".scales"
 
 
-class Int8Weight:
+class Int8Weight(TaggedArray):
     """An int8 block-quantized weight: ``W[..., r, c] = data[..., r, c] * scales[..., r, c // group]``.
 
     Parameters
@@ -83,7 +83,7 @@ class Int8Weight:
     payload); ``scales_nbytes`` and ``total_nbytes`` add the scales.
     """
 
-    __slots__ = ("data", "scales")
+    __slots__ = ("scales",)
     __dsv2_dtype__ = "int8"
 
     def __init__(self, data: np.ndarray, scales: np.ndarray) -> None:
@@ -103,21 +103,9 @@ class Int8Weight:
         self.scales = scales
 
     @property
-    def shape(self) -> tuple:
-        return self.data.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.data.ndim
-
-    @property
     def group(self) -> int:
         """Columns per scale block."""
         return self.data.shape[-1] // self.scales.shape[-1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
 
     @property
     def scales_nbytes(self) -> int:
@@ -126,10 +114,6 @@ class Int8Weight:
     @property
     def total_nbytes(self) -> int:
         return self.data.nbytes + self.scales.nbytes
-
-    @property
-    def dtype_name(self) -> str:
-        return "int8"
 
     def to_float32(self) -> np.ndarray:
         """The dequantized weight (float32, a new array)."""
@@ -142,9 +126,6 @@ class Int8Weight:
         if not isinstance(idx, (int, np.integer, slice)):
             raise IndexError("Int8Weight: index the first dimension with an int or a slice")
         return Int8Weight(self.data[idx], self.scales[idx])
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     def __repr__(self) -> str:
         return f"Int8Weight(shape={self.data.shape}, group={self.group})"

@@ -54,7 +54,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from .dtypes import BF16, float32_to_bf16_bits
+from .dtypes import BF16, TaggedArray, float32_to_bf16_bits
 
 __all__ = [
     "CheckpointError",
@@ -182,9 +182,8 @@ def fp8_e5m2_to_float32(u8: np.ndarray) -> np.ndarray:
     return (u8.astype(np.uint16) << 8).view(np.float16).astype(np.float32)
 
 
-class _FP8Base:
-    __slots__ = ("data",)
-    _kind = ""
+class _FP8Base(TaggedArray):
+    __slots__ = ()
 
     def __init__(self, data: np.ndarray) -> None:
         if isinstance(data, _FP8Base):
@@ -194,24 +193,6 @@ class _FP8Base:
         if data.dtype != np.uint8:
             raise TypeError(f"{type(self).__name__}: expected the raw bits as a uint8 array, got dtype {data.dtype}")
         self.data = data
-
-    @property
-    def shape(self) -> tuple:
-        return self.data.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.data.ndim
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.data.shape})"
 
 
 class FP8E4M3(_FP8Base):
@@ -226,10 +207,6 @@ class FP8E4M3(_FP8Base):
     __slots__ = ()
     __dsv2_dtype__ = "f8_e4m3"
 
-    @property
-    def dtype_name(self) -> str:
-        return "f8_e4m3"
-
     def to_float32(self) -> np.ndarray:
         """Exact float32 copy of the values (same shape)."""
         return fp8_e4m3_to_float32(self.data)
@@ -243,10 +220,6 @@ class FP8E5M2(_FP8Base):
 
     __slots__ = ()
     __dsv2_dtype__ = "f8_e5m2"
-
-    @property
-    def dtype_name(self) -> str:
-        return "f8_e5m2"
 
     def to_float32(self) -> np.ndarray:
         """Exact float32 copy of the values (same shape)."""

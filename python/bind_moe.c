@@ -403,6 +403,49 @@ static int parse_shared(PyObject *o, int64_t d, dsv2_mlp *m, PyObject *keep, PyA
 }
 
 /* x [T, d] float32 with T, d < 2**31 */
+/* The routed experts (a parsed table, a list of (gate, up, down), or stacked gate_up_proj / down_proj)
+ * and the optional shared expert of a moe_experts / moe_block call, with the references that keep
+ * their arrays alive while the kernel runs. */
+typedef struct {
+    PyObject *keep;   /* arrays held for the call */
+    const dsv2_mlp *ms; /* [E] */
+    dsv2_mlp *owned;  /* ms when parsed for this call (freed by expert_args_free), else NULL */
+    dsv2_mlp sh;
+    int no_shared;    /* 1: no shared expert */
+} expert_args;
+
+static void expert_args_free(expert_args *a) {
+    if (a->owned) PyMem_Free(a->owned);
+    Py_XDECREF(a->keep);
+    a->owned = NULL;
+    a->keep = NULL;
+}
+
+/* Parse the experts and the shared expert; 0, or -1 with an exception set (nothing left to free). */
+static int expert_args_parse(expert_args *a, PyObject *o_ex, PyObject *o_gu, PyObject *o_dn, PyObject *o_sh, int64_t E,
+                             int64_t d, PyArrayObject *out) {
+    memset(a, 0, sizeof *a);
+    a->keep = PyList_New(0);
+    if (!a->keep) return -1;
+    const expert_table *tab = NULL;
+    int is_tab = table_of(o_ex, o_gu, o_dn, E, d, out, &tab);
+    if (is_tab < 0) goto fail;
+    if (is_tab) {
+        a->ms = tab->ms;
+    } else {
+        int64_t NI = 0;
+        a->owned = parse_experts(o_ex, o_gu, o_dn, E, d, &NI, a->keep, out);
+        if (!a->owned) goto fail;
+        a->ms = a->owned;
+    }
+    a->no_shared = parse_shared(o_sh, d, &a->sh, a->keep, out);
+    if (a->no_shared < 0) goto fail;
+    return 0;
+fail:
+    expert_args_free(a);
+    return -1;
+}
+
 static PyArrayObject *parse_x(PyObject *o, int64_t d) {
     int64_t shape[2] = {DSV2PY_ANY, d};
     PyArrayObject *x = dsv2py_array(o, "x", NPY_FLOAT32, 2, shape, 0);
@@ -434,6 +477,18 @@ static PyArrayObject *parse_ids(PyObject *o, int64_t T, int64_t E) {
 
 /* moe_route(ids [T, k] i64 out, weights [T, k] f32 out, x [T, d], router_weight [E, d], correction_bias [E]|None,
  *           top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob, routed_scaling_factor) */
+/* The router weight [E, d], x [T, d], the optional correction bias [E] and the routing config of a
+ * moe_route / moe_block call; 0, or -1 with an exception set. */
+static int parse_routing(PyObject *o_r, PyObject *o_x, PyObject *o_b, long long top_k, long long n_group,
+                         long long topk_group, const char *method, const char *scoring, int norm, double scale,
+                         dsv2py_tensor *r, PyArrayObject **x, PyArrayObject **bias, dsv2_moe_cfg *cfg) {
+    if (check_router_weight(o_r, DSV2PY_ANY, r) < 0) return -1;
+    *x = parse_x(o_x, r->shape[1]);
+    if (!*x) return -1;
+    if (parse_bias(o_b, r->shape[0], bias) < 0) return -1;
+    return parse_cfg(r->shape[0], top_k, n_group, topk_group, method, scoring, norm, scale, *bias != NULL, cfg);
+}
+
 static PyObject *py_moe_route(PyObject *self, PyObject *args) {
     PyObject *o_ids, *o_w, *o_x, *o_r, *o_b;
     long long top_k, n_group, topk_group;
@@ -444,15 +499,11 @@ static PyObject *py_moe_route(PyObject *self, PyObject *args) {
                           &topk_group, &method, &scoring, &norm, &scale))
         return NULL;
     dsv2py_tensor r;
-    if (check_router_weight(o_r, DSV2PY_ANY, &r) < 0) return NULL;
-    int64_t E = r.shape[0], d = r.shape[1];
-    PyArrayObject *x = parse_x(o_x, d);
-    if (!x) return NULL;
-    int64_t T = dsv2py_dim(x, 0);
-    PyArrayObject *bias;
-    if (parse_bias(o_b, E, &bias) < 0) return NULL;
+    PyArrayObject *x, *bias;
     dsv2_moe_cfg cfg;
-    if (parse_cfg(E, top_k, n_group, topk_group, method, scoring, norm, scale, bias != NULL, &cfg) < 0) return NULL;
+    if (parse_routing(o_r, o_x, o_b, top_k, n_group, topk_group, method, scoring, norm, scale, &r, &x, &bias, &cfg) < 0)
+        return NULL;
+    int64_t E = r.shape[0], d = r.shape[1], T = dsv2py_dim(x, 0);
     int64_t oshape[2] = {T, top_k};
     PyArrayObject *ids = dsv2py_array(o_ids, "ids", NPY_INT64, 2, oshape, 1);
     if (!ids) return NULL;
@@ -621,34 +672,14 @@ static PyObject *py_moe_experts(PyObject *self, PyObject *args) {
     if (dsv2py_no_overlap(out, "out", x, "x") < 0 || dsv2py_no_overlap(out, "out", ids, "ids") < 0 ||
         dsv2py_no_overlap(out, "out", w, "weights") < 0)
         return NULL;
-    PyObject *keep = PyList_New(0);
-    if (!keep) return NULL;
-    int64_t NI = 0;
-    const expert_table *tab = NULL;
-    int is_tab = table_of(o_ex, o_gu, o_dn, E, d, out, &tab);
-    if (is_tab < 0) {
-        Py_DECREF(keep);
-        return NULL;
-    }
-    dsv2_mlp *ms = is_tab ? tab->ms : parse_experts(o_ex, o_gu, o_dn, E, d, &NI, keep, out);
-    if (!ms) {
-        Py_DECREF(keep);
-        return NULL;
-    }
-    dsv2_mlp sh;
-    int no_shared = parse_shared(o_sh, d, &sh, keep, out);
-    if (no_shared < 0) {
-        if (!is_tab) PyMem_Free(ms);
-        Py_DECREF(keep);
-        return NULL;
-    }
+    expert_args ea;
+    if (expert_args_parse(&ea, o_ex, o_gu, o_dn, o_sh, E, d, out) < 0) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = dsv2_moe_experts((float *)dsv2py_data(out), (const float *)dsv2py_data(x), (const int64_t *)dsv2py_data(ids),
-                          (const float *)dsv2py_data(w), ms, E, no_shared ? NULL : &sh, T, k);
+                          (const float *)dsv2py_data(w), ea.ms, E, ea.no_shared ? NULL : &ea.sh, T, k);
     Py_END_ALLOW_THREADS
-    if (!is_tab) PyMem_Free(ms);
-    Py_DECREF(keep);
+    expert_args_free(&ea);
     if (rc) return dsv2py_raise(rc, "moe_experts");
     Py_RETURN_NONE;
 }
@@ -667,15 +698,11 @@ static PyObject *py_moe_block(PyObject *self, PyObject *args) {
                           &top_k, &n_group, &topk_group, &method, &scoring, &norm, &scale, &o_ids, &o_w))
         return NULL;
     dsv2py_tensor r;
-    if (check_router_weight(o_r, DSV2PY_ANY, &r) < 0) return NULL;
-    int64_t E = r.shape[0], d = r.shape[1];
-    PyArrayObject *x = parse_x(o_x, d);
-    if (!x) return NULL;
-    int64_t T = dsv2py_dim(x, 0);
-    PyArrayObject *bias;
-    if (parse_bias(o_b, E, &bias) < 0) return NULL;
+    PyArrayObject *x, *bias;
     dsv2_moe_cfg cfg;
-    if (parse_cfg(E, top_k, n_group, topk_group, method, scoring, norm, scale, bias != NULL, &cfg) < 0) return NULL;
+    if (parse_routing(o_r, o_x, o_b, top_k, n_group, topk_group, method, scoring, norm, scale, &r, &x, &bias, &cfg) < 0)
+        return NULL;
+    int64_t E = r.shape[0], d = r.shape[1], T = dsv2py_dim(x, 0);
     int64_t oshape[2] = {T, d}, ishape[2] = {T, top_k};
     PyArrayObject *out = dsv2py_array(o_out, "out", NPY_FLOAT32, 2, oshape, 1);
     if (!out) return NULL;
@@ -694,37 +721,17 @@ static PyObject *py_moe_block(PyObject *self, PyObject *args) {
         for (int j = i + 1; j < 3; j++)
             if (dsv2py_no_overlap(outs[i], onames[i], outs[j], onames[j]) < 0) return NULL;
     }
-    PyObject *keep = PyList_New(0);
-    if (!keep) return NULL;
-    int64_t NI = 0;
-    const expert_table *tab = NULL;
-    int is_tab = table_of(o_ex, o_gu, o_dn, E, d, out, &tab);
-    if (is_tab < 0) {
-        Py_DECREF(keep);
-        return NULL;
-    }
-    dsv2_mlp *ms = is_tab ? tab->ms : parse_experts(o_ex, o_gu, o_dn, E, d, &NI, keep, out);
-    if (!ms) {
-        Py_DECREF(keep);
-        return NULL;
-    }
-    dsv2_mlp sh;
-    int no_shared = parse_shared(o_sh, d, &sh, keep, out);
-    if (no_shared < 0) {
-        if (!is_tab) PyMem_Free(ms);
-        Py_DECREF(keep);
-        return NULL;
-    }
+    expert_args ea;
+    if (expert_args_parse(&ea, o_ex, o_gu, o_dn, o_sh, E, d, out) < 0) return NULL;
     dsv2_mat rm = dsv2py_mat(&r);
     const float *bp = bias ? (const float *)PyArray_DATA(bias) : NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = dsv2_moe_block((float *)dsv2py_data(out), ids ? (int64_t *)dsv2py_data(ids) : NULL,
-                        w ? (float *)dsv2py_data(w) : NULL, (const float *)dsv2py_data(x), &rm, bp, ms,
-                        no_shared ? NULL : &sh, T, &cfg);
+                        w ? (float *)dsv2py_data(w) : NULL, (const float *)dsv2py_data(x), &rm, bp, ea.ms,
+                        ea.no_shared ? NULL : &ea.sh, T, &cfg);
     Py_END_ALLOW_THREADS
-    if (!is_tab) PyMem_Free(ms);
-    Py_DECREF(keep);
+    expert_args_free(&ea);
     if (rc) return raise_route(rc, "moe_block");
     Py_RETURN_NONE;
 }
