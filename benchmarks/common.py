@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import sys
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
@@ -28,9 +29,27 @@ def prompt_ids(n: int, seed: int, vocab: int = 100000) -> List[int]:
     return [int(i) for i in rng.integers(0, vocab, size=n)]
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss, Linux KiB -> bytes)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+def peak_rss_bytes(status_path: str = "/proc/self/status") -> int:
+    """Peak resident set size of this process since it started its program, in bytes.
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this
+    process's own address space, which ``exec`` starts afresh.  Not
+    ``ru_maxrss``: Linux carries it across fork + exec, so a worker started by
+    a driver that had grown to 6 GiB would report at least 6 GiB whatever it
+    used itself.  Elsewhere (no /proc) ``ru_maxrss`` is the fallback.
+    """
+    try:
+        with open(status_path, "r", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    value, unit = line.split()[1:3]
+                    if unit != "kB":
+                        raise ValueError(f"{status_path}: VmHWM in unexpected unit {unit!r}")
+                    return int(value) * 1024
+    except FileNotFoundError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 def read_json(path: str) -> Any:

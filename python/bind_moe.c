@@ -503,7 +503,7 @@ static PyObject *py_moe_route(PyObject *self, PyObject *args) {
     dsv2_moe_cfg cfg;
     if (parse_routing(o_r, o_x, o_b, top_k, n_group, topk_group, method, scoring, norm, scale, &r, &x, &bias, &cfg) < 0)
         return NULL;
-    int64_t E = r.shape[0], d = r.shape[1], T = dsv2py_dim(x, 0);
+    int64_t T = dsv2py_dim(x, 0);
     int64_t oshape[2] = {T, top_k};
     PyArrayObject *ids = dsv2py_array(o_ids, "ids", NPY_INT64, 2, oshape, 1);
     if (!ids) return NULL;
