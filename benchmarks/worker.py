@@ -9,7 +9,7 @@ path), npy_dir (check: where logits go).  The result JSON always has
 ``ok``; on failure ``error`` holds the message and traceback.
 
 Keeping every engine in its own process isolates their memory (peak RSS is
-the process's ``ru_maxrss``) and lets the driver time-box each one.
+the process's own VmHWM, see common.peak_rss_bytes) and lets the driver time-box each one.
 """
 from __future__ import annotations
 
