@@ -82,6 +82,11 @@ class Engine(abc.ABC):
         """Bytes of weights one decode step reads (experts: top-k of E; embedding: one row)."""
         ...
 
+    @abc.abstractmethod
+    def set_threads(self, n: int) -> None:
+        """Use n threads from the next call on (prefill and decode)."""
+        ...
+
     def profile(self, ids: List[int], n: int) -> Optional[Dict[str, Any]]:
         return None
 
@@ -153,6 +158,9 @@ class DsEngine(Engine):
                                     np.array([self._pos], np.int64), self._cache)
         self._tok = int(np.argmax(logits[0]))
         self._pos += 1
+
+    def set_threads(self, n: int) -> None:
+        self.dsv2ext.set_num_threads(n)
 
     def kv_bytes_per_token(self) -> Dict[str, Any]:
         c = self.model.new_cache(1, 1)
@@ -292,6 +300,9 @@ class HFEngine(Engine):
         with t.inference_mode():
             out = self.model(input_ids=t.tensor([ids]), use_cache=False)
         return out.logits[0].float().numpy()
+
+    def set_threads(self, n: int) -> None:
+        self.torch.set_num_threads(n)
 
     def _prefill(self, ids: List[int]) -> Tuple[Any, Any]:
         t = self.torch
@@ -437,6 +448,10 @@ class LlamaEngine(Engine):
         self.llm.eval([self._tok])
         self._tok = int(np.argmax(self._last_logits()))
 
+    def set_threads(self, n: int) -> None:
+        # the context's thread counts for single-token (decode) and batch (prompt) evaluation
+        self.llama_cpp.llama_set_n_threads(self.llm._ctx.ctx, n, n)
+
     def kv_bytes_per_token(self) -> Dict[str, Any]:
         import re
 
@@ -549,9 +564,13 @@ def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
     Protocol: one JSON object per line.  The worker answers ``{"ready": true, "weights": ...,
     "kv_cache": ...}`` once loaded and warmed up, then reads commands from stdin:
     ``{"cmd": "begin", "context": N}`` (fresh state after an N-token prompt; answers
-    ``{"prefill_s": s}``), ``{"cmd": "steps", "n": k, "warmup": w}`` (w untimed, then k timed greedy
-    steps; answers ``{"step_s": [...]}``)
-    and ``{"cmd": "quit"}``.  Everything else the process prints goes to stderr (the log).
+    ``{"prefill_s": s}``; with ``"threads": t`` the prompt runs on t threads, then the
+    engine's thread count is restored), ``{"cmd": "steps", "n": k, "warmup": w}`` (w untimed, then
+    k timed greedy steps; answers ``{"step_s": [...]}``), ``{"cmd": "threads", "n": t}`` (use t
+    threads from now on; answers ``{"threads": t}``), ``{"cmd": "prefill", "tokens": N, "reps": r}``
+    (r fresh N-token prompts, each timed; answers ``{"seconds": [...]}``), ``{"cmd": "profile",
+    "context": N, "n": k}`` (the engine's decode time split over k steps after N tokens, or None;
+    answers ``{"profile": ...}``) and ``{"cmd": "quit"}``.  Everything else the process prints goes to stderr (the log).
     """
     import json
 
@@ -568,13 +587,29 @@ def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
     send({"ready": True, "weights": e.active_weight_bytes(), "kv_cache": e.kv_bytes_per_token(),
           "load_seconds": getattr(e, "load_s", None)})
     served = 0
+    threads = int(spec["threads"])
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "begin":
             ctx = int(cmd["context"])
+            if "threads" in cmd:
+                e.set_threads(int(cmd["threads"]))
             t0 = time.perf_counter()
             e.begin(prompt_ids(ctx, seed=20 + ctx))
-            send({"prefill_s": time.perf_counter() - t0})
+            dt = time.perf_counter() - t0
+            if "threads" in cmd:
+                e.set_threads(threads)
+            send({"prefill_s": dt})
+        elif cmd["cmd"] == "threads":
+            threads = int(cmd["n"])
+            e.set_threads(threads)
+            send({"threads": threads})
+        elif cmd["cmd"] == "profile":
+            ctx = int(cmd["context"])
+            send({"profile": e.profile(prompt_ids(ctx, seed=20 + ctx), int(cmd["n"]))})
+        elif cmd["cmd"] == "prefill":
+            n = int(cmd["tokens"])
+            send({"seconds": [e.prefill(prompt_ids(n, seed=11 + r)) for r in range(int(cmd.get("reps", 1)))]})
         elif cmd["cmd"] == "steps":
             for _ in range(int(cmd.get("warmup", 0))):  # untimed: wakes the threads, refills caches
                 e.step()
