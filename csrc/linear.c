@@ -136,14 +136,16 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
     pj.ldx = ldx;
     pj.W = W;
     pj.T = T;
-    /* panels of up to 2 MiB of fp32 (a multiple of 16 rows), at least 8 per matrix so
-     * that the threads share it evenly.  Each panel is one sgemm call that repacks
-     * the activations, so small panels cost: with 256 KiB panels a 512-token lite-L4
-     * prefill ran at ~187 tokens/s, with 2 MiB ~203.  The size does not depend on the
-     * thread count (nor does an element's value: sgemm sums over K the same way
-     * whatever the panel's width). */
+    /* panels of up to 2 MiB of fp32 (a multiple of 16 rows), at least 8 per matrix and
+     * two per thread so that every thread gets work (with "at least 8" alone, 16 threads
+     * left half of them idle on 1408-row matrices).  Each panel is one sgemm call that
+     * repacks the activations, so small panels cost: with 256 KiB panels a 512-token
+     * lite-L4 prefill ran at ~187 tokens/s, with 2 MiB ~203.  An element's value does
+     * not depend on the panel's size (sgemm sums over K the same way whatever the
+     * panel's width), so results stay the same for any thread count. */
+    const int64_t min_panels = 2 * (int64_t)dsv2_get_num_threads() > 8 ? 2 * (int64_t)dsv2_get_num_threads() : 8;
     int64_t P = (int64_t)(2u << 20) / (K * 4);
-    if (P > N / 8) P = N / 8;
+    if (P > N / min_panels) P = N / min_panels;
     P = P < 16 ? 16 : P / 16 * 16;
     pj.P = P;
     atomic_init(&pj.err, DSV2_OK);

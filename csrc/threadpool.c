@@ -33,6 +33,7 @@ static struct {
     _Atomic(job_t *) job;     /* the current region, NULL when none */
     int nthreads;             /* total, caller included */
     int nworkers;             /* worker threads started */
+    double spin_s;            /* how long an idle worker spins before it sleeps */
 } P = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 static _Thread_local int tl_in_region = 0;
@@ -68,13 +69,13 @@ static void *worker_main(void *arg) {
     unsigned seen = atomic_load(&P.gen);
     tl_in_region = 1;
     for (;;) {
-        /* spin ~50 us for the next region, then sleep */
+        /* spin for the next region (P.spin_s), then sleep */
         double t0 = now_s();
         unsigned g;
         int spins = 0;
         while ((g = atomic_load(&P.gen)) == seen) {
             cpu_relax();
-            if (++spins % 128 == 0 && now_s() - t0 > 5e-5) break;
+            if (++spins % 128 == 0 && now_s() - t0 > P.spin_s) break;
         }
         if (g == seen) {
             pthread_mutex_lock(&P.m);
@@ -112,7 +113,27 @@ static void atfork_child(void) {
     P.nthreads = 1;
 }
 
+/* DSV2EXT_SPIN_US: microseconds an idle worker spins for the next region before it
+ * sleeps on the condition variable (default DSV2_SPIN_US_DEFAULT).  Between two kernels
+ * the caller runs Python code; a worker that fell asleep meanwhile costs a wake-up at
+ * the next region. */
+#ifndef DSV2_SPIN_US_DEFAULT
+#define DSV2_SPIN_US_DEFAULT 50
+#endif
+
+static double spin_seconds(void) {
+    const char *env = getenv("DSV2EXT_SPIN_US");
+    double us = DSV2_SPIN_US_DEFAULT;
+    if (env && *env) {
+        char *end;
+        double v = strtod(env, &end);
+        if (end != env && v >= 0 && v <= 1e6) us = v;
+    }
+    return us * 1e-6;
+}
+
 static void init_pool(void) {
+    P.spin_s = spin_seconds();
     int n = default_threads();
     if (n > DSV2_MAX_THREADS) n = DSV2_MAX_THREADS;
     P.nthreads = n;
