@@ -51,3 +51,32 @@ const char *dsv2_isa_name(int level) {
     default: return "portable";
     }
 }
+
+#ifndef DSV2_PREFETCH_DEFAULT
+#define DSV2_PREFETCH_DEFAULT 0
+#endif
+static int g_prefetch = -1;
+
+int dsv2_prefetch_bytes(void) {
+    int v = g_prefetch;
+    if (v >= 0) return v;
+    v = DSV2_PREFETCH_DEFAULT;
+    const char *env = getenv("DSV2EXT_PREFETCH");
+    if (env && *env) {
+        if (!strcmp(env, "off")) {
+            v = 0;
+        } else {
+            char *end;
+            long b = strtol(env, &end, 10);
+            if (end != env && b >= 0 && b <= (1L << 20)) v = (int)(b / 64 * 64);
+        }
+    }
+    g_prefetch = v;
+    return v;
+}
+
+void dsv2_set_prefetch_bytes(int bytes) {
+    if (bytes < 0) bytes = 0;
+    if (bytes > (1 << 20)) bytes = 1 << 20;
+    g_prefetch = bytes / 64 * 64;
+}

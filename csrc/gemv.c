@@ -82,10 +82,14 @@ DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
 gemv_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T,
                 const dsv2_mat *W, int64_t r) {
     const int64_t K = W->cols, K64 = K & ~(int64_t)63;
+    const int64_t es = (int64_t)dsv2_dtype_size(W->dtype);
+    const char *wrow = (const char *)W->data + r * K * es;
+    const int pf = dsv2_prefetch_bytes();
     __m512 acc[DSV2_GEMV_MAX_T][4];
     for (int t = 0; t < T; t++)
         for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K64; k += 64) {
+        DSV2_PREFETCH_AHEAD(wrow + k * es, 64 * es, pf);
         const __m512 w0 = load16_w_avx512(W, r, k, 0xffff), w1 = load16_w_avx512(W, r, k + 16, 0xffff);
         const __m512 w2 = load16_w_avx512(W, r, k + 32, 0xffff), w3 = load16_w_avx512(W, r, k + 48, 0xffff);
         for (int t = 0; t < T; t++) {

@@ -307,6 +307,7 @@ i8q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2
     const int64_t K = W->cols, g = W->group, ng = K / g;
     const int8_t *qw = (const int8_t *)W->data + r * K;
     const float *sw = W->scale + r * ng;
+    const int pf = dsv2_prefetch_bytes();
     __m512 acc[DSV2_GEMV_MAX_T][4];
     float cs[DSV2_GEMV_MAX_T][16] __attribute__((aligned(64)));
     for (int t = 0; t < T; t++)
@@ -321,6 +322,7 @@ i8q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2
         if (g == 32) { /* the usual block: one vpmaddwd per block, written out so the sums stay in registers */
             for (; bb + 4 <= nb; bb += 4) {
                 const int64_t k = (b0 + bb) * 32;
+                DSV2_PREFETCH_AHEAD(qw + k, 128, pf);
                 const __m512i w0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + k)));
                 const __m512i w1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + k + 32)));
                 const __m512i w2 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(qw + k + 64)));

@@ -4,8 +4,8 @@
  * through an atomic counter by whichever thread gets there first (the caller
  * included), so a worker that the OS has not scheduled yet never holds the
  * caller up: the caller simply runs its chunk too.  This keeps the pool fast
- * on a busy machine (more runnable threads than cores).  Workers spin briefly
- * for the next region, then sleep on a condition variable. */
+ * on a busy machine (more runnable threads than cores).  Workers spin for the
+ * next region for up to DSV2EXT_SPIN_US (1 ms), then sleep on a condition variable. */
 #define _GNU_SOURCE
 #include "threadpool.h"
 #include "blas.h"
@@ -115,10 +115,12 @@ static void atfork_child(void) {
 
 /* DSV2EXT_SPIN_US: microseconds an idle worker spins for the next region before it
  * sleeps on the condition variable (default DSV2_SPIN_US_DEFAULT).  Between two kernels
- * the caller runs Python code; a worker that fell asleep meanwhile costs a wake-up at
- * the next region. */
+ * the caller runs Python code (tens of microseconds per call); a worker that fell
+ * asleep meanwhile costs a wake-up at the next region, for each of the ~10 regions of
+ * a layer.  Measured on a 16-core Xeon (lite-L4 decode, 16 threads): 1000 us gave
+ * bf16 65.6 / int8 122.5 tokens/s against 63.2 / 117.2 with 50 us. */
 #ifndef DSV2_SPIN_US_DEFAULT
-#define DSV2_SPIN_US_DEFAULT 50
+#define DSV2_SPIN_US_DEFAULT 1000
 #endif
 
 static double spin_seconds(void) {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ._native import _C
 
-__all__ = ["set_num_threads", "get_num_threads", "get_isa", "set_isa"]
+__all__ = ["set_num_threads", "get_num_threads", "get_isa", "set_isa", "get_prefetch", "set_prefetch"]
 
 
 def set_num_threads(n: int) -> int:
@@ -47,3 +47,21 @@ def set_isa(name: str) -> str:
     ``DSV2EXT_ISA`` does the same at start-up.  Mainly for tests of every code path.
     """
     return _C.set_isa(name)
+
+
+def get_prefetch() -> int:
+    """Software-prefetch distance of the decode row-dot kernels, in bytes (0: off)."""
+    return _C.get_prefetch()
+
+
+def set_prefetch(nbytes: int) -> int:
+    """Set how far ahead (bytes) the decode kernels prefetch the weight stream; 0 turns it off.
+
+    A tuning knob for memory-bound decode (the environment variable
+    ``DSV2EXT_PREFETCH`` sets it at start-up).  It changes no result, only speed:
+    server cores keep too few misses in flight to stream weights at their share of
+    the bandwidth without it.  Rounded down to a multiple of 64; returns the value in force.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise TypeError(f"nbytes: expected an int, got {type(nbytes).__name__}")
+    return _C.set_prefetch(nbytes)

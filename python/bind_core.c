@@ -90,6 +90,18 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(dsv2_isa_name(dsv2_set_isa(lvl)));
 }
 
+static PyObject *py_get_prefetch(PyObject *self, PyObject *noargs) {
+    return PyLong_FromLong(dsv2_prefetch_bytes());
+}
+
+static PyObject *py_set_prefetch(PyObject *self, PyObject *args) {
+    long long b;
+    if (!PyArg_ParseTuple(args, "L:set_prefetch", &b)) return NULL;
+    if (b < 0 || b > (1 << 20)) return PyErr_Format(PyExc_ValueError, "nbytes: expected 0..1048576, got %lld", b);
+    dsv2_set_prefetch_bytes((int)b);
+    return PyLong_FromLong(dsv2_prefetch_bytes());
+}
+
 PyMethodDef dsv2py_core_methods[] = {
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(out, x, weight, eps): out [T, d] = RMSNorm(x [T, d]) * weight [d]"},
     {"linear", py_linear, METH_VARARGS, "linear(out, x, weight): out [T, N] = x [T, K] @ weight [N, K]^T"},
@@ -97,4 +109,6 @@ PyMethodDef dsv2py_core_methods[] = {
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> 'avx512' | 'avx2' | 'portable'"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name) -> level in force (capped by the CPU)"},
+    {"get_prefetch", py_get_prefetch, METH_NOARGS, "get_prefetch() -> bytes (0: off)"},
+    {"set_prefetch", py_set_prefetch, METH_VARARGS, "set_prefetch(nbytes) -> bytes in force (multiple of 64)"},
     {NULL, NULL, 0, NULL}};
