@@ -119,13 +119,64 @@ static int check_int32(int64_t x, const char *what) {
     return 0;
 }
 
-/* the cache: float32 [B, S, width], writable unless read_only */
-static PyArrayObject *check_cache(PyObject *o, int64_t width, int writable) {
-    int64_t shp[3] = {DSV2PY_ANY, DSV2PY_ANY, width};
-    PyArrayObject *c = dsv2py_array(o, "cache", NPY_FLOAT32, 3, shp, writable);
-    if (!c) return NULL;
-    if (check_int32(dsv2py_dim(c, 1) * dsv2py_dim(c, 2), "cache: max sequence length x row width") < 0) return NULL;
-    return c;
+/* A latent cache argument: a float32 ndarray [B, S, W] (fp32 rows) or a dsv2ext.BF16 of a uint16
+ * ndarray [B, S, W] (bfloat16 rows; a bare uint16 array is refused), W = kv_lora + rope. */
+typedef struct {
+    PyArrayObject *arr; /* the array holding the rows */
+    dsv2_mla_cache c;
+    int64_t W;          /* numbers per row */
+} cache_arg;
+
+static int parse_cache(PyObject *o, int writable, cache_arg *out) {
+    int64_t shp[3] = {DSV2PY_ANY, DSV2PY_ANY, DSV2PY_ANY};
+    PyArrayObject *a = NULL;
+    int dtype = DSV2_KV_F32;
+    if (o && o != Py_None && !PyArray_Check(o)) {
+        PyObject *tag = PyObject_GetAttrString(o, "__dsv2_dtype__");
+        if (!tag) PyErr_Clear();
+        const char *t = tag && PyUnicode_Check(tag) ? PyUnicode_AsUTF8(tag) : NULL;
+        if (t && !strcmp(t, "bf16")) {
+            Py_DECREF(tag);
+            PyObject *data = PyObject_GetAttrString(o, "data");
+            if (!data) {
+                if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                    PyErr_Clear();
+                    PyErr_Format(PyExc_TypeError, "cache: a cache tagged 'bf16' needs a .data array (uint16 [B, S, W])");
+                }
+                return -1;
+            }
+            int keep = dsv2py_keep(data);
+            int only = Py_REFCNT(data) < 2;
+            a = keep < 0 ? NULL : dsv2py_array(data, "cache.data", NPY_UINT16, 3, shp, writable);
+            Py_DECREF(data);
+            if (!a) return -1;
+            if (keep == 0 && only)
+                return PyErr_Format(PyExc_TypeError, "cache.data: must be an array stored on the cache object"), -1;
+            dtype = DSV2_KV_BF16;
+        } else {
+            Py_XDECREF(tag);
+            PyErr_Format(PyExc_TypeError,
+                         "cache: expected a float32 ndarray [B, S, kv_lora + rope] or a dsv2ext.BF16 of a uint16 "
+                         "array (bfloat16 rows), got %s", Py_TYPE(o)->tp_name);
+            return -1;
+        }
+    } else {
+        if (o && PyArray_Check(o) && PyArray_TYPE((PyArrayObject *)o) == NPY_UINT16) {
+            PyErr_Format(PyExc_TypeError,
+                         "cache: a bare uint16 array is not taken as bfloat16 rows; wrap it as dsv2ext.BF16(array)");
+            return -1;
+        }
+        a = dsv2py_array(o, "cache", NPY_FLOAT32, 3, shp, writable);
+        if (!a) return -1;
+    }
+    out->arr = a;
+    out->W = dsv2py_dim(a, 2);
+    out->c.data = dsv2py_data(a);
+    out->c.B = dsv2py_dim(a, 0);
+    out->c.S = dsv2py_dim(a, 1);
+    out->c.dtype = dtype;
+    if (check_int32(out->c.S * out->W, "cache: max sequence length x row width") < 0) return -1;
+    return 0;
 }
 
 /* ---------------- rope ---------------- */
@@ -235,9 +286,10 @@ static PyObject *py_mla_compress_kv(PyObject *self, PyObject *args) {
     PyArrayObject *h = dsv2py_array(o_h, "hidden", NPY_FLOAT32, 2, NULL, 0);
     if (!h) return NULL;
     const int64_t T = dsv2py_dim(h, 0), d = dsv2py_dim(h, 1);
-    PyArrayObject *cache = check_cache(o_cache, DSV2PY_ANY, 1);
-    if (!cache) return NULL;
-    const int64_t B = dsv2py_dim(cache, 0), S = dsv2py_dim(cache, 1), W = dsv2py_dim(cache, 2);
+    cache_arg ca;
+    if (parse_cache(o_cache, 1, &ca) < 0) return NULL;
+    PyArrayObject *cache = ca.arr;
+    const int64_t B = ca.c.B, S = ca.c.S, W = ca.W;
     if (kv_lora <= 0 || kv_lora >= W)
         return PyErr_Format(PyExc_ValueError, "kv_lora_rank: expected 0 < kv_lora_rank < %lld (cache row width), got %lld",
                             (long long)W, kv_lora);
@@ -265,10 +317,9 @@ static PyObject *py_mla_compress_kv(PyObject *self, PyObject *args) {
         dsv2py_no_overlap(out, "out", f, "inv_freq") < 0)
         return NULL;
     dsv2_mat ma = dsv2py_mat(&wa), mn = dsv2py_mat(&wn);
-    dsv2_mla_cache c = {(float *)dsv2py_data(cache), B, S};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dsv2_mla_compress_kv(&c, (float *)dsv2py_data(out), (const float *)dsv2py_data(h), T, d,
+    rc = dsv2_mla_compress_kv(&ca.c, (float *)dsv2py_data(out), (const float *)dsv2py_data(h), T, d,
                               (const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), &ma, &mn, kv_lora,
                               rope, (float)eps, (const float *)dsv2py_data(f), (float)af, inter);
     Py_END_ALLOW_THREADS
@@ -292,9 +343,10 @@ static PyObject *py_mla_attention(PyObject *self, PyObject *args) {
     PyArrayObject *q = dsv2py_array(o_q, "q", NPY_FLOAT32, 3, NULL, 0);
     if (!q) return NULL;
     const int64_t T = dsv2py_dim(q, 0), H = dsv2py_dim(q, 1), dqk = dsv2py_dim(q, 2);
-    PyArrayObject *cache = check_cache(o_cache, DSV2PY_ANY, 0);
-    if (!cache) return NULL;
-    const int64_t B = dsv2py_dim(cache, 0), S = dsv2py_dim(cache, 1), W = dsv2py_dim(cache, 2);
+    cache_arg ca;
+    if (parse_cache(o_cache, 0, &ca) < 0) return NULL;
+    PyArrayObject *cache = ca.arr;
+    const int64_t B = ca.c.B, S = ca.c.S, W = ca.W;
     int64_t kshape[2] = {DSV2PY_ANY, DSV2PY_ANY};
     dsv2py_tensor kvb;
     if (dsv2py_weight(o_kvb, "kv_b_proj", 2, kshape, &kvb) < 0) return NULL;
@@ -323,10 +375,9 @@ static PyObject *py_mla_attention(PyObject *self, PyObject *args) {
         return NULL;
     dsv2_mat mk = dsv2py_mat(&kvb);
     dsv2_mla_dims dm = {H, nope, rope, v, L};
-    dsv2_mla_cache c = {(float *)dsv2py_data(cache), B, S};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dsv2_mla_attention((float *)dsv2py_data(out), (const float *)dsv2py_data(q), &c,
+    rc = dsv2_mla_attention((float *)dsv2py_data(out), (const float *)dsv2py_data(q), &ca.c,
                             (const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), T, &mk, &dm,
                             (float)scale, mode);
     Py_END_ALLOW_THREADS
@@ -382,9 +433,13 @@ static PyObject *py_mla_attention_block(PyObject *self, PyObject *args) {
     int64_t oshape[2] = {T, d};
     PyArrayObject *out = dsv2py_array(o_out, "out", NPY_FLOAT32, 2, oshape, 1);
     if (!out) return NULL;
-    PyArrayObject *cache = check_cache(o_cache, L + rope, 1);
-    if (!cache) return NULL;
-    const int64_t B = dsv2py_dim(cache, 0), S = dsv2py_dim(cache, 1);
+    cache_arg ca;
+    if (parse_cache(o_cache, 1, &ca) < 0) return NULL;
+    PyArrayObject *cache = ca.arr;
+    const int64_t B = ca.c.B, S = ca.c.S;
+    if (ca.W != L + rope)
+        return PyErr_Format(PyExc_ValueError, "cache: expected shape [?, ?, %lld] (rows of kv_lora_rank + qk_rope_head_dim numbers), got rows of %lld",
+                            (long long)(L + rope), (long long)ca.W);
     PyArrayObject *seq, *pos, *f;
     if (check_tokens(o_seq, o_pos, T, B, S, &seq, &pos) < 0) return NULL;
     if (check_unique((const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), T, S) < 0) return NULL;
@@ -444,10 +499,9 @@ static PyObject *py_mla_attention_block(PyObject *self, PyObject *args) {
     cfg.inv_freq = (const float *)dsv2py_data(f);
     cfg.attention_factor = (float)af;
     cfg.interleaved = inter;
-    dsv2_mla_cache c = {(float *)dsv2py_data(cache), B, S};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dsv2_mla_block((float *)dsv2py_data(out), (const float *)dsv2py_data(h), T, d, &c,
+    rc = dsv2_mla_block((float *)dsv2py_data(out), (const float *)dsv2py_data(h), T, d, &ca.c,
                         (const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), &w, &cfg, mode);
     Py_END_ALLOW_THREADS
     if (rc) return dsv2py_raise(rc, "mla_attention_block");

@@ -56,7 +56,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from .._native import _C
-from ._util import Weight, check_f32, new_out, weight_shape
+from ..dtypes import BF16
+from ._util import Weight, _require_contiguous, check_f32, new_out, weight_shape
 
 __all__ = [
     "MLAConfig",
@@ -91,6 +92,23 @@ def _check_i64(x: Any, name: str) -> np.ndarray:
     if x.ndim != 1:
         raise ValueError(f"{name}: expected 1 dimension [T], got shape {x.shape}")
     return x
+
+
+def _cache_shape(cache: Any) -> Tuple[int, int, int]:
+    """``(B, S_max, kv_lora + rope)`` of a latent cache argument, with a clear error for the wrong
+    kind of object (the binding checks the rest)."""
+    if isinstance(cache, np.ndarray):
+        if cache.dtype == np.uint16:
+            raise TypeError("cache: a bare uint16 array is not taken as bfloat16 rows; wrap it as dsv2ext.BF16(array)")
+        check_f32(cache, "cache", 3)
+        return cache.shape
+    if isinstance(cache, BF16):
+        if cache.ndim != 3:
+            raise ValueError(f"cache: expected 3 dimensions [B, S_max, kv_lora + rope], got shape {cache.shape}")
+        _require_contiguous(cache.data, "cache.data")
+        return cache.shape
+    raise TypeError(f"cache: expected a float32 numpy array or a dsv2ext.BF16 (bfloat16 rows), "
+                    f"got {type(cache).__name__}")
 
 
 def _mode_id(mode: str) -> int:
@@ -510,16 +528,29 @@ class MLAWeights:
         return int(d)
 
 
-def new_latent_cache(cfg: MLAConfig, batch: int, max_seq_len: int) -> np.ndarray:
+def new_latent_cache(cfg: MLAConfig, batch: int, max_seq_len: int, dtype: str = "f32") -> Any:
     """A zeroed latent cache for one layer.
+
+    Parameters
+    ----------
+    cfg : MLAConfig
+    batch, max_seq_len : int
+    dtype : {"f32", "bf16"}
+        Row format (see :mod:`dsv2ext.cache`).
 
     Returns
     -------
-    np.ndarray, float32, shape [batch, max_seq_len, kv_lora_rank + qk_rope_head_dim]
+    np.ndarray float32 [batch, max_seq_len, kv_lora_rank + qk_rope_head_dim] ("f32"), or a
+    :class:`dsv2ext.BF16` of such a uint16 array ("bf16": bfloat16 rows).
     """
     if batch <= 0 or max_seq_len <= 0:
         raise ValueError(f"batch, max_seq_len: expected positive sizes, got {batch}, {max_seq_len}")
-    return np.zeros((int(batch), int(max_seq_len), cfg.latent_dim), dtype=np.float32)
+    shape = (int(batch), int(max_seq_len), cfg.latent_dim)
+    if dtype == "f32":
+        return np.zeros(shape, dtype=np.float32)
+    if dtype == "bf16":
+        return BF16(np.zeros(shape, dtype=np.uint16))
+    raise ValueError(f"dtype: expected 'f32' or 'bf16', got {dtype!r}")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -558,13 +589,13 @@ def mla_compress_kv(hidden: np.ndarray, kv_a_proj_with_mqa: Weight, kv_a_layerno
         The latent rows.
     """
     check_f32(hidden, "hidden", 2)
-    check_f32(cache, "cache", 3)
+    cshape = _cache_shape(cache)
     _check_i64(seq_ids, "seq_ids")
     _check_i64(positions, "positions")
     nshape = weight_shape(kv_a_layernorm, "kv_a_layernorm")
     if len(nshape) != 1:
         raise ValueError(f"kv_a_layernorm: expected 1 dimension [kv_lora_rank], got shape {nshape}")
-    out = new_out(out, (hidden.shape[0], cache.shape[2]))
+    out = new_out(out, (hidden.shape[0], cshape[2]))
     _C.mla_compress_kv(out, cache, hidden, seq_ids, positions, kv_a_proj_with_mqa, kv_a_layernorm, inv_freq,
                        int(nshape[0]), float(eps), float(attention_factor), bool(interleaved))
     return out
@@ -573,17 +604,17 @@ def mla_compress_kv(hidden: np.ndarray, kv_a_proj_with_mqa: Weight, kv_a_layerno
 def _attention(q: np.ndarray, cache: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray, kv_b_proj: Weight,
                softmax_scale: float, mode: str, out: Optional[np.ndarray]) -> np.ndarray:
     check_f32(q, "q", 3)
-    check_f32(cache, "cache", 3)
+    cshape = _cache_shape(cache)
     _check_i64(seq_ids, "seq_ids")
     _check_i64(positions, "positions")
     kshape = weight_shape(kv_b_proj, "kv_b_proj")
     if len(kshape) != 2:
         raise ValueError(f"kv_b_proj: expected 2 dimensions, got shape {kshape}")
     T, H, dqk = q.shape
-    rope = cache.shape[2] - kshape[1]
+    rope = cshape[2] - kshape[1]
     nope = dqk - rope
     if H <= 0 or kshape[0] % H or nope <= 0:
-        raise ValueError(f"kv_b_proj: shape {kshape} does not fit q {q.shape} and cache {cache.shape}")
+        raise ValueError(f"kv_b_proj: shape {kshape} does not fit q {q.shape} and cache {cshape}")
     v = kshape[0] // H - nope
     out = new_out(out, (T, H, max(v, 1)))
     _C.mla_attention(out, q, cache, seq_ids, positions, kv_b_proj, float(softmax_scale), _mode_id(mode))
@@ -732,7 +763,7 @@ def mla_attention_block(hidden: np.ndarray, weights: MLAWeights, cfg: MLAConfig,
     if not isinstance(cfg, MLAConfig):
         raise TypeError(f"cfg: expected MLAConfig, got {type(cfg).__name__}")
     check_f32(hidden, "hidden", 2)
-    check_f32(cache, "cache", 3)
+    _cache_shape(cache)
     _check_i64(seq_ids, "seq_ids")
     _check_i64(positions, "positions")
     weights.validate(cfg, hidden.shape[1])
