@@ -49,6 +49,16 @@ typedef struct {
 // bytes of one cached row (0 for an unknown dtype): f32 4 W, bf16 2 W,
 // fp8 round_up(kv_lora, 4) + 4 ceil(kv_lora / 128) + 2 rope
 int64_t dsv2_mla_row_bytes(int dtype, int64_t kv_lora, int64_t rope);
+/* FP8 rows: scale blocks, and byte offsets of the scales and of k_pe in a row */
+static inline int64_t dsv2_kv_fp8_blocks(int64_t kv_lora) {
+    return (kv_lora + DSV2_KV_FP8_BLOCK - 1) / DSV2_KV_FP8_BLOCK;
+}
+static inline int64_t dsv2_kv_fp8_scales_at(int64_t kv_lora) {
+    return (kv_lora + 3) / 4 * 4;
+}
+static inline int64_t dsv2_kv_fp8_rope_at(int64_t kv_lora) {
+    return dsv2_kv_fp8_scales_at(kv_lora) + 4 * dsv2_kv_fp8_blocks(kv_lora);
+}
 
 /* ---- cached rows (mla_cache.c) ---- */
 // lat [n, kv_lora + rope] fp32 -> n rows in the cache format (ldr bytes apart), rounded to nearest even

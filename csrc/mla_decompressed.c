@@ -91,15 +91,16 @@ static void dc_task(void *ctx, int64_t b, int64_t e, int tid) {
         dsv2_mla_pv_acc(sb, nk, j->qg + (it->i0 * j->H + h) * j->dqk, j->H * j->dqk, mq,
                         j->kt + h * j->dqk * j->ldt, j->ldt, j->dqk, nk);
         float *o = j->og + (it->i0 * j->H + h) * j->v;
+        const float *V = j->kv + h * j->hw + j->nope;
+        const int64_t ldo = j->H * j->v, ldv = j->H * j->hw;
+        int64_t n0 = nk; /* keys seen by every query of the block */
         for (int64_t r = 0; r < mq; r++) {
-            float *row = sb + r * nk, *orow = o + r * j->H * j->v;
+            float *row = sb + r * nk, *orow = o + r * ldo;
             float *ml = j->ml + ((it->i0 + r) * j->H + h) * 2;
             int64_t n = j->len[it->i0 + r] - j->k0; /* keys of the tile this query sees */
             if (n > nk) n = nk;
-            if (n <= 0) {
-                memset(row, 0, (size_t)nk * sizeof(float));
-                continue;
-            }
+            if (n < n0) n0 = n < 0 ? 0 : n;
+            if (n <= 0) continue;
             const float mx = dsv2_vmax(row, n) * j->scale;
             if (mx > ml[0] || mx != mx) { /* NaN scores propagate */
                 if (ml[1] > 0.0f) {
@@ -110,9 +111,15 @@ static void dc_task(void *ctx, int64_t b, int64_t e, int tid) {
                 ml[0] = mx;
             }
             ml[1] += dsv2_vexp_shift_sum(row, n, j->scale, ml[0]);
-            for (int64_t c = n; c < nk; c++) row[c] = 0.0f;
         }
-        dsv2_mla_pv_acc(o, j->H * j->v, sb, nk, mq, j->kv + h * j->hw + j->nope, j->H * j->hw, nk, j->v);
+        /* O += P V over exactly the keys each query sees (a key it must not see may hold NaN / Inf:
+         * a zero weight would still spread them): the keys all see together, then each row's rest */
+        dsv2_mla_pv_acc(o, ldo, sb, nk, mq, V, ldv, n0, j->v);
+        for (int64_t r = 0; r < mq; r++) {
+            int64_t n = j->len[it->i0 + r] - j->k0;
+            if (n > nk) n = nk;
+            if (n > n0) dsv2_mla_pv_acc(o + r * ldo, ldo, sb + r * nk + n0, nk, 1, V + n0 * ldv, ldv, n - n0, j->v);
+        }
     }
     free(sb);
 }

@@ -18,12 +18,13 @@ The attention kernels read the rows in their own format (widened in registers).
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 import numpy as np
 
 from .config import ModelConfig
 from .dtypes import BF16
+from .ops.mla import FP8Cache, fp8_cache_row_bytes
 
 __all__ = ["LatentCache", "KV_DTYPES", "kv_row_bytes"]
 
@@ -41,12 +42,9 @@ def kv_row_bytes(dtype: str, kv_lora_rank: int, qk_rope_head_dim: int) -> int:
         return 4 * W
     if dtype == "bf16":
         return 2 * W
+    if dtype == "fp8":
+        return fp8_cache_row_bytes(kv_lora_rank, qk_rope_head_dim)
     raise ValueError(f"kv_dtype: expected one of {KV_DTYPES}, got {dtype!r}")
-
-
-def _new_rows(dtype: str, batch: int, rows: int, width: int) -> np.ndarray:
-    """Zeroed storage for ``rows`` rows of ``batch`` sequences (pages are backed once written)."""
-    return np.zeros((batch, rows, width), np.float32 if dtype == "f32" else np.uint16)
 
 
 class LatentCache:
@@ -89,10 +87,19 @@ class LatentCache:
         self.lengths = np.zeros(batch_size, np.int64)
 
     def _alloc(self, rows: int) -> np.ndarray:
-        return _new_rows(self.dtype, self._batch, rows, self.width)
+        """Zeroed storage for ``rows`` rows per sequence (pages are backed once written)."""
+        cfg = self.config
+        if self.dtype == "fp8":
+            return np.zeros((self._batch, rows, kv_row_bytes("fp8", cfg.kv_lora_rank, cfg.qk_rope_head_dim)),
+                            np.uint8)
+        return np.zeros((self._batch, rows, self.width), np.float32 if self.dtype == "f32" else np.uint16)
 
     def _wrap(self, a: np.ndarray) -> Any:
-        return BF16(a) if self.dtype == "bf16" else a
+        if self.dtype == "bf16":
+            return BF16(a)
+        if self.dtype == "fp8":
+            return FP8Cache(a, self.config.kv_lora_rank, self.config.qk_rope_head_dim)
+        return a
 
     # ------------------------------------------------------------------ shape
     @property
@@ -105,12 +112,13 @@ class LatentCache:
         return self._arrays[0].shape[1]
 
     def layer(self, i: int) -> Any:
-        """The cache of layer i as the kernels take it: a float32 array [batch, capacity, width],
-        or a :class:`dsv2ext.BF16` of the bfloat16 bits (a view, no copy)."""
+        """The cache of layer i as the kernels take it (a view, no copy): a float32 array
+        [batch, capacity, width], a :class:`dsv2ext.BF16` of the bfloat16 bits, or a
+        :class:`dsv2ext.ops.FP8Cache`."""
         return self._wrap(self._arrays[i])
 
     def arrays(self) -> List[np.ndarray]:
-        """The storage of every layer (float32 or uint16 [batch, capacity, width])."""
+        """The storage of every layer (float32 / uint16 [batch, capacity, width], or uint8 FP8 rows)."""
         return list(self._arrays)
 
     def ensure(self, n: int) -> None:

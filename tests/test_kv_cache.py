@@ -1,11 +1,13 @@
-"""Latent cache formats (f32, bf16), long prompts in chunks, key-tiled attention, thread counts.
+"""Latent cache formats (f32, bf16, fp8), long prompts in chunks, key-tiled attention, thread counts.
 
 References (tolerances as in test_mla: max |err| <= 1e-5 * max |ref|):
 - a compact cache is checked against the same kernels on an fp32 cache holding the exactly
   widened rows, and against a float64 NumPy attention over those rows;
-- the stored rows against a NumPy model of the rounding (bf16: round to nearest even, bit-exact);
+- the stored rows against a NumPy model of the rounding, bit-exact (bf16: round to nearest even;
+  fp8: scale = amax / 448 per block of 128 in fp32, codes = torch's float8_e4m3fn rounding of
+  x / scale, k_pe bf16);
 - the whole model with each cache against the fp32 cache (bf16: logits within 1e-2 of the
-  largest, same greedy tokens where the top-two margin is clear).
+  largest, fp8 within 6e-2; same argmax where the top-two margin is clear).
 """
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ import math
 import numpy as np
 import pytest
 
+import torch
+
 import dsv2ext
 from dsv2ext.dtypes import BF16, bf16_to_float32, float32_to_bf16_bits
 from dsv2ext.ops import mla as M
+from dsv2ext.ops.mla import FP8Cache
+from dsv2ext.safetensors import fp8_e4m3_to_float32
 
 RTOL = 1e-5
 
@@ -43,11 +49,33 @@ def attention_f64(q, rows, seq, pos, kv_b, scale, H, nope, v, L):
     return out
 
 
-def compact(rows: np.ndarray, dtype: str):
+def fp8_model(rows: np.ndarray, L: int):
+    """NumPy model of FP8 rows: (codes uint8 [..., L], scales float32 [..., ceil(L / 128)], rope bf16 bits)."""
+    nb = -(-L // 128)
+    lat = np.zeros(rows.shape[:-1] + (nb * 128,), np.float32)
+    lat[..., :L] = rows[..., :L]
+    amax = np.abs(lat.reshape(rows.shape[:-1] + (nb, 128))).max(-1)
+    scales = (amax / np.float32(448)).astype(np.float32)
+    den = np.repeat(scales, 128, axis=-1)[..., :L]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = np.where(den == 0, np.float32(0), rows[..., :L] / den).astype(np.float32)
+    codes = torch.from_numpy(x).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    return codes, scales, float32_to_bf16_bits(rows[..., L:])
+
+
+def compact(rows: np.ndarray, dtype: str, L: int):
     """(cache for the kernels, the fp32 values it holds) for fp32 rows [B, S, W]."""
     if dtype == "bf16":
         bits = float32_to_bf16_bits(rows)
         return BF16(bits), bf16_to_float32(bits)
+    if dtype == "fp8":
+        codes, scales, pe = fp8_model(rows, L)
+        c = FP8Cache.zeros(rows.shape[0], rows.shape[1], L, rows.shape[2] - L)
+        c.codes[...], c.scales[...], c.rope.data[...] = codes, scales, pe
+        widened = np.concatenate([fp8_e4m3_to_float32(codes) * np.repeat(scales, 128, axis=-1)[..., :L],
+                                  bf16_to_float32(pe)], axis=-1)
+        np.testing.assert_array_equal(c.to_float32(), widened)
+        return c, widened
     return rows.copy(), rows
 
 
@@ -66,13 +94,15 @@ def random_case(shape, B, S, T, seed):
 # --------------------------------------------------------------------------- kernels
 
 
+# fp8 with kv_lora 70 and 40: one partial scale block; 512: four full blocks
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("dtype", ["bf16"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 def test_attention_reads_compact_rows(isa, shape, dtype):
     """Both forms on a compact cache == the fp32 cache holding the widened rows == float64."""
     H, nope, rope, v, L = shape
     rows, kv_b, seq, pos, q = random_case(shape, 2, 300, 5, seed=sum(shape))
-    cache, widened = compact(rows, dtype)
+    rows[1, 7, :L] *= 300.0  # a row of large values: its own scales (fp8)
+    cache, widened = compact(rows, dtype, L)
     ref = attention_f64(q, widened, seq, pos, kv_b, 0.13, H, nope, v, L)
     for mode in ("absorbed", "decompressed"):
         got = M.mla_attention(q, cache, seq, pos, kv_b, 0.13, mode)
@@ -81,11 +111,12 @@ def test_attention_reads_compact_rows(isa, shape, dtype):
         assert rel_err(got, ref) <= RTOL, mode
 
 
-@pytest.mark.parametrize("dtype", ["bf16"])
-def test_compress_writes_rounded_rows(isa, dtype):
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("L", [40, 300])
+def test_compress_writes_rounded_rows(isa, dtype, L):
     """The rows written to a compact cache are the NumPy rounding of the fp32 rows returned."""
     rng = np.random.default_rng(3)
-    d, L, rope = 48, 40, 6
+    d, rope = 48, 6
     cfg = M.MLAConfig(num_heads=2, qk_nope_head_dim=8, qk_rope_head_dim=rope, v_head_dim=8, kv_lora_rank=L,
                       q_lora_rank=None, softmax_scale=0.2, inv_freq=M.rope_inv_freq(rope)[0])
     h = rng.standard_normal((7, d)).astype(np.float32)
@@ -97,7 +128,13 @@ def test_compress_writes_rounded_rows(isa, dtype):
     rows = M.mla_compress_kv(h, wa, wn, cache, seq, pos, cfg.inv_freq)
     f32 = M.new_latent_cache(cfg, 2, 4)
     np.testing.assert_array_equal(M.mla_compress_kv(h, wa, wn, f32, seq, pos, cfg.inv_freq), rows)
-    np.testing.assert_array_equal(cache.data[seq, pos], float32_to_bf16_bits(rows))
+    if dtype == "bf16":
+        np.testing.assert_array_equal(cache.data[seq, pos], float32_to_bf16_bits(rows))
+    else:
+        codes, scales, pe = fp8_model(rows, L)
+        np.testing.assert_array_equal(cache.codes[seq, pos], codes)
+        np.testing.assert_array_equal(cache.scales[seq, pos], scales)
+        np.testing.assert_array_equal(cache.rope.data[seq, pos], pe)
 
 
 def test_bf16_cache_tagging():
@@ -112,6 +149,36 @@ def test_bf16_cache_tagging():
         M.mla_attention(q, object(), seq, pos, kv_b, 0.2)
     with pytest.raises(ValueError, match="cache"):
         M.mla_attention(q, BF16(bits[:, :, :39].copy()), seq, pos, kv_b, 0.2)  # narrower than kv_lora
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_nan_rows_reach_only_the_tokens_that_read_them(dtype):
+    """A NaN in a cached row (written by the compression) gives NaN outputs to the tokens attending
+    to it and to no other token, in both forms."""
+    H, nope, rope, v, L = SHAPES[2]
+    rows, kv_b, _, _, q = random_case(SHAPES[2], 1, 40, 4, seed=13)
+    rows[0, 20, 3] = np.nan
+    cache, _ = compact(rows, dtype, L)
+    seq, pos = np.zeros(4, np.int64), np.array([5, 19, 20, 39], np.int64)
+    for mode in ("absorbed", "decompressed"):
+        out = M.mla_attention(q, cache, seq, pos, kv_b, 0.2, mode)
+        assert np.isfinite(out[:2]).all() and np.isnan(out[2:]).all(), mode
+
+
+def test_fp8_cache_object_checks():
+    rows, kv_b, seq, pos, q = random_case(SHAPES[2], 1, 20, 2, seed=5)
+    c, _ = compact(rows, "fp8", SHAPES[2][4])
+    assert c.shape == (1, 20, 80) and c.data.shape[2] == M.fp8_cache_row_bytes(70, 10) == 72 + 4 + 20
+    with pytest.raises(ValueError, match="bytes"):
+        FP8Cache(c.data[:, :, :-2].copy(), 70, 10)
+    with pytest.raises(TypeError, match="uint8"):
+        FP8Cache(c.data.view(np.int8), 70, 10)
+    bad = FP8Cache(c.data, 70, 10)
+    bad.kv_lora_rank = 69  # a forged object: the binding checks the row size again
+    with pytest.raises(ValueError, match="bytes|kv_lora"):
+        M.mla_attention(q, bad, seq, pos, kv_b, 0.2)
+    with pytest.raises(ValueError, match="kv_lora"):  # kv_b_proj of another width than the cache's
+        M.mla_attention(q, c, seq, pos, kv_b[:, :64].copy(), 0.2)
 
 
 def test_long_context_tiles_and_thread_counts():
@@ -163,13 +230,13 @@ def test_default_kv_dtype_and_info(bundled):
         dsv2ext.load(kv_dtype="fp16")
 
 
-@pytest.mark.parametrize("kv", ["bf16"])
-def test_model_with_compact_cache_vs_f32_cache(bundled, kv):
+@pytest.mark.parametrize("kv,tol", [("bf16", 1e-2), ("fp8", 6e-2)])
+def test_model_with_compact_cache_vs_f32_cache(bundled, kv, tol):
     ids = bundled.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return fib")
     exact = bundled.logits(ids)
     m = dsv2ext.load(kv_dtype=kv)
     got = m.logits(ids)
-    assert rel_err(got, exact) <= 1e-2
+    assert rel_err(got, exact) <= tol
     clear = np.sort(exact, 1)[:, -1] - np.sort(exact, 1)[:, -2] > 0.05 * exact.std(1)
     assert (got.argmax(1) == exact.argmax(1))[clear].all()
 

@@ -67,6 +67,8 @@ __all__ = [
     "mla_softmax_scale",
     "apply_rope",
     "new_latent_cache",
+    "FP8Cache",
+    "fp8_cache_row_bytes",
     "mla_compress_kv",
     "mla_attention_absorbed",
     "mla_attention_decompressed",
@@ -94,6 +96,85 @@ def _check_i64(x: Any, name: str) -> np.ndarray:
     return x
 
 
+FP8_BLOCK = 128  # latent numbers per fp32 scale in an FP8 row
+
+
+def fp8_cache_row_bytes(kv_lora_rank: int, qk_rope_head_dim: int) -> int:
+    """Bytes of one FP8 cache row: codes (padded to 4 bytes), scales, bf16 k_pe (656 for V2 dims)."""
+    return -(-kv_lora_rank // 4) * 4 + 4 * -(-kv_lora_rank // FP8_BLOCK) + 2 * qk_rope_head_dim
+
+
+class FP8Cache:
+    """A latent cache in FlashMLA's FP8 layout: per row, ``kv_lora_rank`` e4m3 codes (padded to a
+    multiple of 4 bytes), one fp32 scale per block of 128 codes, then ``k_pe`` in bfloat16.
+
+    The value of latent number ``i`` of a row is ``e4m3(codes[i]) * scales[i // 128]``
+    (see :meth:`to_float32`, the exact NumPy model).  :func:`mla_compress_kv` writes rows with
+    ``scale = amax / 448`` per block and codes rounded to nearest even.
+
+    Parameters
+    ----------
+    data : np.ndarray uint8 [B, S, fp8_cache_row_bytes(kv_lora_rank, qk_rope_head_dim)]
+        The rows (not copied).
+    kv_lora_rank, qk_rope_head_dim : int
+    """
+
+    __slots__ = ("data", "kv_lora_rank", "qk_rope_head_dim")
+    __dsv2_dtype__ = "fp8_kv"
+
+    def __init__(self, data: np.ndarray, kv_lora_rank: int, qk_rope_head_dim: int) -> None:
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 3:
+            raise TypeError("data: expected a uint8 ndarray [B, S, row bytes]")
+        rb = fp8_cache_row_bytes(int(kv_lora_rank), int(qk_rope_head_dim))
+        if data.shape[2] != rb:
+            raise ValueError(f"data: FP8 rows of kv_lora_rank {kv_lora_rank} and qk_rope_head_dim "
+                             f"{qk_rope_head_dim} take {rb} bytes, got a last dimension of {data.shape[2]}")
+        self.data = data
+        self.kv_lora_rank = int(kv_lora_rank)
+        self.qk_rope_head_dim = int(qk_rope_head_dim)
+
+    @classmethod
+    def zeros(cls, batch: int, max_seq_len: int, kv_lora_rank: int, qk_rope_head_dim: int) -> "FP8Cache":
+        rb = fp8_cache_row_bytes(kv_lora_rank, qk_rope_head_dim)
+        return cls(np.zeros((batch, max_seq_len, rb), np.uint8), kv_lora_rank, qk_rope_head_dim)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """``(B, S, kv_lora_rank + qk_rope_head_dim)``: the numbers each row stands for."""
+        return (self.data.shape[0], self.data.shape[1], self.kv_lora_rank + self.qk_rope_head_dim)
+
+    def _view(self, dtype: Any, offset: int, count: int) -> np.ndarray:
+        d = self.data
+        return np.ndarray((d.shape[0], d.shape[1], count), dtype=dtype, buffer=d, offset=offset,
+                          strides=(d.strides[0], d.strides[1], np.dtype(dtype).itemsize))
+
+    @property
+    def codes(self) -> np.ndarray:
+        """uint8 [B, S, kv_lora_rank] e4m3 codes (a view)."""
+        return self._view(np.uint8, 0, self.kv_lora_rank)
+
+    @property
+    def scales(self) -> np.ndarray:
+        """float32 [B, S, ceil(kv_lora_rank / 128)] block scales (a view)."""
+        return self._view(np.float32, -(-self.kv_lora_rank // 4) * 4, -(-self.kv_lora_rank // FP8_BLOCK))
+
+    @property
+    def rope(self) -> BF16:
+        """bfloat16 [B, S, qk_rope_head_dim] k_pe (a view)."""
+        off = fp8_cache_row_bytes(self.kv_lora_rank, 0)
+        return BF16(self._view(np.uint16, off, self.qk_rope_head_dim))
+
+    def to_float32(self) -> np.ndarray:
+        """The values the rows hold, float32 [B, S, kv_lora_rank + qk_rope_head_dim] (a new array)."""
+        from ..safetensors import fp8_e4m3_to_float32
+
+        sc = np.repeat(self.scales, FP8_BLOCK, axis=2)[:, :, :self.kv_lora_rank]
+        return np.concatenate([fp8_e4m3_to_float32(self.codes) * sc, self.rope.to_float32()], axis=2)
+
+    def __repr__(self) -> str:
+        return f"FP8Cache(shape={self.shape}, {self.data.nbytes / 2**20:.1f} MiB)"
+
+
 def _cache_shape(cache: Any) -> Tuple[int, int, int]:
     """``(B, S_max, kv_lora + rope)`` of a latent cache argument, with a clear error for the wrong
     kind of object (the binding checks the rest)."""
@@ -107,7 +188,10 @@ def _cache_shape(cache: Any) -> Tuple[int, int, int]:
             raise ValueError(f"cache: expected 3 dimensions [B, S_max, kv_lora + rope], got shape {cache.shape}")
         _require_contiguous(cache.data, "cache.data")
         return cache.shape
-    raise TypeError(f"cache: expected a float32 numpy array or a dsv2ext.BF16 (bfloat16 rows), "
+    if isinstance(cache, FP8Cache):
+        _require_contiguous(cache.data, "cache.data")
+        return cache.shape
+    raise TypeError(f"cache: expected a float32 numpy array, a dsv2ext.BF16 (bfloat16 rows) or an FP8Cache, "
                     f"got {type(cache).__name__}")
 
 
@@ -535,13 +619,13 @@ def new_latent_cache(cfg: MLAConfig, batch: int, max_seq_len: int, dtype: str = 
     ----------
     cfg : MLAConfig
     batch, max_seq_len : int
-    dtype : {"f32", "bf16"}
+    dtype : {"f32", "bf16", "fp8"}
         Row format (see :mod:`dsv2ext.cache`).
 
     Returns
     -------
-    np.ndarray float32 [batch, max_seq_len, kv_lora_rank + qk_rope_head_dim] ("f32"), or a
-    :class:`dsv2ext.BF16` of such a uint16 array ("bf16": bfloat16 rows).
+    np.ndarray float32 [batch, max_seq_len, kv_lora_rank + qk_rope_head_dim] ("f32"), a
+    :class:`dsv2ext.BF16` of such a uint16 array ("bf16": bfloat16 rows), or an :class:`FP8Cache`.
     """
     if batch <= 0 or max_seq_len <= 0:
         raise ValueError(f"batch, max_seq_len: expected positive sizes, got {batch}, {max_seq_len}")
@@ -550,7 +634,9 @@ def new_latent_cache(cfg: MLAConfig, batch: int, max_seq_len: int, dtype: str = 
         return np.zeros(shape, dtype=np.float32)
     if dtype == "bf16":
         return BF16(np.zeros(shape, dtype=np.uint16))
-    raise ValueError(f"dtype: expected 'f32' or 'bf16', got {dtype!r}")
+    if dtype == "fp8":
+        return FP8Cache.zeros(shape[0], shape[1], cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    raise ValueError(f"dtype: expected 'f32', 'bf16' or 'fp8', got {dtype!r}")
 
 
 # --------------------------------------------------------------------------- kernels
