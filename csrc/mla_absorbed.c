@@ -23,7 +23,7 @@
 #include <stdlib.h>
 
 #define KB 64                /* cached rows per online-softmax block */
-#define MIN_SPLIT 256        /* fewest rows per work item when a token's rows are split */
+#define MIN_SPLIT 512        /* fewest rows per work item when a token's rows are split */
 #define SPLIT_ITEMS 256      /* a call's rows are split into about this many items: a constant, not the
                               * thread count, so that the result is the same for any number of threads */
 #define CHUNK_BYTES (16u << 20) /* bound of the per-chunk query/latent-output buffers */
@@ -111,33 +111,32 @@ typedef struct {
     int64_t H, L;
 } merge_job;
 
+/* items = (token, head): the exact log-sum-exp combine of a split token's partial results */
 static void merge_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     const merge_job *j = (const merge_job *)ctx;
     const int64_t H = j->H, L = j->L, P = H * (L + 2);
-    for (int64_t t = b; t < e; t++) {
-        const int64_t ns = j->n_slots[t];
+    for (int64_t i = b; i < e; i++) {
+        const int64_t t = i / H, h = i % H, ns = j->n_slots[t];
         if (ns == 0) continue;
         const float *p0 = j->part + j->first_slot[t] * P;
-        for (int64_t h = 0; h < H; h++) {
-            float M = -INFINITY;
-            for (int64_t k = 0; k < ns; k++) {
-                float mk = p0[k * P + H * L + h];
-                if (mk > M) M = mk;
-            }
-            float *dst = j->olat + t * H * L + h * L;
-            memset(dst, 0, (size_t)L * sizeof(float));
-            float den = 0.0f;
-            for (int64_t k = 0; k < ns; k++) {
-                const float *pk = p0 + k * P;
-                const float w = expf(pk[H * L + h] - M);
-                den += w * pk[H * L + H + h];
-                const float *ok = pk + h * L;
-                for (int64_t c = 0; c < L; c++) dst[c] += w * ok[c];
-            }
-            const float inv = 1.0f / den;
-            for (int64_t c = 0; c < L; c++) dst[c] *= inv;
+        float M = -INFINITY;
+        for (int64_t k = 0; k < ns; k++) {
+            float mk = p0[k * P + H * L + h];
+            if (mk > M) M = mk;
         }
+        float *dst = j->olat + t * H * L + h * L;
+        memset(dst, 0, (size_t)L * sizeof(float));
+        float den = 0.0f;
+        for (int64_t k = 0; k < ns; k++) {
+            const float *pk = p0 + k * P;
+            const float w = expf(pk[H * L + h] - M);
+            den += w * pk[H * L + H + h];
+            const float *ok = pk + h * L;
+            for (int64_t c = 0; c < L; c++) dst[c] += w * ok[c];
+        }
+        const float inv = 1.0f / den;
+        for (int64_t c = 0; c < L; c++) dst[c] *= inv;
     }
 }
 
@@ -322,7 +321,7 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
     }
     if (n_slots) {
         merge_job mj = {olat, part, first, nsl, H, L};
-        dsv2_parallel_for(T, 1, merge_task, &mj);
+        dsv2_parallel_for(T * H, 1, merge_task, &mj);
     }
     rc = project_out(o, olat, T, kv_b, dm);
 done:

@@ -124,20 +124,20 @@ scores_seg(__m512 *a, const float *const *qr, const char *const *kr, const char 
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
 scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const char *k, int64_t ldk,
                 int64_t n, int64_t D, int kind, int64_t L) {
-    for (int64_t j0 = 0; j0 < n; j0 += 4) {
-        const int64_t nj = n - j0 < 4 ? n - j0 : 4;
-        const char *kr[4], *pr[4];
-        const int64_t jn = j0 + 4 < n ? j0 + 4 : j0; /* next tile (prefetch) */
-        const int64_t nn = n - jn < 4 ? n - jn : 4;
-        for (int i = 0; i < 4; i++) {
-            kr[i] = k + (j0 + (nj > i ? i : 0)) * ldk;
-            pr[i] = k + (jn + (nn > i ? i : 0)) * ldk;
-        }
-        for (int64_t h0 = 0; h0 < H; h0 += 4) {
-            const int64_t nh = H - h0 < 4 ? H - h0 : 4;
-            const int pf = h0 == 0; /* prefetch during the first pass over the tile only */
-            const float *qr[4];
-            for (int i = 0; i < 4; i++) qr[i] = q + (h0 + (nh > i ? i : 0)) * ldq;
+    for (int64_t h0 = 0; h0 < H; h0 += 4) {
+        const int64_t nh = H - h0 < 4 ? H - h0 : 4;
+        const int pf = h0 == 0; /* prefetch during the first pass over the rows only */
+        const float *qr[4];
+        for (int i = 0; i < 4; i++) qr[i] = q + (h0 + (nh > i ? i : 0)) * ldq;
+        for (int64_t j0 = 0; j0 < n; j0 += 4) {
+            const int64_t nj = n - j0 < 4 ? n - j0 : 4;
+            const char *kr[4], *pr[4];
+            const int64_t jn = j0 + 4 < n ? j0 + 4 : j0; /* next tile (prefetch) */
+            const int64_t nn = n - jn < 4 ? n - jn : 4;
+            for (int i = 0; i < 4; i++) {
+                kr[i] = k + (j0 + (nj > i ? i : 0)) * ldk;
+                pr[i] = k + (jn + (nn > i ? i : 0)) * ldk;
+            }
             __m512 a[16];
             for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
             if (kind == DSV2_KV_FP8) {
