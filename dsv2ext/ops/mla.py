@@ -5,8 +5,11 @@ floats (576 for every official config)::
 
     [ c = kv_a_layernorm(c_kv)  (kv_lora_rank) | k_pe rotated at the token's position (rope) ]
 
-The cache of a layer is a float32 array ``[B, S_max, kv_lora_rank + qk_rope_head_dim]``
-(``B`` sequences, ``S_max`` positions each; see :func:`new_latent_cache`).  Calls take a
+The cache of a layer is ``[B, S_max, kv_lora_rank + qk_rope_head_dim]`` rows (``B`` sequences,
+``S_max`` positions each; see :func:`new_latent_cache`) in one of three formats: a float32 array
+(fp32 rows), a :class:`dsv2ext.BF16` of a uint16 array (bfloat16 rows, rounded to nearest even;
+a bare uint16 array is refused), or an :class:`FP8Cache` (e4m3 codes with a scale per 128 and
+bfloat16 ``k_pe``).  The kernels read the rows in their own format.  Calls take a
 *ragged* batch of ``T`` tokens: token ``t`` belongs to sequence ``seq_ids[t]`` and sits at
 position ``positions[t]`` (both int64 ``[T]``); it attends to rows ``0 .. positions[t]`` of
 its sequence (causal, several new tokens of a sequence at once).  Rows of earlier tokens must
@@ -657,8 +660,8 @@ def mla_compress_kv(hidden: np.ndarray, kv_a_proj_with_mqa: Weight, kv_a_layerno
         Normalized hidden states (after ``input_layernorm``).
     kv_a_proj_with_mqa : float32 ndarray or BF16, shape [kv_lora + rope, d]
     kv_a_layernorm : float32 ndarray or BF16, shape [kv_lora]
-    cache : np.ndarray, float32, shape [B, S_max, kv_lora + rope]
-        Written in place.
+    cache : float32 ndarray, dsv2ext.BF16 or FP8Cache, shape [B, S_max, kv_lora + rope]
+        Written in place (the rows rounded to the cache's format).
     seq_ids, positions : np.ndarray, int64, shape [T]
         ``0 <= seq_ids < B``, ``0 <= positions < S_max``, (seq_id, position) pairs distinct.
     inv_freq : np.ndarray, float32, shape [rope // 2]
@@ -712,7 +715,7 @@ _ATTN_PARAMS = """
     ----------
     q : np.ndarray, float32, shape [T, H, nope + rope]
         Per head ``[q_nope | q_pe]`` with ``q_pe`` already rotated (:func:`apply_rope`).
-    cache : np.ndarray, float32, shape [B, S_max, kv_lora + rope]
+    cache : float32 ndarray, dsv2ext.BF16 or FP8Cache, shape [B, S_max, kv_lora + rope]
         Latent cache; rows ``0 .. positions[t]`` of ``seq_ids[t]`` must be filled.
     seq_ids, positions : np.ndarray, int64, shape [T]
         ``0 <= seq_ids < B``, ``0 <= positions < S_max``; any order, several tokens per sequence.
@@ -833,7 +836,7 @@ def mla_attention_block(hidden: np.ndarray, weights: MLAWeights, cfg: MLAConfig,
     weights : MLAWeights
         float32 or BF16 tensors (shapes checked against ``cfg``).
     cfg : MLAConfig
-    cache : np.ndarray, float32, shape [B, S_max, kv_lora + rope]
+    cache : float32 ndarray, dsv2ext.BF16 or FP8Cache, shape [B, S_max, kv_lora + rope]
         Updated in place.
     seq_ids, positions : np.ndarray, int64, shape [T]
         Ragged batch: any mix of sequences; (seq_id, position) pairs distinct.
