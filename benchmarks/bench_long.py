@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 from typing import Dict, List
@@ -30,11 +29,7 @@ sys.path.insert(0, HERE)
 import dsv2ext  # noqa: E402
 from dsv2ext.dtypes import float32_to_bf16_bits  # noqa: E402
 
-from common import prompt_ids  # noqa: E402
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from common import peak_rss_bytes as peak_rss, prompt_ids  # noqa: E402
 
 
 def current_rss() -> int:
