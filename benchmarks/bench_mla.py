@@ -1,8 +1,8 @@
 """Timing of one DeepSeek-V2-Lite MLA attention block (hidden 2048, 16 heads, kv_lora 512,
 no q compression, YaRN as in the Lite config), random weights.
 
-    python benchmarks/bench_mla.py [--dtype f32|bf16] [--threads N] [--context 4096] [--prefill 512]
-                                   [--threads 1 --cpu-time]
+    python benchmarks/bench_mla.py [--dtype f32|bf16] [--kv-dtype f32|bf16] [--threads N] [--context 4096]
+                                   [--prefill 512] [--threads 1 --cpu-time]
 
 Reports: decode of 1 token after `context` cached tokens (auto = absorbed form), the same
 with the non-absorbed form, a `prefill`-token prompt from an empty cache (auto = non-absorbed)
@@ -54,6 +54,7 @@ def timeit(fn, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--kv-dtype", choices=["f32", "bf16"], default="f32", help="latent cache format")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--prefill", type=int, default=512)
@@ -75,16 +76,22 @@ def main() -> None:
     W = make_weights(cfg, d, a.dtype, rng)
     wbytes = sum(getattr(W, f).nbytes for f in ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"))
     S = max(a.context + 1, a.prefill)
-    cache = M.new_latent_cache(cfg, 1, S)
-    cache[0, :a.context] = rng.standard_normal((a.context, cfg.latent_dim), dtype=np.float32)
-    print(f"V2-Lite MLA block, weights {a.dtype} ({wbytes / 2**20:.1f} MiB), threads {dsv2ext.get_num_threads()}, "
+    cache = M.new_latent_cache(cfg, 1, S, a.kv_dtype)
+    rows = rng.standard_normal((a.context, cfg.latent_dim), dtype=np.float32)
+    if a.kv_dtype == "bf16":
+        cache.data[0, :a.context] = BF16.from_float32(rows).data
+    else:
+        cache[0, :a.context] = rows
+    row_bytes = cfg.latent_dim * (2 if a.kv_dtype == "bf16" else 4)
+    print(f"V2-Lite MLA block, weights {a.dtype} ({wbytes / 2**20:.1f} MiB), {a.kv_dtype} cache, "
+          f"threads {dsv2ext.get_num_threads()}, "
           f"isa {dsv2ext.get_isa()}, {'CPU time of the thread' if a.cpu_time else 'wall time'} (median)")
 
     x1 = rng.standard_normal((1, d), dtype=np.float32)
     seq1, pos1 = np.zeros(1, np.int64), np.array([a.context], np.int64)
     for mode in ("auto", "decompressed"):
         t = timeit(lambda: M.mla_attention_block(x1, W, cfg, cache, seq1, pos1, mode), a.reps)
-        kv = (a.context + 1) * cfg.latent_dim * 4
+        kv = (a.context + 1) * row_bytes
         print(f"decode 1 token @ context {a.context:5d} [{mode:12s}]: {t * 1e3:8.2f} ms   "
               f"(weights + latent rows read: {(wbytes + kv) / 2**20:.1f} MiB -> {(wbytes + kv) / t / 1e9:.1f} GB/s)")
 
@@ -92,7 +99,8 @@ def main() -> None:
     q = rng.standard_normal((1, 16, 192), dtype=np.float32)
     t = timeit(lambda: M.mla_attention_absorbed(q, cache, seq1, pos1, W.kv_b_proj, cfg.softmax_scale), a.reps)
     fl = 2 * 16 * (a.context + 1) * (576 + 512)
-    print(f"  absorbed attention kernel alone: {t * 1e3:.2f} ms ({fl / t / 1e9:.0f} GFLOP/s on the cached rows)")
+    print(f"  absorbed attention kernel alone: {t * 1e3:.2f} ms ({fl / t / 1e9:.0f} GFLOP/s on the cached rows, "
+          f"{(a.context + 1) * row_bytes / t / 1e9:.1f} GB/s of rows)")
 
     P = a.prefill
     xp = rng.standard_normal((P, d), dtype=np.float32)

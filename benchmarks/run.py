@@ -79,6 +79,11 @@ ENGINE_LABEL = {"dsv2ext": "dsv2ext", "transformers": "transformers", "llama": "
 INTERLEAVED = {("dsv2ext", "bf16"), ("dsv2ext", "int8"), ("llama", "BF16"), ("llama", "Q8_0")}
 #: lite-full's int8 and Q8_0 models (16-17 GiB each) cannot be resident together in 24 GiB
 INTERLEAVE_GEOMETRIES = {"lite-L4"}
+#: engines of the long-context rounds (--long): dsv2ext with its default (bf16) and FP8 latent caches,
+#: llama.cpp with its default f16 cache, all on the same bf16 weights
+LONG_ENGINES = [("dsv2ext", "bf16"), ("dsv2ext", "bf16-kvfp8"), ("llama", "BF16")]
+#: decode steps per context in the long-context rounds (4 rounds)
+LONG_STEPS = 32
 
 
 def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool, all_contexts: bool,
@@ -257,7 +262,8 @@ def interleaved_decode(runs: List[Run], base_spec: Dict[str, Any], ggufs: Dict[s
         for ctx in contexts:
             for s in served:
                 d = s.ask({"cmd": "begin", "context": ctx}, timeout=s.run.timeout)
-                out["engines"][s.run.key]["decode"][str(ctx)] = {"prefill_s": d["prefill_s"], "step_s": []}
+                out["engines"][s.run.key]["decode"][str(ctx)] = {"prefill_s": d["prefill_s"], "step_s": [],
+                                                                  "peak_rss_bytes": d.get("peak_rss_bytes")}
             bws = []
             for r in range(rounds):
                 time.sleep(0.3)
@@ -268,7 +274,9 @@ def interleaved_decode(runs: List[Run], base_spec: Dict[str, Any], ggufs: Dict[s
                     # for a while after its work, which would take the cores from the next engine
                     time.sleep(0.3)
                     d = s.ask({"cmd": "steps", "n": per, "warmup": 1}, timeout=s.run.timeout)
-                    out["engines"][s.run.key]["decode"][str(ctx)]["step_s"].extend(d["step_s"])
+                    e = out["engines"][s.run.key]["decode"][str(ctx)]
+                    e["step_s"].extend(d["step_s"])
+                    e["peak_rss_bytes"] = max(e.get("peak_rss_bytes") or 0, d.get("peak_rss_bytes") or 0)
             out["bandwidth_GBps"][str(ctx)] = bws
             msg = []
             for s in served:
@@ -620,6 +628,66 @@ def targets(rows: List[Dict[str, Any]], geometry: str, contexts: List[int]) -> L
     return out
 
 
+def long_rows(long: Dict[str, Any], contexts: List[int]) -> List[Dict[str, Any]]:
+    """One row per engine of the long-context rounds: prefill and decode tokens/s per context."""
+    rows = []
+    for key, e in long["engines"].items():
+        _, eng, var = key.split(":", 2)
+        r: Dict[str, Any] = {"key": key, "engine": ENGINE_LABEL[eng], "variant": var,
+                             "kv_bytes_per_token": e["kv_cache"]["bytes_per_token"], "decode": {}, "prefill": {},
+                             "peak_rss_bytes": max((d.get("peak_rss_bytes") or 0) for d in e["decode"].values()),
+                             "weight_bytes_total": e["weights"]["total_bytes"]}
+        for c in contexts:
+            d = e["decode"].get(str(c))
+            if d:
+                r["decode"][str(c)] = d["tokens_per_s"]
+                r["prefill"][str(c)] = d["prefill_tokens_per_s"]
+        rows.append(r)
+    return rows
+
+
+def long_table(rows: List[Dict[str, Any]], contexts: List[int]) -> List[str]:
+    """The long-context table as Markdown lines (ratios against llama.cpp BF16 at each context)."""
+    c0, big = contexts[0], [c for c in contexts[1:]]
+    hdr = (["engine", "KV B/token"] + [f"prefill tok/s @{c}" for c in big] + [f"decode tok/s @{c}" for c in contexts]
+           + [f"decode @{contexts[-1]} / @{c0}", "peak RSS GiB", "dsv2ext / llama.cpp decode (" +
+              ", ".join(f"@{c}" for c in contexts) + ")"])
+    lines = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    ll = next((r for r in rows if r["engine"] == "llama.cpp"), None)
+    for r in rows:
+        cells = [f"{r['engine']} {r['variant']}", _fmt(r["kv_bytes_per_token"], 0)]
+        cells += [_fmt(r["prefill"].get(str(c))) for c in big]
+        cells += [_fmt(r["decode"].get(str(c)), 2) for c in contexts]
+        a, b = r["decode"].get(str(contexts[-1])), r["decode"].get(str(c0))
+        cells.append(_fmt(a / b, 2) if a and b else "-")
+        cells.append(_fmt(r["peak_rss_bytes"] / 2 ** 30, 2))
+        if r["engine"] == "dsv2ext" and ll:
+            cells.append(", ".join(_fmt(r["decode"][str(c)] / ll["decode"][str(c)], 2) + "x"
+                                   if r["decode"].get(str(c)) and ll["decode"].get(str(c)) else "-"
+                                   for c in contexts))
+        else:
+            cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def long_targets(rows: List[Dict[str, Any]], contexts: List[int]) -> List[Dict[str, Any]]:
+    """Issue-15 targets: decode at the longest context vs the shortest (bf16 cache), vs llama.cpp."""
+    by = {(r["engine"], r["variant"]): r for r in rows}
+    ds, ll = by.get(("dsv2ext", "bf16")), by.get(("llama.cpp", "BF16"))
+    c0, cl = str(contexts[0]), str(contexts[-1])
+    out = []
+    if ds and ds["decode"].get(cl) and ds["decode"].get(c0):
+        v = ds["decode"][cl] / ds["decode"][c0]
+        out.append({"target": f"decode bf16 cache @{cl} / @{c0}", "value": v, "goal": 0.7, "unit": "x",
+                    "met": v >= 0.7})
+    if ds and ll and ds["decode"].get(cl) and ll["decode"].get(cl):
+        v = ds["decode"][cl] / ll["decode"][cl]
+        out.append({"target": f"decode @{cl}: dsv2ext bf16 / llama.cpp BF16", "value": v, "goal": 2.0, "unit": "x",
+                    "met": v >= 2.0})
+    return out
+
+
 def write_chart(path: str, rows: List[Dict[str, Any]], contexts: List[int], prefill: int, title: str) -> None:
     import matplotlib
 
@@ -744,6 +812,20 @@ def render_markdown(all_runs: Dict[str, Any]) -> str:
             for tg in r["targets"]:
                 out.append(f"| {tg['target']} | {_fmt(tg['value'], 2)}{tg['unit']} | {tg['goal']}{tg['unit']} | "
                            f"{'yes' if tg['met'] else 'no' if tg['met'] is not None else '-'} |")
+        lg = r.get("long")
+        if lg:
+            bws = "; ".join(f"@{c}: median {_fmt(float(np.median(v)))} GB/s" for c, v in lg["bandwidth_GBps"].items())
+            out += ["", "### Long context", "",
+                    f"Prompts of {', '.join(str(c) for c in lg['contexts'][1:])} tokens: prefill tokens/s (dsv2ext: "
+                    f"chunks of {lg.get('prefill_chunk', '?')} tokens) and decode tokens/s after them, measured side "
+                    f"by side in {lg['rounds']} alternating rounds of {lg['steps_per_round']} steps per engine (read "
+                    f"bandwidth {bws}). Peak RSS is the serving process's (weights + cache + work space).", ""]
+            out += lg["table"]
+            if lg.get("targets"):
+                out += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+                for tg in lg["targets"]:
+                    out.append(f"| {tg['target']} | {_fmt(tg['value'], 2)}{tg['unit']} | {tg['goal']}{tg['unit']} | "
+                               f"{'yes' if tg['met'] else 'no'} |")
         prof = r.get("profile")
         if prof:
             out += ["", "### dsv2ext decode time per token", ""]
@@ -785,6 +867,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="before each worker, wait up to this long for other processes to leave the CPUs "
                          "idle (< 15%% busy); the busy fraction is recorded either way")
+    ap.add_argument("--long", action="store_true",
+                    help="also measure long prompts (--long-contexts): prefill and decode of dsv2ext bf16 (bf16 and "
+                         "FP8 latent caches) and llama.cpp BF16 side by side (lite-L4; ~30-40 min more)")
+    ap.add_argument("--long-contexts", default="4096,16384,32768", metavar="N,N,...",
+                    help="prompt lengths of --long (default 4096,16384,32768; add 131072 where memory allows)")
     ap.add_argument("--no-interleave", action="store_true",
                     help="skip the interleaved decode rounds (decode numbers then come from each engine's "
                          "own worker, measured minutes apart)")
@@ -900,6 +987,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         interleaved = read_json(inter_path)
         log(f"  reused the interleaved decode rounds from {inter_path}")
 
+    # long prompts: prefill and decode side by side at 128 and the long contexts (issue 15)
+    long: Optional[Dict[str, Any]] = None
+    long_path = os.path.join(work, "long.json")
+    if args.long and geometry == "lite-L4":
+        lctx = [32] + [256, 1024] if args.quick else [128] + [int(c) for c in args.long_contexts.split(",")]
+        lruns = [Run(e, v, "speed", 3600) for e, v in LONG_ENGINES if not (args.skip_llama and e == "llama")]
+        lspec = dict(base_spec, n_ctx=max(lctx) + LONG_STEPS + 16 + 64)
+        try:
+            long = interleaved_decode(lruns, lspec, ggufs, lctx, 8 if args.quick else LONG_STEPS, 4, args.cache,
+                                      args.threads, work, log)
+            long["contexts"] = lctx
+            import dsv2ext as _ds
+            long["prefill_chunk"] = _ds.DeepseekV2.prefill_chunk
+            lrows = long_rows(long, lctx)
+            long["rows"] = lrows
+            long["table"] = long_table(lrows, lctx)
+            long["targets"] = long_targets(lrows, lctx)
+            write_json(long_path, long)
+        except Exception as ex:
+            log(f"long-context rounds FAILED: {type(ex).__name__}: {ex}")
+    elif args.reuse and os.path.isfile(long_path):
+        long = read_json(long_path)
+
     checks = evaluate_checks(results, geometry)
     print()
     print("Same model?")
@@ -919,6 +1029,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         for x in tg:
             met = "-" if x["met"] is None else ("met" if x["met"] else "MISSED")
             print(f"  {met:6s} {x['target']}: {_fmt(x['value'], 3)}{x['unit']} (goal {x['goal']}{x['unit']})")
+    if long:
+        print("\nLong context (prefill and decode side by side):")
+        print("\n".join(long["table"]))
+        for x in long["targets"]:
+            print(f"  {'met' if x['met'] else 'MISSED':6s} {x['target']}: {_fmt(x['value'], 3)}{x['unit']} "
+                  f"(goal {x['goal']}{x['unit']})")
     profiles = {f"{r['engine']} {r['variant']}": r["profile"] for r in rows if r.get("profile")}
     for name, p in profiles.items():
         per = p["seconds_per_token"]
@@ -938,7 +1054,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"chart not written: {type(ex).__name__}: {ex}")
         chart_name = ""
     entry = {"meta": meta, "machine": info, "peaks": peaks, "checks": checks, "rows": rows, "table": table,
-             "targets": tg, "profile": profiles, "chart": chart_name, "interleaved": interleaved,
+             "targets": tg, "profile": profiles, "chart": chart_name, "interleaved": interleaved, "long": long,
              "records": results_records(rows, meta),
              "economics": {k: economics[k] for k in ("total_params", "active_params", "active_params_no_lm_head",
                                                      "flops_per_token") if k in economics}}

@@ -113,7 +113,8 @@ class DsEngine(Engine):
         # "bf16-compute": bf16 weights with the opt-in bf16 compute mode (activations rounded to
         # bf16 in products of 2+ rows, vdpbf16ps); decode of one token is the same as "bf16"
         dsv2ext.set_bf16_compute(variant == "bf16-compute")
-        self.model = dsv2ext.load(ckpt, dtype=variant.split("-")[0])
+        # "bf16-kvfp8": bf16 weights with the FP8 latent cache (default: the checkpoint's default cache)
+        self.model = dsv2ext.load(ckpt, dtype=variant.split("-")[0], kv_dtype="fp8" if "kvfp8" in variant else None)
         self.load_s = time.perf_counter() - t0
         self.cfg = self.model.config
 
@@ -165,7 +166,7 @@ class DsEngine(Engine):
     def kv_bytes_per_token(self) -> Dict[str, Any]:
         c = self.model.new_cache(1, 1)
         return {"bytes_per_token": int(c.bytes_per_token), "elements_per_token": int(c.elements_per_token),
-                "dtype": str(getattr(getattr(c, "data", None), "dtype", "?")), "source": "LatentCache"}
+                "dtype": c.dtype, "source": "LatentCache"}
 
     def active_weight_bytes(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -599,7 +600,7 @@ def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
             dt = time.perf_counter() - t0
             if "threads" in cmd:
                 e.set_threads(threads)
-            send({"prefill_s": dt})
+            send({"prefill_s": dt, "peak_rss_bytes": peak_rss_bytes()})
         elif cmd["cmd"] == "threads":
             threads = int(cmd["n"])
             e.set_threads(threads)
@@ -619,7 +620,7 @@ def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
                 e.step()
                 ts.append(time.perf_counter() - t0)
             served += len(ts)
-            send({"step_s": ts})
+            send({"step_s": ts, "peak_rss_bytes": peak_rss_bytes()})
         elif cmd["cmd"] == "quit":
             break
         else:

@@ -1,8 +1,18 @@
 /* mla.h - DeepSeek multi-head latent attention (MLA) kernels on a latent cache.
  *
- * Per token the cache holds one row of W = kv_lora + rope floats:
+ * Per token the cache holds one row of W = kv_lora + rope numbers:
  *   [ c = kv_a_layernorm(c_kv) (kv_lora) | k_pe rotated at the token's position (rope) ]
- * The cache is [B, S, W] fp32 (B sequences, S positions each).  A call handles a
+ * The cache is [B, S] rows (B sequences, S positions each) in one of three formats
+ * (dsv2_mla_cache.dtype, row size dsv2_mla_row_bytes):
+ *   DSV2_KV_F32   W fp32 numbers;
+ *   DSV2_KV_BF16  W bfloat16 numbers (rounded to nearest even);
+ *   DSV2_KV_FP8   [ codes (kv_lora e4m3 bytes, padded to a multiple of 4) |
+ *                   scales (ceil(kv_lora / 128) fp32, one per block of 128 codes) |
+ *                   k_pe (rope bfloat16) ]: c[i] = e4m3(codes[i]) * scales[i / 128]
+ *                 (FlashMLA's FP8 cache layout: 656 bytes for V2 dims).
+ * Attention reads the rows in their own format (widened in registers), never a widened
+ * copy of the cache.
+ * A call handles a
  * ragged set of T tokens: token t belongs to sequence seq[t] and sits at position
  * pos[t]; it attends to rows 0..pos[t] of its sequence (causal; rows of earlier
  * tokens must have been written before, rows of the call's own tokens are written
@@ -25,11 +35,38 @@ typedef struct {
     int64_t kv_lora;   /* kv_lora_rank */
 } dsv2_mla_dims;
 
-/* the latent cache [B, S, kv_lora + rope] */
+/* formats of the cached rows */
+enum { DSV2_KV_F32 = 0, DSV2_KV_BF16 = 1, DSV2_KV_FP8 = 2 };
+#define DSV2_KV_FP8_BLOCK 128 /* codes per fp32 scale in an FP8 row */
+
+/* the latent cache: [B, S] rows of dsv2_mla_row_bytes(dtype, kv_lora, rope) bytes */
 typedef struct {
-    float *data;
+    void *data;
     int64_t B, S;
+    int dtype; /* DSV2_KV_* */
 } dsv2_mla_cache;
+
+// bytes of one cached row (0 for an unknown dtype): f32 4 W, bf16 2 W,
+// fp8 round_up(kv_lora, 4) + 4 ceil(kv_lora / 128) + 2 rope
+int64_t dsv2_mla_row_bytes(int dtype, int64_t kv_lora, int64_t rope);
+/* FP8 rows: scale blocks, and byte offsets of the scales and of k_pe in a row */
+static inline int64_t dsv2_kv_fp8_blocks(int64_t kv_lora) {
+    return (kv_lora + DSV2_KV_FP8_BLOCK - 1) / DSV2_KV_FP8_BLOCK;
+}
+static inline int64_t dsv2_kv_fp8_scales_at(int64_t kv_lora) {
+    return (kv_lora + 3) / 4 * 4;
+}
+static inline int64_t dsv2_kv_fp8_rope_at(int64_t kv_lora) {
+    return dsv2_kv_fp8_scales_at(kv_lora) + 4 * dsv2_kv_fp8_blocks(kv_lora);
+}
+
+/* ---- cached rows (mla_cache.c) ---- */
+// lat [n, kv_lora + rope] fp32 -> n rows in the cache format (ldr bytes apart), rounded to nearest even
+void dsv2_mla_rows_store(void *rows, int64_t ldr, const float *lat, int64_t n, int dtype, int64_t kv_lora,
+                         int64_t rope);
+// n rows (ldr bytes apart), columns [c0, c1) of the row -> dst [n, c1 - c0] fp32 (rows ldd apart)
+void dsv2_mla_rows_load(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n, int64_t c0, int64_t c1,
+                        int dtype, int64_t kv_lora, int64_t rope);
 
 enum { DSV2_MLA_AUTO = 0, DSV2_MLA_ABSORBED = 1, DSV2_MLA_DECOMPRESSED = 2 };
 

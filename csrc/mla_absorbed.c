@@ -3,9 +3,11 @@
  * Per token: Qa[h] = [W_UK_h^T q_nope_h | q_pe_h] (kv_lora + rope wide), scores against
  * the token's cached rows (one wide key shared by all heads: a [H, W] x [W, n] product),
  * online softmax in fp32 per block of rows, o_lat[h] = sum_j p_j c_j (kv_lora wide),
- * o_h = W_UV_h o_lat[h].  Long contexts are split into key ranges processed in
- * parallel and merged (flash-decoding); work items are pulled dynamically so ragged
- * batches balance over the threads. */
+ * o_h = W_UV_h o_lat[h].  The rows are read in the cache's format (mla_tiles.c widens
+ * them in registers).  Long contexts are split into key ranges processed in parallel and
+ * merged with an exact log-sum-exp combine (flash-decoding); the ranges depend on the
+ * call's sizes only (not on the thread count), so results are the same for any number of
+ * threads.  Work items are pulled dynamically so ragged batches balance over the threads. */
 #include "mla.h"
 #include "blas.h"
 #include "gemv.h"
@@ -21,7 +23,9 @@
 #include <stdlib.h>
 
 #define KB 64                /* cached rows per online-softmax block */
-#define MIN_SPLIT 256        /* fewest rows per work item when a token's rows are split */
+#define MIN_SPLIT 512        /* fewest rows per work item when a token's rows are split */
+#define SPLIT_ITEMS 256      /* a call's rows are split into about this many items: a constant, not the
+                              * thread count, so that the result is the same for any number of threads */
 #define CHUNK_BYTES (16u << 20) /* bound of the per-chunk query/latent-output buffers */
 
 typedef struct {
@@ -33,8 +37,8 @@ typedef struct {
     const float *qa;          /* [Tc, H, Wd] */
     float *olat;              /* [Tc, H, L] */
     float *part;              /* [nslots, H, L + 2] */
-    const float *cache;
-    int64_t S, Wd, L, H;
+    const dsv2_mla_cache *cache;
+    int64_t S, Wd, L, H, rope, rb;
     const int64_t *seq;
     const work_item *items;
     int64_t n_items;
@@ -59,7 +63,7 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
         const work_item *it = &j->items[i];
         const int64_t Hn = it->h1 - it->h0; /* the item's heads */
         const float *Q = j->qa + it->t * H * Wd + it->h0 * Wd;
-        const float *K = j->cache + (size_t)j->seq[it->t] * (size_t)j->S * (size_t)Wd;
+        const char *K = (const char *)j->cache->data + (size_t)j->seq[it->t] * (size_t)j->S * (size_t)j->rb;
         for (int64_t h = 0; h < Hn; h++) {
             m[h] = -INFINITY;
             l[h] = 0.0f;
@@ -67,8 +71,8 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
         memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float));
         for (int64_t jb = it->j0; jb < it->j1; jb += KB) {
             const int64_t nb = it->j1 - jb < KB ? it->j1 - jb : KB;
-            const float *Kb = K + jb * Wd;
-            dsv2_mla_scores(Sb, KB, Q, Wd, Hn, Kb, Wd, nb, Wd);
+            const dsv2_mla_rows Kb = {K + jb * j->rb, j->rb, j->cache->dtype, L, j->rope};
+            dsv2_mla_scores_rows(Sb, KB, Q, Wd, Hn, &Kb, nb);
             for (int64_t h = 0; h < Hn; h++) {
                 float *sh = Sb + h * KB;
                 const float mx = dsv2_vmax(sh, nb) * j->scale;
@@ -82,7 +86,7 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
                 }
                 l[h] += dsv2_vexp_shift_sum(sh, nb, j->scale, m[h]);
             }
-            dsv2_mla_pv_acc(O, L, Sb, KB, Hn, Kb, Wd, nb, L);
+            dsv2_mla_pv_rows(O, L, Sb, KB, Hn, &Kb, nb);
         }
         if (it->slot < 0) {
             float *dst = j->olat + it->t * H * L + it->h0 * L;
@@ -107,33 +111,32 @@ typedef struct {
     int64_t H, L;
 } merge_job;
 
+/* items = (token, head): the exact log-sum-exp combine of a split token's partial results */
 static void merge_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     const merge_job *j = (const merge_job *)ctx;
     const int64_t H = j->H, L = j->L, P = H * (L + 2);
-    for (int64_t t = b; t < e; t++) {
-        const int64_t ns = j->n_slots[t];
+    for (int64_t i = b; i < e; i++) {
+        const int64_t t = i / H, h = i % H, ns = j->n_slots[t];
         if (ns == 0) continue;
         const float *p0 = j->part + j->first_slot[t] * P;
-        for (int64_t h = 0; h < H; h++) {
-            float M = -INFINITY;
-            for (int64_t k = 0; k < ns; k++) {
-                float mk = p0[k * P + H * L + h];
-                if (mk > M) M = mk;
-            }
-            float *dst = j->olat + t * H * L + h * L;
-            memset(dst, 0, (size_t)L * sizeof(float));
-            float den = 0.0f;
-            for (int64_t k = 0; k < ns; k++) {
-                const float *pk = p0 + k * P;
-                const float w = expf(pk[H * L + h] - M);
-                den += w * pk[H * L + H + h];
-                const float *ok = pk + h * L;
-                for (int64_t c = 0; c < L; c++) dst[c] += w * ok[c];
-            }
-            const float inv = 1.0f / den;
-            for (int64_t c = 0; c < L; c++) dst[c] *= inv;
+        float M = -INFINITY;
+        for (int64_t k = 0; k < ns; k++) {
+            float mk = p0[k * P + H * L + h];
+            if (mk > M) M = mk;
         }
+        float *dst = j->olat + t * H * L + h * L;
+        memset(dst, 0, (size_t)L * sizeof(float));
+        float den = 0.0f;
+        for (int64_t k = 0; k < ns; k++) {
+            const float *pk = p0 + k * P;
+            const float w = expf(pk[H * L + h] - M);
+            den += w * pk[H * L + H + h];
+            const float *ok = pk + h * L;
+            for (int64_t c = 0; c < L; c++) dst[c] += w * ok[c];
+        }
+        const float inv = 1.0f / den;
+        for (int64_t c = 0; c < L; c++) dst[c] *= inv;
     }
 }
 
@@ -255,7 +258,7 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
     const int nthreads = dsv2_get_num_threads();
     int64_t total = 0;
     for (int64_t t = 0; t < T; t++) total += pos[t] + 1;
-    int64_t span = (total + 4 * (int64_t)nthreads - 1) / (4 * (int64_t)nthreads);
+    int64_t span = (total + SPLIT_ITEMS - 1) / SPLIT_ITEMS;
     if (span < MIN_SPLIT) span = MIN_SPLIT;
     span = (span + KB - 1) / KB * KB;
     int64_t n_items = 0, n_slots = 0;
@@ -305,8 +308,9 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
     if (rc) goto done;
     {
         attn_job j;
-        j.qa = qa; j.olat = olat; j.part = part; j.cache = cache->data;
+        j.qa = qa; j.olat = olat; j.part = part; j.cache = cache;
         j.S = cache->S; j.Wd = Wd; j.L = L; j.H = H; j.seq = seq;
+        j.rope = dm->rope; j.rb = dsv2_mla_row_bytes(cache->dtype, L, dm->rope);
         j.items = items; j.n_items = n_items; j.scale = scale;
         atomic_init(&j.next, 0);
         atomic_init(&j.err, 0);
@@ -317,7 +321,7 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
     }
     if (n_slots) {
         merge_job mj = {olat, part, first, nsl, H, L};
-        dsv2_parallel_for(T, 1, merge_task, &mj);
+        dsv2_parallel_for(T * H, 1, merge_task, &mj);
     }
     rc = project_out(o, olat, T, kv_b, dm);
 done:
@@ -336,6 +340,7 @@ int dsv2_mla_attn_absorbed(float *o, const float *q, const dsv2_mla_cache *cache
     if (T < 0 || H <= 0 || dm->nope <= 0 || dm->rope <= 0 || dm->v <= 0 || dm->kv_lora <= 0) return DSV2_ERR_ARG;
     if (kv_b->rows != H * (dm->nope + dm->v) || kv_b->cols != dm->kv_lora) return DSV2_ERR_ARG;
     if (cache->B <= 0 || cache->S <= 0 || !(scale > 0.0f)) return DSV2_ERR_ARG;
+    if (dsv2_mla_row_bytes(cache->dtype, dm->kv_lora, dm->rope) <= 0) return DSV2_ERR_ARG;
     for (int64_t t = 0; t < T; t++)
         if (seq[t] < 0 || seq[t] >= cache->B || pos[t] < 0 || pos[t] >= cache->S) return DSV2_ERR_RANGE;
     int64_t per_tok = H * (Wd + dm->kv_lora) * (int64_t)sizeof(float);

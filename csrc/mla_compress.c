@@ -1,5 +1,5 @@
 /* mla_compress.c - latent KV compression: h -> [RMSNorm(c_kv) | rope(k_pe)] rows
- * appended to the latent cache. */
+ * appended to the latent cache (stored in the cache's format). */
 #include "mla.h"
 #include "linear.h"
 #include "rmsnorm.h"
@@ -16,7 +16,8 @@ int dsv2_mla_compress_kv(dsv2_mla_cache *cache, float *lat, const float *h, int6
     if (T < 0 || d <= 0 || kv_lora <= 0 || rope <= 0 || (rope & 1)) return DSV2_ERR_ARG;
     if (kv_a_proj->rows != W || kv_a_proj->cols != d || kv_a_norm->rows * kv_a_norm->cols != kv_lora)
         return DSV2_ERR_ARG;
-    if (cache->B <= 0 || cache->S <= 0) return DSV2_ERR_ARG;
+    const int64_t rb = dsv2_mla_row_bytes(cache->dtype, kv_lora, rope);
+    if (cache->B <= 0 || cache->S <= 0 || rb <= 0) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
     for (int64_t t = 0; t < T; t++)
         if (seq[t] < 0 || seq[t] >= cache->B || pos[t] < 0 || pos[t] >= cache->S) return DSV2_ERR_RANGE;
@@ -30,8 +31,8 @@ int dsv2_mla_compress_kv(dsv2_mla_cache *cache, float *lat, const float *h, int6
     if (!rc) rc = dsv2_rope_apply(buf + kv_lora, W, rope, T, 1, rope, pos, inv_freq, attention_factor, interleaved);
     if (!rc)
         for (int64_t t = 0; t < T; t++)
-            memcpy(cache->data + ((size_t)seq[t] * (size_t)cache->S + (size_t)pos[t]) * (size_t)W,
-                   buf + (size_t)t * (size_t)W, (size_t)W * sizeof(float));
+            dsv2_mla_rows_store((char *)cache->data + ((size_t)seq[t] * (size_t)cache->S + (size_t)pos[t]) * (size_t)rb,
+                                rb, buf + (size_t)t * (size_t)W, 1, cache->dtype, kv_lora, rope);
     if (buf != lat) dsv2_scratch_free(buf);
     return rc;
 }

@@ -1,6 +1,7 @@
 /* mla_tiles.c - q k^T and p c tiles for latent attention. */
 #include "mla_tiles.h"
 #include "cpu.h"
+#include "fp8.h"
 
 #include <immintrin.h>
 
@@ -66,87 +67,113 @@ DSV2_TARGET_AVX512 static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2,
     return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+/* 16 numbers of a cached row from element d of a segment on, widened to fp32; lanes outside m
+ * are zero.  kind: DSV2_KV_F32, DSV2_KV_BF16, or DSV2_KV_FP8 (e4m3 codes; `sc` holds the row's
+ * block scales, which multiply the values unless fold = 0, when the caller folds them in). */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) __m512 ld16(const char *row, int64_t d, int kind,
+                                                                            __mmask16 m, const float *sc,
+                                                                            int fold) {
+    if (kind == DSV2_KV_BF16)
+        return _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + d)), 16));
+    if (kind == DSV2_KV_FP8) {
+        const __m128i b = _mm_maskz_loadu_epi8(m, row + d);
+        __m512 v = dsv2_e4m3x16_div256_avx512(b); /* value / 256, exact */
+        if (fold) v = _mm512_maskz_mul_ps(m, v, _mm512_set1_ps(sc[d / DSV2_KV_FP8_BLOCK] * 256.0f));
+        return _mm512_mask_mov_ps(v, dsv2_e4m3x16_nan_avx512(b) & m, _mm512_set1_ps(__builtin_nanf("")));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)row + d);
+}
+
+/* 16 elements (from d, lanes m) of the 4 x 4 score tile: a[4 hh + i] += q_hh . k_i */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+scores_step(__m512 *a, const float *const *qr, const char *const *kr, int kind, int64_t off, int64_t sc,
+            int64_t q0, int64_t d, __mmask16 m) {
+    __m512 kv[4];
+    for (int i = 0; i < 4; i++) kv[i] = ld16(kr[i] + off, d, kind, m, (const float *)(kr[i] + sc), 1);
+    for (int hh = 0; hh < 4; hh++) {
+        const __m512 qv = _mm512_maskz_loadu_ps(m, qr[hh] + q0 + d);
+        for (int i = 0; i < 4; i++) a[4 * hh + i] = _mm512_fmadd_ps(qv, kv[i], a[4 * hh + i]);
+    }
+}
+
+/* One segment of the 4 x 4 score tile: elements [0, n) of the segment at byte `off` of each key row
+ * against the query columns [q0, q0 + n).  pf: prefetch the same bytes of the next tile's rows (pr)
+ * on the way. */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+scores_seg(__m512 *a, const float *const *qr, const char *const *kr, const char *const *pr, int pf, int kind,
+           int64_t off, int64_t sc, int64_t q0, int64_t n) {
+    const int64_t nf = n & ~(int64_t)15;
+    const int64_t es = kind == DSV2_KV_BF16 ? 2 : kind == DSV2_KV_FP8 ? 1 : 4; /* bytes per element */
+    if (pf) {
+        for (int64_t d = 0; d < nf; d += 16) {
+            for (int i = 0; i < 4; i++) _mm_prefetch(pr[i] + off + d * es, _MM_HINT_T0);
+            scores_step(a, qr, kr, kind, off, sc, q0, d, (__mmask16)0xffff);
+        }
+    } else {
+        for (int64_t d = 0; d < nf; d += 16) scores_step(a, qr, kr, kind, off, sc, q0, d, (__mmask16)0xffff);
+    }
+    if (nf < n) scores_step(a, qr, kr, kind, off, sc, q0, nf, tmask(n - nf));
+}
+
 /* 4 query rows x 4 key rows; rows past the end are clamped to the last one
  * (computed, not stored).  Key tiles outer: each key row is brought in once (from
  * memory, for a cache being streamed) and used by every query row, with the next
- * tile's rows prefetched while the current one is processed. */
-DSV2_TARGET_AVX512 static void scores_avx512(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
-                                             const float *k, int64_t ldk, int64_t n, int64_t D) {
-    const int64_t Df = D & ~(int64_t)15;
-    const __mmask16 mt = tmask(D - Df);
-    for (int64_t j0 = 0; j0 < n; j0 += 4) {
-        const int64_t nj = n - j0 < 4 ? n - j0 : 4;
-        const float *k0 = k + j0 * ldk;
-        const float *k1 = k + (j0 + (nj > 1 ? 1 : 0)) * ldk;
-        const float *k2 = k + (j0 + (nj > 2 ? 2 : 0)) * ldk;
-        const float *k3 = k + (j0 + (nj > 3 ? 3 : 0)) * ldk;
-        const int64_t jn = j0 + 4 < n ? j0 + 4 : j0; /* next tile (prefetch) */
-        const int64_t nn = n - jn < 4 ? n - jn : 4;
-        const char *p0 = (const char *)(k + jn * ldk), *p1 = (const char *)(k + (jn + (nn > 1 ? 1 : 0)) * ldk);
-        const char *p2 = (const char *)(k + (jn + (nn > 2 ? 2 : 0)) * ldk), *p3 = (const char *)(k + (jn + (nn > 3 ? 3 : 0)) * ldk);
-        for (int64_t h0 = 0; h0 < H; h0 += 4) {
-            const int64_t nh = H - h0 < 4 ? H - h0 : 4;
-            const int pf = h0 == 0; /* prefetch during the first pass over the tile only */
-            const float *q0 = q + h0 * ldq;
-            const float *q1 = q + (h0 + (nh > 1 ? 1 : 0)) * ldq;
-            const float *q2 = q + (h0 + (nh > 2 ? 2 : 0)) * ldq;
-            const float *q3 = q + (h0 + (nh > 3 ? 3 : 0)) * ldq;
-            __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
-            __m512 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-            __m512 a20 = a00, a21 = a00, a22 = a00, a23 = a00;
-            __m512 a30 = a00, a31 = a00, a32 = a00, a33 = a00;
-#define SC_STEP(LOAD)                                                                    \
-    {                                                                                    \
-        __m512 kv0 = LOAD(k0), kv1 = LOAD(k1), kv2 = LOAD(k2), kv3 = LOAD(k3);           \
-        __m512 qv = LOAD(q0);                                                            \
-        a00 = _mm512_fmadd_ps(qv, kv0, a00); a01 = _mm512_fmadd_ps(qv, kv1, a01);        \
-        a02 = _mm512_fmadd_ps(qv, kv2, a02); a03 = _mm512_fmadd_ps(qv, kv3, a03);        \
-        qv = LOAD(q1);                                                                   \
-        a10 = _mm512_fmadd_ps(qv, kv0, a10); a11 = _mm512_fmadd_ps(qv, kv1, a11);        \
-        a12 = _mm512_fmadd_ps(qv, kv2, a12); a13 = _mm512_fmadd_ps(qv, kv3, a13);        \
-        qv = LOAD(q2);                                                                   \
-        a20 = _mm512_fmadd_ps(qv, kv0, a20); a21 = _mm512_fmadd_ps(qv, kv1, a21);        \
-        a22 = _mm512_fmadd_ps(qv, kv2, a22); a23 = _mm512_fmadd_ps(qv, kv3, a23);        \
-        qv = LOAD(q3);                                                                   \
-        a30 = _mm512_fmadd_ps(qv, kv0, a30); a31 = _mm512_fmadd_ps(qv, kv1, a31);        \
-        a32 = _mm512_fmadd_ps(qv, kv2, a32); a33 = _mm512_fmadd_ps(qv, kv3, a33);        \
-    }
-            if (pf) {
-                for (int64_t d = 0; d < Df; d += 16) {
-                    _mm_prefetch(p0 + d * 4, _MM_HINT_T0);
-                    _mm_prefetch(p1 + d * 4, _MM_HINT_T0);
-                    _mm_prefetch(p2 + d * 4, _MM_HINT_T0);
-                    _mm_prefetch(p3 + d * 4, _MM_HINT_T0);
-#define LD_FULL(p) _mm512_loadu_ps((p) + d)
-                    SC_STEP(LD_FULL)
-                }
+ * tile's rows prefetched while the current one is processed.  A row is one segment of
+ * D numbers (fp32 / bf16 rows), or the FP8 row's two: kv_lora codes, then rope bf16. */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const char *k, int64_t ldk,
+                int64_t n, int64_t D, int kind, int64_t L) {
+    for (int64_t h0 = 0; h0 < H; h0 += 4) {
+        const int64_t nh = H - h0 < 4 ? H - h0 : 4;
+        const int pf = h0 == 0; /* prefetch during the first pass over the rows only */
+        const float *qr[4];
+        for (int i = 0; i < 4; i++) qr[i] = q + (h0 + (nh > i ? i : 0)) * ldq;
+        for (int64_t j0 = 0; j0 < n; j0 += 4) {
+            const int64_t nj = n - j0 < 4 ? n - j0 : 4;
+            const char *kr[4], *pr[4];
+            const int64_t jn = j0 + 4 < n ? j0 + 4 : j0; /* next tile (prefetch) */
+            const int64_t nn = n - jn < 4 ? n - jn : 4;
+            for (int i = 0; i < 4; i++) {
+                kr[i] = k + (j0 + (nj > i ? i : 0)) * ldk;
+                pr[i] = k + (jn + (nn > i ? i : 0)) * ldk;
+            }
+            __m512 a[16];
+            for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+            if (kind == DSV2_KV_FP8) {
+                scores_seg(a, qr, kr, pr, pf, DSV2_KV_FP8, 0, dsv2_kv_fp8_scales_at(L), 0, L);
+                scores_seg(a, qr, kr, pr, pf, DSV2_KV_BF16, dsv2_kv_fp8_rope_at(L), 0, L, D - L);
             } else {
-                for (int64_t d = 0; d < Df; d += 16) {
-                    SC_STEP(LD_FULL)
-#undef LD_FULL
-                }
+                scores_seg(a, qr, kr, pr, pf, kind, 0, 0, 0, D);
             }
-            if (Df < D) {
-#define LD_TAIL(p) _mm512_maskz_loadu_ps(mt, (p) + Df)
-                SC_STEP(LD_TAIL)
-#undef LD_TAIL
-            }
-#undef SC_STEP
             float r[4][4];
-            _mm_storeu_ps(r[0], reduce4(a00, a01, a02, a03));
-            _mm_storeu_ps(r[1], reduce4(a10, a11, a12, a13));
-            _mm_storeu_ps(r[2], reduce4(a20, a21, a22, a23));
-            _mm_storeu_ps(r[3], reduce4(a30, a31, a32, a33));
+            _mm_storeu_ps(r[0], reduce4(a[0], a[1], a[2], a[3]));
+            _mm_storeu_ps(r[1], reduce4(a[4], a[5], a[6], a[7]));
+            _mm_storeu_ps(r[2], reduce4(a[8], a[9], a[10], a[11]));
+            _mm_storeu_ps(r[3], reduce4(a[12], a[13], a[14], a[15]));
             for (int64_t hh = 0; hh < nh; hh++)
                 for (int64_t jj = 0; jj < nj; jj++) s[(h0 + hh) * lds + j0 + jj] = r[hh][jj];
         }
     }
 }
 
+DSV2_TARGET_AVX512 static void scores_avx512(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                                             const float *k, int64_t ldk, int64_t n, int64_t D) {
+    scores_avx512_k(s, lds, q, ldq, H, (const char *)k, ldk * 4, n, D, DSV2_KV_F32, D);
+}
+DSV2_TARGET_AVX512 static void scores_avx512_bf16(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                                                  const char *k, int64_t ldk, int64_t n, int64_t D) {
+    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_BF16, D);
+}
+DSV2_TARGET_AVX512 static void scores_avx512_fp8(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                                                 const char *k, int64_t ldk, int64_t n, int64_t D, int64_t L) {
+    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_FP8, L);
+}
+
 /* NH heads x 64 columns of o, accumulated over the n rows of c */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH, const float *c, int64_t ldc,
-               int64_t n, int64_t c0, int64_t nc) {
+pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH, const char *c, int64_t ldc,
+               int64_t n, int64_t c0, int64_t nc, int kind, int64_t sc_at) {
     const __mmask16 m0 = tmask(nc), m1 = tmask(nc - 16), m2 = tmask(nc - 32), m3 = tmask(nc - 48);
     __m512 acc[4][4];
     for (int h = 0; h < NH; h++) {
@@ -157,11 +184,14 @@ pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH,
         acc[h][3] = _mm512_maskz_loadu_ps(m3, oh + 48);
     }
     for (int64_t j = 0; j < n; j++) {
-        const float *cj = c + j * ldc + c0;
-        __m512 v0 = _mm512_maskz_loadu_ps(m0, cj), v1 = _mm512_maskz_loadu_ps(m1, cj + 16);
-        __m512 v2 = _mm512_maskz_loadu_ps(m2, cj + 32), v3 = _mm512_maskz_loadu_ps(m3, cj + 48);
+        const char *cj = c + j * ldc;
+        /* FP8 codes: the block scale (one for these 64 columns) is folded into the weights p */
+        const float *sc = (const float *)(cj + sc_at);
+        const float fs = kind == DSV2_KV_FP8 ? sc[c0 / DSV2_KV_FP8_BLOCK] * 256.0f : 1.0f;
+        __m512 v0 = ld16(cj, c0, kind, m0, sc, 0), v1 = ld16(cj, c0 + 16, kind, m1, sc, 0);
+        __m512 v2 = ld16(cj, c0 + 32, kind, m2, sc, 0), v3 = ld16(cj, c0 + 48, kind, m3, sc, 0);
         for (int h = 0; h < NH; h++) {
-            __m512 pb = _mm512_set1_ps(p[h * ldp + j]);
+            __m512 pb = _mm512_set1_ps(kind == DSV2_KV_FP8 ? p[h * ldp + j] * fs : p[h * ldp + j]);
             acc[h][0] = _mm512_fmadd_ps(pb, v0, acc[h][0]);
             acc[h][1] = _mm512_fmadd_ps(pb, v1, acc[h][1]);
             acc[h][2] = _mm512_fmadd_ps(pb, v2, acc[h][2]);
@@ -177,19 +207,35 @@ pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH,
     }
 }
 
-DSV2_TARGET_AVX512 static void pv_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
-                                         const float *c, int64_t ldc, int64_t n, int64_t Dv) {
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+pv_avx512_k(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const char *c, int64_t ldc, int64_t n,
+            int64_t Dv, int kind) {
+    const int64_t sa = kind == DSV2_KV_FP8 ? dsv2_kv_fp8_scales_at(Dv) : 0; /* Dv = kv_lora */
     for (int64_t c0 = 0; c0 < Dv; c0 += 64) {
         const int64_t nc = Dv - c0 < 64 ? Dv - c0 : 64;
         int64_t h0 = 0;
-        for (; h0 + 4 <= H; h0 += 4) pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 4, c, ldc, n, c0, nc);
+        for (; h0 + 4 <= H; h0 += 4)
+            pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 4, c, ldc, n, c0, nc, kind, sa);
         switch (H - h0) {
-        case 3: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 3, c, ldc, n, c0, nc); break;
-        case 2: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 2, c, ldc, n, c0, nc); break;
-        case 1: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 1, c, ldc, n, c0, nc); break;
+        case 3: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 3, c, ldc, n, c0, nc, kind, sa); break;
+        case 2: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 2, c, ldc, n, c0, nc, kind, sa); break;
+        case 1: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 1, c, ldc, n, c0, nc, kind, sa); break;
         default: break;
         }
     }
+}
+
+DSV2_TARGET_AVX512 static void pv_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
+                                         const float *c, int64_t ldc, int64_t n, int64_t Dv) {
+    pv_avx512_k(o, ldo, p, ldp, H, (const char *)c, ldc * 4, n, Dv, DSV2_KV_F32);
+}
+DSV2_TARGET_AVX512 static void pv_avx512_bf16(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
+                                              const char *c, int64_t ldc, int64_t n, int64_t Dv) {
+    pv_avx512_k(o, ldo, p, ldp, H, c, ldc, n, Dv, DSV2_KV_BF16);
+}
+DSV2_TARGET_AVX512 static void pv_avx512_fp8(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
+                                             const char *c, int64_t ldc, int64_t n, int64_t Dv) {
+    pv_avx512_k(o, ldo, p, ldp, H, c, ldc, n, Dv, DSV2_KV_FP8);
 }
 
 void dsv2_mla_scores(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const float *k, int64_t ldk,
@@ -208,4 +254,93 @@ void dsv2_mla_pv_acc(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t
     if (isa == DSV2_ISA_AVX512) pv_avx512(o, ldo, p, ldp, H, c, ldc, n, Dv);
     else if (isa == DSV2_ISA_AVX2) pv_avx2(o, ldo, p, ldp, H, c, ldc, n, Dv);
     else pv_portable(o, ldo, p, ldp, H, c, ldc, n, Dv);
+}
+
+/* ---------------- cached rows in their own format ----------------
+ * AVX-512: the rows are widened in registers inside the tiles above.  AVX2 / portable: each
+ * row is widened into a small buffer (RB numbers at a time, in L1) that every head then uses. */
+#define RB 512
+
+static inline __attribute__((always_inline)) void
+scores_rows_generic(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const dsv2_mla_rows *k,
+                    int64_t n) {
+    float buf[RB];
+    const int64_t D = k->L + k->rope;
+    for (int64_t j = 0; j < n; j++) {
+        for (int64_t d0 = 0; d0 < D; d0 += RB) {
+            const int64_t w = D - d0 < RB ? D - d0 : RB;
+            dsv2_mla_rows_load(buf, RB, k->p + j * k->ld, k->ld, 1, d0, d0 + w, k->dtype, k->L, k->rope);
+            for (int64_t h = 0; h < H; h++) {
+                const float x = dot_generic(q + h * ldq + d0, buf, w);
+                s[h * lds + j] = d0 ? s[h * lds + j] + x : x;
+            }
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void
+pv_rows_generic(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const dsv2_mla_rows *c, int64_t n) {
+    float buf[RB];
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t d0 = 0; d0 < c->L; d0 += RB) {
+            const int64_t w = c->L - d0 < RB ? c->L - d0 : RB;
+            dsv2_mla_rows_load(buf, RB, c->p + j * c->ld, c->ld, 1, d0, d0 + w, c->dtype, c->L, c->rope);
+            for (int64_t h = 0; h < H; h++) {
+                float *oh = o + h * ldo + d0;
+                const float pj = p[h * ldp + j];
+                for (int64_t d = 0; d < w; d++) oh[d] += pj * buf[d];
+            }
+        }
+}
+
+static void scores_rows_portable(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                                 const dsv2_mla_rows *k, int64_t n) {
+    scores_rows_generic(s, lds, q, ldq, H, k, n);
+}
+DSV2_TARGET_AVX2 static void scores_rows_avx2(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                                              const dsv2_mla_rows *k, int64_t n) {
+    scores_rows_generic(s, lds, q, ldq, H, k, n);
+}
+static void pv_rows_portable(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const dsv2_mla_rows *c,
+                             int64_t n) {
+    pv_rows_generic(o, ldo, p, ldp, H, c, n);
+}
+DSV2_TARGET_AVX2 static void pv_rows_avx2(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
+                                          const dsv2_mla_rows *c, int64_t n) {
+    pv_rows_generic(o, ldo, p, ldp, H, c, n);
+}
+
+void dsv2_mla_scores_rows(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const dsv2_mla_rows *k,
+                          int64_t n) {
+    if (H <= 0 || n <= 0) return;
+    const int isa = dsv2_isa();
+    const int64_t D = k->L + k->rope;
+    if (k->dtype == DSV2_KV_F32) {
+        dsv2_mla_scores(s, lds, q, ldq, H, (const float *)k->p, k->ld / 4, n, D);
+    } else if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_BF16) {
+        scores_avx512_bf16(s, lds, q, ldq, H, k->p, k->ld, n, D);
+    } else if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_FP8) {
+        scores_avx512_fp8(s, lds, q, ldq, H, k->p, k->ld, n, D, k->L);
+    } else if (isa >= DSV2_ISA_AVX2) {
+        scores_rows_avx2(s, lds, q, ldq, H, k, n);
+    } else {
+        scores_rows_portable(s, lds, q, ldq, H, k, n);
+    }
+}
+
+void dsv2_mla_pv_rows(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const dsv2_mla_rows *c,
+                      int64_t n) {
+    if (H <= 0 || n <= 0) return;
+    const int isa = dsv2_isa();
+    if (c->dtype == DSV2_KV_F32) {
+        dsv2_mla_pv_acc(o, ldo, p, ldp, H, (const float *)c->p, c->ld / 4, n, c->L);
+    } else if (isa == DSV2_ISA_AVX512 && c->dtype == DSV2_KV_BF16) {
+        pv_avx512_bf16(o, ldo, p, ldp, H, c->p, c->ld, n, c->L);
+    } else if (isa == DSV2_ISA_AVX512 && c->dtype == DSV2_KV_FP8) {
+        pv_avx512_fp8(o, ldo, p, ldp, H, c->p, c->ld, n, c->L);
+    } else if (isa >= DSV2_ISA_AVX2) {
+        pv_rows_avx2(o, ldo, p, ldp, H, c, n);
+    } else {
+        pv_rows_portable(o, ldo, p, ldp, H, c, n);
+    }
 }

@@ -8,6 +8,8 @@
 
 #include <stdint.h>
 
+#include "mla.h"
+
 // q [H, D] (rows ldq apart) , k [n, D] (rows ldk apart) -> s [H, n] (rows lds apart) = q k^T
 void dsv2_mla_scores(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
                      const float *k, int64_t ldk, int64_t n, int64_t D);
@@ -16,4 +18,19 @@ void dsv2_mla_scores(float *s, int64_t lds, const float *q, int64_t ldq, int64_t
 void dsv2_mla_pv_acc(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
                      const float *c, int64_t ldc, int64_t n, int64_t Dv);
 
+/* cached latent rows of one sequence, read in their own format (see mla.h) */
+typedef struct {
+    const char *p;     /* the first row */
+    int64_t ld;        /* bytes between rows */
+    int dtype;         /* DSV2_KV_* */
+    int64_t L, rope;   /* kv_lora, rope: a row holds L + rope numbers */
+} dsv2_mla_rows;
+
+// q [H, L + rope] (rows ldq apart) , rows k [n] -> s [H, n] (rows lds apart) = q k^T, the rows
+// widened to fp32 in registers (AVX-512) or one row at a time (AVX2 / portable)
+void dsv2_mla_scores_rows(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                          const dsv2_mla_rows *k, int64_t n);
+// p [H, n] (rows ldp apart) , rows c [n] -> o [H, L] (rows ldo apart) += p c[:, :L]
+void dsv2_mla_pv_rows(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
+                      const dsv2_mla_rows *c, int64_t n);
 #endif

@@ -16,14 +16,14 @@ import sys
 from typing import List, Optional
 
 
-def _model(path: Optional[str], dtype: Optional[str] = None):
+def _model(path: Optional[str], dtype: Optional[str] = None, kv_dtype: Optional[str] = None):
     from .model import load
 
-    return load(path, dtype=dtype)
+    return load(path, dtype=dtype, kv_dtype=kv_dtype)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    model = _model(a.model, a.dtype)
+    model = _model(a.model, a.dtype, a.kv_dtype)
     if model.tokenizer is None:
         print(f"error: {model.path} has no tokenizer.json", file=sys.stderr)
         return 2
@@ -64,7 +64,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_perplexity(a: argparse.Namespace) -> int:
     from .perplexity import perplexity
 
-    model = _model(a.model, a.dtype)
+    model = _model(a.model, a.dtype, a.kv_dtype)
     texts = []
     for path in a.files:
         with open(path, "r", encoding="utf-8", errors="replace") as f:
@@ -100,6 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--dtype", choices=["bf16", "f32"], default=None)
+    g.add_argument("--kv-dtype", choices=["f32", "bf16", "fp8"], default=None,
+                   help="latent cache format (default: f32 for fp32 checkpoints, bf16 otherwise)")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end")
     g.add_argument("-v", "--verbose", action="store_true", help="print speed to stderr")
     g.set_defaults(fn=cmd_generate)
@@ -118,6 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     q.add_argument("--model", default=None)
     q.add_argument("--window", type=int, default=512)
     q.add_argument("--dtype", choices=["bf16", "f32"], default=None)
+    q.add_argument("--kv-dtype", choices=["f32", "bf16", "fp8"], default=None, help="latent cache format")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_perplexity)
 

@@ -22,6 +22,9 @@ class GenerationOutput:
         "eos", "stop" (a stop string), or "length" (max_new_tokens).
     prompt_tokens : int
     prefill_seconds, decode_seconds : float
+    prefill_tokens : int
+        Prompt tokens computed by this call: all of them for a fresh run; in a session,
+        only those after the prefix already in the cache.
     prefill_tokens_per_s, decode_tokens_per_s : float
         Prompt tokens processed per second; new tokens after the first per
         second of decoding (for a batch, summed over the batch).
@@ -35,6 +38,7 @@ class GenerationOutput:
     decode_seconds: float = 0.0
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
+    prefill_tokens: int = 0
 
     def __str__(self) -> str:
         return self.text if self.text is not None else str(self.token_ids)
@@ -98,8 +102,9 @@ class TextStream:
     pieces joined).
     """
 
-    def __init__(self, gen) -> None:
+    def __init__(self, gen, on_result: Optional[Callable[[GenerationOutput], None]] = None) -> None:
         self._gen = gen
+        self._on_result = on_result
         self.result: Optional[GenerationOutput] = None
 
     def __iter__(self) -> "TextStream":
@@ -113,6 +118,8 @@ class TextStream:
                     return item
             else:
                 self.result = item[0]
+                if self._on_result is not None:
+                    self._on_result(self.result)
 
     def close(self) -> None:
         """Stop generating early."""

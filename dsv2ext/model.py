@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import ops
-from .cache import LatentCache
+from .cache import KV_DTYPES, LatentCache, kv_row_bytes
 from .config import ModelConfig
 from .dtypes import BF16, bf16_to_float32
 from .generation import GenerationOutput, IncrementalDecoder, TextStream
@@ -27,6 +27,9 @@ from .quant import quantize_model_weights, read_quantization_config
 from .weights import ModelWeights, load_weights
 
 __all__ = ["DeepseekV2", "load", "default_model_path"]
+
+if TYPE_CHECKING:
+    from .session import Session
 
 Prompt = Union[str, Sequence[int]]
 
@@ -58,9 +61,12 @@ class DeepseekV2:
     generation_config : dict
     """
 
+    #: prompts longer than this are processed in chunks of this many tokens (bounded work space)
+    prefill_chunk = 2048
+
     def __init__(self, config: ModelConfig, weights: ModelWeights, tokenizer: Optional[Tokenizer] = None,
                  generation_config: Optional[Dict[str, Any]] = None, path: Optional[str] = None,
-                 reader: Optional[CheckpointReader] = None) -> None:
+                 reader: Optional[CheckpointReader] = None, kv_dtype: Optional[str] = None) -> None:
         self.config = config
         self.weights = weights
         self.tokenizer = tokenizer
@@ -86,11 +92,17 @@ class DeepseekV2:
                                                l.moe.shared.down_proj),
             l.moe.correction_bias) for l in weights.layers]
         self._mla_weights = [ops.MLAWeights(**vars(l.attn)) for l in weights.layers]
+        if kv_dtype is None:  # fp32 checkpoints keep an exact fp32 cache; others store bf16 rows
+            kv_dtype = "f32" if _dtype_of(weights.embed_tokens) == "f32" else "bf16"
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype: expected None or one of {KV_DTYPES}, got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: Optional[str] = None, *, dtype: Optional[str] = None,
-                        progress: Optional[bool] = None, load_tokenizer: bool = True) -> "DeepseekV2":
+                        kv_dtype: Optional[str] = None, progress: Optional[bool] = None,
+                        load_tokenizer: bool = True) -> "DeepseekV2":
         """Load a Hugging Face checkpoint directory.
 
         Parameters
@@ -103,6 +115,9 @@ class DeepseekV2:
             "f32"/"bf16" convert (a copy); "int8" quantizes every Linear
             weight (dsv2ext.quant: per-32-column absmax scales; a checkpoint
             saved by dsv2ext.quant.save_quantized loads as it is stored).
+        kv_dtype : {None, "f32", "bf16", "fp8"}
+            Format of the latent KV cache rows (see :mod:`dsv2ext.cache`).  None: "f32"
+            for fp32 weights (exact, parity with fp32 references), "bf16" otherwise.
         progress : bool, optional
             tqdm progress bar; default when stderr is a terminal.
         load_tokenizer : bool
@@ -113,6 +128,8 @@ class DeepseekV2:
         path = os.fspath(path)
         if dtype not in (None, "bf16", "f32", "int8"):
             raise ValueError(f"dtype: expected None, 'bf16', 'f32' or 'int8', got {dtype!r}")
+        if kv_dtype not in (None,) + KV_DTYPES:
+            raise ValueError(f"kv_dtype: expected None or one of {KV_DTYPES}, got {kv_dtype!r}")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: {path!r} is not a checkpoint directory")
         config = ModelConfig.from_pretrained(path)
@@ -137,7 +154,7 @@ class DeepseekV2:
                 raise ValueError(f"{gpath}: invalid JSON: {e}") from e
             if not isinstance(gen, dict):
                 raise ValueError(f"{gpath}: expected a JSON object")
-        return cls(config, weights, tok, gen, path, reader)
+        return cls(config, weights, tok, gen, path, reader, kv_dtype=kv_dtype)
 
     def close(self) -> None:
         """Release the memory maps (the model is unusable afterwards)."""
@@ -146,9 +163,18 @@ class DeepseekV2:
             self._reader = None
 
     # ------------------------------------------------------------------ forward
-    def new_cache(self, batch_size: int, max_len: int) -> LatentCache:
-        """An empty latent cache for ``batch_size`` sequences of up to ``max_len`` tokens."""
-        return LatentCache(self.config, batch_size, max_len)
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None, dtype: Optional[str] = None) -> LatentCache:
+        """An empty latent cache for ``batch_size`` sequences.
+
+        Parameters
+        ----------
+        batch_size : int
+        max_len : int, optional
+            Tokens per sequence it holds; None: it grows as needed (up to the model's context).
+        dtype : {None, "f32", "bf16", "fp8"}
+            Row format; default the model's ``kv_dtype``.
+        """
+        return LatentCache(self.config, batch_size, max_len, dtype or self.kv_dtype)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         emb = self.weights.embed_tokens
@@ -193,11 +219,26 @@ class DeepseekV2:
             raise ValueError("seq_ids and positions: expected the same shape as token_ids "
                              f"{token_ids.shape}, got {seq_ids.shape} and {positions.shape}")
         self._check_ids(token_ids, "token_ids")
-        if positions.min() < 0 or positions.max() >= cache.max_len:
-            raise ValueError(f"positions: expected values in [0, {cache.max_len}) (the cache size)")
+        if positions.min() < 0:
+            raise ValueError(f"positions: expected values >= 0, got {int(positions.min())}")
         if seq_ids.min() < 0 or seq_ids.max() >= cache.batch_size:
             raise ValueError(f"seq_ids: expected values in [0, {cache.batch_size}) (the cache batch size)")
-        eps = cfg.rms_norm_eps
+        cache.ensure(int(positions.max()) + 1)  # grows a growable cache; ValueError past its limit
+        T, C = token_ids.size, int(self.prefill_chunk)
+        if T <= C:
+            h = self._layers(token_ids, seq_ids, positions, cache)
+            if logit_rows is not None:
+                h = np.ascontiguousarray(h[np.asarray(logit_rows, dtype=np.int64)])
+        else:
+            h = self._chunked(token_ids, seq_ids, positions, cache, logit_rows, C)
+        np.maximum.at(cache.lengths, seq_ids, positions + 1)
+        hn = ops.rms_norm(h, self.weights.norm, cfg.rms_norm_eps)
+        return ops.linear(hn, self.weights.lm_head)
+
+    def _layers(self, token_ids: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray,
+                cache: LatentCache) -> np.ndarray:
+        """Hidden states [T, d] after the last decoder layer (before the final norm)."""
+        eps = self.config.rms_norm_eps
         h = self._embed(token_ids)
         x = np.empty_like(h)
         for i, lw in enumerate(self.weights.layers):
@@ -210,11 +251,32 @@ class DeepseekV2:
                 h += ops.moe_block(x, gate, experts, shared, self._moe_cfg, correction_bias=bias)
             else:
                 h += ops.swiglu_mlp(x, lw.mlp.gate_proj, lw.mlp.up_proj, lw.mlp.down_proj)
-        np.maximum.at(cache.lengths, seq_ids, positions + 1)
-        if logit_rows is not None:
-            h = np.ascontiguousarray(h[np.asarray(logit_rows, dtype=np.int64)])
-        hn = ops.rms_norm(h, self.weights.norm, eps)
-        return ops.linear(hn, self.weights.lm_head)
+        return h
+
+    def _chunked(self, token_ids: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray, cache: LatentCache,
+                 logit_rows: Optional[np.ndarray], C: int) -> np.ndarray:
+        """:meth:`_layers` over chunks of C tokens in position order (every row a token attends to is
+        cached by an earlier chunk or its own), keeping the hidden states of the wanted rows only:
+        the work space is that of C tokens, whatever the prompt length."""
+        T = token_ids.size
+        key = seq_ids * (int(positions.max()) + 1) + positions
+        if np.unique(key).size != T:
+            raise ValueError("positions: two tokens write the same cache row (seq_id, position)")
+        rows = np.arange(T) if logit_rows is None else np.asarray(logit_rows, dtype=np.int64)
+        if rows.size and (rows.min() < -T or rows.max() >= T):
+            raise IndexError(f"logit_rows: expected indices in [0, {T})")
+        uniq, inv = np.unique(rows % T, return_inverse=True)
+        slot = np.full(T, -1, np.int64)
+        slot[uniq] = np.arange(uniq.size)
+        out = np.empty((uniq.size, self.config.hidden_size), np.float32)
+        order = np.argsort(positions, kind="stable")
+        for c0 in range(0, T, C):
+            idx = order[c0:c0 + C]
+            h = self._layers(token_ids[idx], seq_ids[idx], positions[idx], cache)
+            s = slot[idx]
+            keep = s >= 0
+            out[s[keep]] = h[keep]
+        return out[inv]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """fp32 logits [T, vocab_size] of a whole sequence (a fresh cache, discarded).
@@ -322,10 +384,19 @@ class DeepseekV2:
         GenerationOutput (a list of them for a batch), or a TextStream (an iterator of str
         with ``.result`` once exhausted) when stream=True.
         """
+        return self._generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop,
+                              stream)
+
+    def _generate(self, prompt: Any, max_new_tokens: Any, temperature: Optional[float], top_k: Optional[int],
+                  top_p: Optional[float], repetition_penalty: Optional[float], seed: Any, stop: Any, stream: bool,
+                  session: Optional["Session"] = None) -> Any:
+        """:meth:`generate`, in a session's cache when ``session`` is given (a single prompt then)."""
         batch = isinstance(prompt, list) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
         prompts = list(prompt) if batch else [prompt]
         if isinstance(prompt, list) and len(prompt) == 0:
             raise ValueError("prompt: empty list")
+        if batch and session is not None:
+            raise ValueError("prompt: a session holds one conversation; pass a single prompt, not a batch")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -342,14 +413,17 @@ class DeepseekV2:
         ctx = self.config.max_position_embeddings
         for i, p in enumerate(ids):
             if len(p) + int(max_new_tokens) > ctx:
-                raise ValueError(f"prompt{'[%d]' % i if batch else ''}: {len(p)} prompt tokens + "
-                                 f"max_new_tokens={max_new_tokens} exceed the model's context of {ctx} tokens")
-        gen = self._generate_iter(ids, int(max_new_tokens), params, seed, stop)
+                what = "tokens of conversation" if session is not None else "prompt tokens"
+                raise ValueError(f"prompt{'[%d]' % i if batch else ''}: {len(p)} {what} + "
+                                 f"max_new_tokens={max_new_tokens} exceed the model's context of {ctx} tokens"
+                                 + (" (session.reset() starts a new conversation)" if session is not None else ""))
         if stream:
             if batch:
                 raise ValueError("stream=True takes a single prompt, not a batch")
             if self.tokenizer is None:
                 raise TokenizerError("stream=True needs a tokenizer (this checkpoint has no tokenizer.json)")
+        gen = self._generate_iter(ids, int(max_new_tokens), params, seed, stop, session)
+        if stream:
             return TextStream(gen)
         results = None
         for item in gen:
@@ -359,13 +433,21 @@ class DeepseekV2:
         return results if batch else results[0]
 
     def _generate_iter(self, prompts: List[np.ndarray], max_new: int, params: SamplingParams,
-                       seed: Optional[int], stop: List[str]) -> Iterator[Any]:
-        """Yields text pieces of sequence 0 as they become final, then the list of outputs."""
+                       seed: Optional[int], stop: List[str], session: Optional["Session"] = None) -> Iterator[Any]:
+        """Yields text pieces of sequence 0 as they become final, then the list of outputs.
+
+        With a session (one prompt): the longest prefix of the prompt already in the session's
+        cache is reused, only the rest is prefilled, and the session records every token fed.
+        """
         B = len(prompts)
         rng = np.random.default_rng(seed)
         eos = self._eos_ids()
-        max_len = max(len(p) for p in prompts) + max_new
-        cache = self.new_cache(B, max_len)
+        if session is None:
+            cache = self.new_cache(B, max(len(p) for p in prompts) + max_new)
+            start = 0
+        else:
+            cache = session.cache
+            start = session._reuse(prompts[0])
         decoders = [IncrementalDecoder(self.decode, stop) if self.tokenizer is not None else None
                     for _ in range(B)]
         new: List[List[int]] = [[] for _ in range(B)]
@@ -373,11 +455,13 @@ class DeepseekV2:
         seen = [list(map(int, p)) for p in prompts]
 
         t0 = time.perf_counter()
-        tok = np.concatenate(prompts)
-        sid = np.concatenate([np.full(len(p), b, np.int64) for b, p in enumerate(prompts)])
-        pos = np.concatenate([np.arange(len(p), dtype=np.int64) for p in prompts])
-        last = np.cumsum([len(p) for p in prompts]) - 1
+        tok = np.concatenate([p[start:] for p in prompts])
+        sid = np.concatenate([np.full(len(p) - start, b, np.int64) for b, p in enumerate(prompts)])
+        pos = np.concatenate([np.arange(start, len(p), dtype=np.int64) for p in prompts])
+        last = np.cumsum([len(p) - start for p in prompts]) - 1
         logits = self.forward(tok, sid, pos, cache, logit_rows=last)
+        if session is not None:
+            session._fed(tok)
         t1 = time.perf_counter()
         active = list(range(B))
         lengths = [len(p) for p in prompts]
@@ -412,9 +496,11 @@ class DeepseekV2:
             for b in active:
                 lengths[b] += 1
             logits = self.forward(tok, sid, pos, cache)
+            if session is not None:
+                session._fed(tok)
             decode_tokens += len(active)
         t2 = time.perf_counter()
-        n_prompt = sum(len(p) for p in prompts)
+        n_prompt = sum(len(p) - start for p in prompts)
         outs = []
         for b in range(B):
             text = decoders[b].text if decoders[b] is not None else None
@@ -422,7 +508,8 @@ class DeepseekV2:
                 token_ids=new[b], text=text, finish_reason=finish[b] or "length",
                 prompt_tokens=len(prompts[b]), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
                 prefill_tokens_per_s=n_prompt / max(t1 - t0, 1e-9),
-                decode_tokens_per_s=decode_tokens / max(t2 - t1, 1e-9) if decode_tokens else 0.0))
+                decode_tokens_per_s=decode_tokens / max(t2 - t1, 1e-9) if decode_tokens else 0.0,
+                prefill_tokens=len(prompts[b]) - start))
         yield outs
 
     def chat(self, messages: List[Dict[str, str]], max_new_tokens: int = 128, **kwargs: Any
@@ -435,15 +522,29 @@ class DeepseekV2:
         max_new_tokens : int
         **kwargs : passed to :meth:`generate` (temperature, top_p, seed, stop, stream, ...)
         """
+        return self.generate(self._chat_ids(messages), max_new_tokens, **kwargs)
+
+    def _chat_ids(self, messages: List[Dict[str, str]]) -> List[int]:
+        """Token ids of a conversation rendered with the chat template (generation prompt added)."""
         if self.tokenizer is None:
             raise TokenizerError("chat() needs a tokenizer (this checkpoint has no tokenizer.json)")
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return self.generate(ids, max_new_tokens, **kwargs)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def session(self) -> "Session":
+        """A conversation that keeps its latent cache between calls (see :class:`dsv2ext.session.Session`).
+
+        >>> s = model.session()
+        >>> s.chat("Write a function that adds two numbers.").text
+        >>> s.chat("Now with type hints.").prefill_tokens      # only the new turn is computed
+        """
+        from .session import Session
+
+        return Session(self)
 
     # ------------------------------------------------------------------ description
     def info(self) -> Dict[str, Any]:
-        """Architecture, parameter counts, dtypes, weight bytes and KV cache bytes per token."""
+        """Architecture, parameter counts, dtypes, weight bytes, KV cache format and bytes per token."""
         from .stats import stats
 
         cfg = self.config
@@ -473,8 +574,9 @@ class DeepseekV2:
             "dtype": max(dtypes, key=dtypes.get) if dtypes else None,
             "params_by_dtype": dtypes,
             "weight_bytes": nbytes,
+            "kv_dtype": self.kv_dtype,
             "kv_cache_elements_per_token": width * L,
-            "kv_cache_bytes_per_token": width * L * 4,
+            "kv_cache_bytes_per_token": kv_row_bytes(self.kv_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim) * L,
             "mha_kv_cache_bytes_per_token": mha * 4,
             "tokenizer": self.tokenizer is not None,
         }
@@ -486,7 +588,7 @@ class DeepseekV2:
                 f"experts={i['routed_experts']} top-{i['experts_per_token']}, "
                 f"params={i['total_params'] / 1e6:.1f}M total / {i['active_params'] / 1e6:.1f}M active, "
                 f"dtype={i['dtype']}, weights={i['weight_bytes'] / 2**20:.1f} MiB, "
-                f"kv_cache={i['kv_cache_bytes_per_token']} B/token (MHA would take "
+                f"kv_cache={i['kv_dtype']} {i['kv_cache_bytes_per_token']} B/token (fp32 MHA would take "
                 f"{i['mha_kv_cache_bytes_per_token']} B/token))")
 
 

@@ -119,13 +119,110 @@ static int check_int32(int64_t x, const char *what) {
     return 0;
 }
 
-/* the cache: float32 [B, S, width], writable unless read_only */
-static PyArrayObject *check_cache(PyObject *o, int64_t width, int writable) {
-    int64_t shp[3] = {DSV2PY_ANY, DSV2PY_ANY, width};
-    PyArrayObject *c = dsv2py_array(o, "cache", NPY_FLOAT32, 3, shp, writable);
-    if (!c) return NULL;
-    if (check_int32(dsv2py_dim(c, 1) * dsv2py_dim(c, 2), "cache: max sequence length x row width") < 0) return NULL;
-    return c;
+/* A latent cache argument: a float32 ndarray [B, S, W] (fp32 rows), a dsv2ext.BF16 of a uint16
+ * ndarray [B, S, W] (bfloat16 rows; a bare uint16 array is refused), or a dsv2ext.ops.FP8Cache
+ * (tag "fp8_kv": .data uint8 [B, S, row bytes], .kv_lora_rank, .qk_rope_head_dim), W = kv_lora + rope. */
+typedef struct {
+    PyArrayObject *arr; /* the array holding the rows */
+    dsv2_mla_cache c;
+    int64_t W;          /* numbers per row */
+    int64_t kv_lora;    /* fixed by the format (FP8 rows), else -1 */
+} cache_arg;
+
+/* the .data array of a tagged cache, kept alive for the call */
+static PyArrayObject *cache_data(PyObject *o, const char *tag, int typenum, int writable) {
+    int64_t shp[3] = {DSV2PY_ANY, DSV2PY_ANY, DSV2PY_ANY};
+    PyObject *data = PyObject_GetAttrString(o, "data");
+    if (!data) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "cache: a cache tagged '%s' needs a .data array", tag);
+        }
+        return NULL;
+    }
+    int keep = dsv2py_keep(data);
+    int only = Py_REFCNT(data) < 2;
+    PyArrayObject *a = keep < 0 ? NULL : dsv2py_array(data, "cache.data", typenum, 3, shp, writable);
+    Py_DECREF(data);
+    if (a && keep == 0 && only) {
+        PyErr_Format(PyExc_TypeError, "cache.data: must be an array stored on the cache object");
+        return NULL;
+    }
+    return a;
+}
+
+/* an int attribute of the FP8 cache object, 0 < value < 2**31 */
+static int cache_dim(PyObject *o, const char *attr, int64_t *out) {
+    PyObject *v = PyObject_GetAttrString(o, attr);
+    if (!v) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "cache: an FP8 cache needs an int .%s", attr);
+        }
+        return -1;
+    }
+    long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLong(v) : -1;
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred()) PyErr_Clear();
+    if (x <= 0 || x > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "cache.%s: expected an int in [1, 2**31)", attr);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int parse_cache(PyObject *o, int writable, cache_arg *out) {
+    int64_t shp[3] = {DSV2PY_ANY, DSV2PY_ANY, DSV2PY_ANY};
+    PyArrayObject *a = NULL;
+    int dtype = DSV2_KV_F32;
+    out->kv_lora = -1;
+    if (o && o != Py_None && !PyArray_Check(o)) {
+        PyObject *tag = PyObject_GetAttrString(o, "__dsv2_dtype__");
+        if (!tag) PyErr_Clear();
+        const char *t = tag && PyUnicode_Check(tag) ? PyUnicode_AsUTF8(tag) : NULL;
+        if (t && !strcmp(t, "bf16")) {
+            dtype = DSV2_KV_BF16;
+            a = cache_data(o, t, NPY_UINT16, writable);
+        } else if (t && !strcmp(t, "fp8_kv")) {
+            int64_t L, rope;
+            dtype = DSV2_KV_FP8;
+            if (cache_dim(o, "kv_lora_rank", &L) == 0 && cache_dim(o, "qk_rope_head_dim", &rope) == 0) {
+                a = cache_data(o, t, NPY_UINT8, writable);
+                if (a && dsv2py_dim(a, 2) != dsv2_mla_row_bytes(DSV2_KV_FP8, L, rope)) {
+                    PyErr_Format(PyExc_ValueError,
+                                 "cache.data: FP8 rows of kv_lora_rank %lld and qk_rope_head_dim %lld take %lld bytes, "
+                                 "got a last dimension of %lld", (long long)L, (long long)rope,
+                                 (long long)dsv2_mla_row_bytes(DSV2_KV_FP8, L, rope), (long long)dsv2py_dim(a, 2));
+                    a = NULL;
+                }
+                out->kv_lora = L;
+                out->W = L + rope;
+            }
+        } else {
+            PyErr_Format(PyExc_TypeError,
+                         "cache: expected a float32 ndarray [B, S, kv_lora + rope], a dsv2ext.BF16 of a uint16 "
+                         "array (bfloat16 rows) or a dsv2ext.ops.FP8Cache, got %s", Py_TYPE(o)->tp_name);
+        }
+        Py_XDECREF(tag);
+        if (!a) return -1;
+    } else {
+        if (o && PyArray_Check(o) && PyArray_TYPE((PyArrayObject *)o) == NPY_UINT16) {
+            PyErr_Format(PyExc_TypeError,
+                         "cache: a bare uint16 array is not taken as bfloat16 rows; wrap it as dsv2ext.BF16(array)");
+            return -1;
+        }
+        a = dsv2py_array(o, "cache", NPY_FLOAT32, 3, shp, writable);
+        if (!a) return -1;
+    }
+    out->arr = a;
+    if (dtype != DSV2_KV_FP8) out->W = dsv2py_dim(a, 2);
+    out->c.data = dsv2py_data(a);
+    out->c.B = dsv2py_dim(a, 0);
+    out->c.S = dsv2py_dim(a, 1);
+    out->c.dtype = dtype;
+    if (check_int32(out->c.S * out->W, "cache: max sequence length x row width") < 0) return -1;
+    return 0;
 }
 
 /* ---------------- rope ---------------- */
@@ -235,9 +332,13 @@ static PyObject *py_mla_compress_kv(PyObject *self, PyObject *args) {
     PyArrayObject *h = dsv2py_array(o_h, "hidden", NPY_FLOAT32, 2, NULL, 0);
     if (!h) return NULL;
     const int64_t T = dsv2py_dim(h, 0), d = dsv2py_dim(h, 1);
-    PyArrayObject *cache = check_cache(o_cache, DSV2PY_ANY, 1);
-    if (!cache) return NULL;
-    const int64_t B = dsv2py_dim(cache, 0), S = dsv2py_dim(cache, 1), W = dsv2py_dim(cache, 2);
+    cache_arg ca;
+    if (parse_cache(o_cache, 1, &ca) < 0) return NULL;
+    PyArrayObject *cache = ca.arr;
+    const int64_t B = ca.c.B, S = ca.c.S, W = ca.W;
+    if (ca.kv_lora >= 0 && ca.kv_lora != kv_lora)
+        return PyErr_Format(PyExc_ValueError, "kv_lora_rank: %lld differs from the FP8 cache's kv_lora_rank %lld", kv_lora,
+                            (long long)ca.kv_lora);
     if (kv_lora <= 0 || kv_lora >= W)
         return PyErr_Format(PyExc_ValueError, "kv_lora_rank: expected 0 < kv_lora_rank < %lld (cache row width), got %lld",
                             (long long)W, kv_lora);
@@ -265,10 +366,9 @@ static PyObject *py_mla_compress_kv(PyObject *self, PyObject *args) {
         dsv2py_no_overlap(out, "out", f, "inv_freq") < 0)
         return NULL;
     dsv2_mat ma = dsv2py_mat(&wa), mn = dsv2py_mat(&wn);
-    dsv2_mla_cache c = {(float *)dsv2py_data(cache), B, S};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dsv2_mla_compress_kv(&c, (float *)dsv2py_data(out), (const float *)dsv2py_data(h), T, d,
+    rc = dsv2_mla_compress_kv(&ca.c, (float *)dsv2py_data(out), (const float *)dsv2py_data(h), T, d,
                               (const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), &ma, &mn, kv_lora,
                               rope, (float)eps, (const float *)dsv2py_data(f), (float)af, inter);
     Py_END_ALLOW_THREADS
@@ -292,13 +392,17 @@ static PyObject *py_mla_attention(PyObject *self, PyObject *args) {
     PyArrayObject *q = dsv2py_array(o_q, "q", NPY_FLOAT32, 3, NULL, 0);
     if (!q) return NULL;
     const int64_t T = dsv2py_dim(q, 0), H = dsv2py_dim(q, 1), dqk = dsv2py_dim(q, 2);
-    PyArrayObject *cache = check_cache(o_cache, DSV2PY_ANY, 0);
-    if (!cache) return NULL;
-    const int64_t B = dsv2py_dim(cache, 0), S = dsv2py_dim(cache, 1), W = dsv2py_dim(cache, 2);
+    cache_arg ca;
+    if (parse_cache(o_cache, 0, &ca) < 0) return NULL;
+    PyArrayObject *cache = ca.arr;
+    const int64_t B = ca.c.B, S = ca.c.S, W = ca.W;
     int64_t kshape[2] = {DSV2PY_ANY, DSV2PY_ANY};
     dsv2py_tensor kvb;
     if (dsv2py_weight(o_kvb, "kv_b_proj", 2, kshape, &kvb) < 0) return NULL;
     const int64_t L = kvb.shape[1], rope = W - L, nope = dqk - rope;
+    if (ca.kv_lora >= 0 && ca.kv_lora != L)
+        return PyErr_Format(PyExc_ValueError, "kv_b_proj: %lld columns (kv_lora_rank) differ from the FP8 cache's "
+                            "kv_lora_rank %lld", (long long)L, (long long)ca.kv_lora);
     if (rope <= 0 || (rope & 1))
         return PyErr_Format(PyExc_ValueError,
                             "cache: row width %lld must be kv_lora_rank (%lld, from kv_b_proj.shape[1]) + an even number of rope channels",
@@ -323,10 +427,9 @@ static PyObject *py_mla_attention(PyObject *self, PyObject *args) {
         return NULL;
     dsv2_mat mk = dsv2py_mat(&kvb);
     dsv2_mla_dims dm = {H, nope, rope, v, L};
-    dsv2_mla_cache c = {(float *)dsv2py_data(cache), B, S};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dsv2_mla_attention((float *)dsv2py_data(out), (const float *)dsv2py_data(q), &c,
+    rc = dsv2_mla_attention((float *)dsv2py_data(out), (const float *)dsv2py_data(q), &ca.c,
                             (const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), T, &mk, &dm,
                             (float)scale, mode);
     Py_END_ALLOW_THREADS
@@ -382,9 +485,13 @@ static PyObject *py_mla_attention_block(PyObject *self, PyObject *args) {
     int64_t oshape[2] = {T, d};
     PyArrayObject *out = dsv2py_array(o_out, "out", NPY_FLOAT32, 2, oshape, 1);
     if (!out) return NULL;
-    PyArrayObject *cache = check_cache(o_cache, L + rope, 1);
-    if (!cache) return NULL;
-    const int64_t B = dsv2py_dim(cache, 0), S = dsv2py_dim(cache, 1);
+    cache_arg ca;
+    if (parse_cache(o_cache, 1, &ca) < 0) return NULL;
+    PyArrayObject *cache = ca.arr;
+    const int64_t B = ca.c.B, S = ca.c.S;
+    if (ca.W != L + rope || (ca.kv_lora >= 0 && ca.kv_lora != L))
+        return PyErr_Format(PyExc_ValueError, "cache: expected shape [?, ?, %lld] (rows of kv_lora_rank + qk_rope_head_dim numbers), got rows of %lld",
+                            (long long)(L + rope), (long long)ca.W);
     PyArrayObject *seq, *pos, *f;
     if (check_tokens(o_seq, o_pos, T, B, S, &seq, &pos) < 0) return NULL;
     if (check_unique((const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), T, S) < 0) return NULL;
@@ -444,10 +551,9 @@ static PyObject *py_mla_attention_block(PyObject *self, PyObject *args) {
     cfg.inv_freq = (const float *)dsv2py_data(f);
     cfg.attention_factor = (float)af;
     cfg.interleaved = inter;
-    dsv2_mla_cache c = {(float *)dsv2py_data(cache), B, S};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dsv2_mla_block((float *)dsv2py_data(out), (const float *)dsv2py_data(h), T, d, &c,
+    rc = dsv2_mla_block((float *)dsv2py_data(out), (const float *)dsv2py_data(h), T, d, &ca.c,
                         (const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), &w, &cfg, mode);
     Py_END_ALLOW_THREADS
     if (rc) return dsv2py_raise(rc, "mla_attention_block");

@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory):
                        topk_method="group_limited_greedy", n_group=4, topk_group=2)
     save(model, path, torch.bfloat16)
     make_tokenizer(path, VOCAB)
-    return path, reference(path), dsv2ext.load(path)
+    return path, reference(path), dsv2ext.load(path, kv_dtype="f32")  # exact cache: parity with fp32
 
 
 def test_text_prompt_matches_transformers(ckpt):

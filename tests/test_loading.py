@@ -93,9 +93,10 @@ def test_fp8_blockwise_checkpoint(tmp_path):
 def test_dtype_conversion_options(tmp_path):
     model = make_model("v2", seed=23)
     save(model, str(tmp_path), torch.bfloat16)
-    a = dsv2ext.load(str(tmp_path))
+    a = dsv2ext.load(str(tmp_path), kv_dtype="f32")  # the exact cache: compares the weights' dtype only
     b = dsv2ext.load(str(tmp_path), dtype="f32")
     assert a.info()["dtype"] == "bf16" and b.info()["dtype"] == "f32"
+    assert dsv2ext.load(str(tmp_path)).kv_dtype == "bf16" and b.kv_dtype == "f32"  # the defaults
     assert _rel(a.logits(_ids()), b.logits(_ids())) <= 1e-5
     with pytest.raises(ValueError, match="dtype"):
         dsv2ext.load(str(tmp_path), dtype="fp16")

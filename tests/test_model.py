@@ -42,7 +42,7 @@ def ckpt(request, tmp_path_factory):
     ref = reference(path)
     if hub:
         to_hub_spelling(path)
-    ours = dsv2ext.load(path)
+    ours = dsv2ext.load(path, kv_dtype="f32")  # parity with the fp32 reference: an exact cache
     return request.param, path, ref, ours
 
 
@@ -126,3 +126,25 @@ def test_config_spellings_load_the_same(tmp_path):
     assert ma.config == mb.config
     ids = _prompt(70, 8)
     np.testing.assert_array_equal(ma.logits(ids), mb.logits(ids))
+
+
+@pytest.mark.parametrize("kind", ["v2", "v3"])
+def test_yarn_past_four_times_the_original_length(kind, tmp_path):
+    """YaRN positions far beyond original_max_position_embeddings (16): a 72-token prompt (4.5x) in
+    chunks of 16, then greedy decoding to 104 tokens (6.5x), against transformers in fp32."""
+    yarn = dict(YARN, original_max_position_embeddings=16, factor=8.0)
+    if kind == "v3":
+        yarn.update(mscale=1.0, mscale_all_dim=1.0)
+    path = save(make_model(kind, seed=41, rope_parameters=yarn, max_position_embeddings=128), str(tmp_path))
+    ref = reference(path)
+    ours = dsv2ext.load(path, kv_dtype="f32")
+    ours.prefill_chunk = 16
+    ids = _prompt(72, seed=9)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].numpy()
+        greedy = ref.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(ids):].tolist()
+    got = ours.logits(ids)
+    assert np.abs(got - want).max() <= LOGIT_TOL * np.abs(want).max()
+    out = ours.generate(ids, max_new_tokens=32, temperature=0)
+    assert out.token_ids == greedy[:len(out.token_ids)] and (len(out.token_ids) == 32 or out.finish_reason == "eos")

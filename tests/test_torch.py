@@ -636,3 +636,33 @@ def test_v2_lite_layer_prefill_and_decode():
     layer = got.cache.layers[0]
     assert layer.latent.shape[-1] == 576 and layer.length == 25
     assert got.cache.layers[0].keys is None  # no expanded K/V kept
+
+
+def test_bf16_latent_cache():
+    """patch(kv_dtype="bf16"): the cache keeps bfloat16 rows (layer 0: exactly the rounding of the fp32
+    rows), the logits stay within 1e-2 of the fp32 cache's, and the torch op reads a bfloat16 cache
+    tensor as the NumPy op reads a dsv2ext.BF16 one."""
+    ids = ids_for(1, 20, seed=3)
+    m32, m16 = model("v2"), model("v2")
+    dt.patch(m32)
+    dt.patch(m16, kv_dtype="bf16")
+    with torch.no_grad():
+        a, b = m32(ids), m16(ids)
+    la, lb = a.cache.layers[0], b.cache.layers[0]
+    assert lb.dtype == torch.bfloat16 and lb.latent.dtype == torch.bfloat16 and la.latent.dtype == torch.float32
+    assert torch.equal(lb.latent[:, :20], la.latent[:, :20].to(torch.bfloat16))
+    assert rel(b.logits, a.logits) < 1e-2
+    assert "kv_dtype='bf16'" in repr(m16.model.layers[0].self_attn)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        dt.patch(model("v2"), kv_dtype="fp8")
+    rng = np.random.default_rng(4)
+    cache = torch.from_numpy(rng.standard_normal((1, 9, 40)).astype(np.float32)).to(torch.bfloat16)
+    q = torch.from_numpy(rng.standard_normal((2, 4, 24)).astype(np.float32))
+    kvb = torch.from_numpy((rng.standard_normal((4 * 32, 32)) / 6).astype(np.float32))
+    seq, pos = torch.zeros(2, dtype=torch.int64), torch.tensor([3, 8])
+    got = dt.mla_attention(q, cache, seq, pos, kvb, 0.2)
+    want = ops.mla_attention(q.numpy(), dsv2ext.BF16(cache.view(torch.int16).numpy().view(np.uint16)),
+                             seq.numpy(), pos.numpy(), kvb.numpy(), 0.2)
+    np.testing.assert_array_equal(got.numpy(), want)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        dt.mla_attention(q, cache.to(torch.float16), seq, pos, kvb, 0.2)

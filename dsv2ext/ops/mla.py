@@ -5,8 +5,11 @@ floats (576 for every official config)::
 
     [ c = kv_a_layernorm(c_kv)  (kv_lora_rank) | k_pe rotated at the token's position (rope) ]
 
-The cache of a layer is a float32 array ``[B, S_max, kv_lora_rank + qk_rope_head_dim]``
-(``B`` sequences, ``S_max`` positions each; see :func:`new_latent_cache`).  Calls take a
+The cache of a layer is ``[B, S_max, kv_lora_rank + qk_rope_head_dim]`` rows (``B`` sequences,
+``S_max`` positions each; see :func:`new_latent_cache`) in one of three formats: a float32 array
+(fp32 rows), a :class:`dsv2ext.BF16` of a uint16 array (bfloat16 rows, rounded to nearest even;
+a bare uint16 array is refused), or an :class:`FP8Cache` (e4m3 codes with a scale per 128 and
+bfloat16 ``k_pe``).  The kernels read the rows in their own format.  Calls take a
 *ragged* batch of ``T`` tokens: token ``t`` belongs to sequence ``seq_ids[t]`` and sits at
 position ``positions[t]`` (both int64 ``[T]``); it attends to rows ``0 .. positions[t]`` of
 its sequence (causal, several new tokens of a sequence at once).  Rows of earlier tokens must
@@ -56,7 +59,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from .._native import _C
-from ._util import Weight, check_f32, new_out, weight_shape
+from ..dtypes import BF16
+from ._util import Weight, _require_contiguous, check_f32, new_out, weight_shape
 
 __all__ = [
     "MLAConfig",
@@ -66,6 +70,8 @@ __all__ = [
     "mla_softmax_scale",
     "apply_rope",
     "new_latent_cache",
+    "FP8Cache",
+    "fp8_cache_row_bytes",
     "mla_compress_kv",
     "mla_attention_absorbed",
     "mla_attention_decompressed",
@@ -91,6 +97,105 @@ def _check_i64(x: Any, name: str) -> np.ndarray:
     if x.ndim != 1:
         raise ValueError(f"{name}: expected 1 dimension [T], got shape {x.shape}")
     return x
+
+
+FP8_BLOCK = 128  # latent numbers per fp32 scale in an FP8 row
+
+
+def fp8_cache_row_bytes(kv_lora_rank: int, qk_rope_head_dim: int) -> int:
+    """Bytes of one FP8 cache row: codes (padded to 4 bytes), scales, bf16 k_pe (656 for V2 dims)."""
+    return -(-kv_lora_rank // 4) * 4 + 4 * -(-kv_lora_rank // FP8_BLOCK) + 2 * qk_rope_head_dim
+
+
+class FP8Cache:
+    """A latent cache in FlashMLA's FP8 layout: per row, ``kv_lora_rank`` e4m3 codes (padded to a
+    multiple of 4 bytes), one fp32 scale per block of 128 codes, then ``k_pe`` in bfloat16.
+
+    The value of latent number ``i`` of a row is ``e4m3(codes[i]) * scales[i // 128]``
+    (see :meth:`to_float32`, the exact NumPy model).  :func:`mla_compress_kv` writes rows with
+    ``scale = amax / 448`` per block and codes rounded to nearest even.
+
+    Parameters
+    ----------
+    data : np.ndarray uint8 [B, S, fp8_cache_row_bytes(kv_lora_rank, qk_rope_head_dim)]
+        The rows (not copied).
+    kv_lora_rank, qk_rope_head_dim : int
+    """
+
+    __slots__ = ("data", "kv_lora_rank", "qk_rope_head_dim")
+    __dsv2_dtype__ = "fp8_kv"
+
+    def __init__(self, data: np.ndarray, kv_lora_rank: int, qk_rope_head_dim: int) -> None:
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 3:
+            raise TypeError("data: expected a uint8 ndarray [B, S, row bytes]")
+        rb = fp8_cache_row_bytes(int(kv_lora_rank), int(qk_rope_head_dim))
+        if data.shape[2] != rb:
+            raise ValueError(f"data: FP8 rows of kv_lora_rank {kv_lora_rank} and qk_rope_head_dim "
+                             f"{qk_rope_head_dim} take {rb} bytes, got a last dimension of {data.shape[2]}")
+        self.data = data
+        self.kv_lora_rank = int(kv_lora_rank)
+        self.qk_rope_head_dim = int(qk_rope_head_dim)
+
+    @classmethod
+    def zeros(cls, batch: int, max_seq_len: int, kv_lora_rank: int, qk_rope_head_dim: int) -> "FP8Cache":
+        rb = fp8_cache_row_bytes(kv_lora_rank, qk_rope_head_dim)
+        return cls(np.zeros((batch, max_seq_len, rb), np.uint8), kv_lora_rank, qk_rope_head_dim)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """``(B, S, kv_lora_rank + qk_rope_head_dim)``: the numbers each row stands for."""
+        return (self.data.shape[0], self.data.shape[1], self.kv_lora_rank + self.qk_rope_head_dim)
+
+    def _view(self, dtype: Any, offset: int, count: int) -> np.ndarray:
+        d = self.data
+        return np.ndarray((d.shape[0], d.shape[1], count), dtype=dtype, buffer=d, offset=offset,
+                          strides=(d.strides[0], d.strides[1], np.dtype(dtype).itemsize))
+
+    @property
+    def codes(self) -> np.ndarray:
+        """uint8 [B, S, kv_lora_rank] e4m3 codes (a view)."""
+        return self._view(np.uint8, 0, self.kv_lora_rank)
+
+    @property
+    def scales(self) -> np.ndarray:
+        """float32 [B, S, ceil(kv_lora_rank / 128)] block scales (a view)."""
+        return self._view(np.float32, -(-self.kv_lora_rank // 4) * 4, -(-self.kv_lora_rank // FP8_BLOCK))
+
+    @property
+    def rope(self) -> BF16:
+        """bfloat16 [B, S, qk_rope_head_dim] k_pe (a view)."""
+        off = fp8_cache_row_bytes(self.kv_lora_rank, 0)
+        return BF16(self._view(np.uint16, off, self.qk_rope_head_dim))
+
+    def to_float32(self) -> np.ndarray:
+        """The values the rows hold, float32 [B, S, kv_lora_rank + qk_rope_head_dim] (a new array)."""
+        from ..safetensors import fp8_e4m3_to_float32
+
+        sc = np.repeat(self.scales, FP8_BLOCK, axis=2)[:, :, :self.kv_lora_rank]
+        return np.concatenate([fp8_e4m3_to_float32(self.codes) * sc, self.rope.to_float32()], axis=2)
+
+    def __repr__(self) -> str:
+        return f"FP8Cache(shape={self.shape}, {self.data.nbytes / 2**20:.1f} MiB)"
+
+
+def _cache_shape(cache: Any) -> Tuple[int, int, int]:
+    """``(B, S_max, kv_lora + rope)`` of a latent cache argument, with a clear error for the wrong
+    kind of object (the binding checks the rest)."""
+    if isinstance(cache, np.ndarray):
+        if cache.dtype == np.uint16:
+            raise TypeError("cache: a bare uint16 array is not taken as bfloat16 rows; wrap it as dsv2ext.BF16(array)")
+        check_f32(cache, "cache", 3)
+        return cache.shape
+    if isinstance(cache, BF16):
+        if cache.ndim != 3:
+            raise ValueError(f"cache: expected 3 dimensions [B, S_max, kv_lora + rope], got shape {cache.shape}")
+        _require_contiguous(cache.data, "cache.data")
+        return cache.shape
+    if isinstance(cache, FP8Cache):
+        _require_contiguous(cache.data, "cache.data")
+        return cache.shape
+    raise TypeError(f"cache: expected a float32 numpy array, a dsv2ext.BF16 (bfloat16 rows) or an FP8Cache, "
+                    f"got {type(cache).__name__}")
 
 
 def _mode_id(mode: str) -> int:
@@ -510,16 +615,31 @@ class MLAWeights:
         return int(d)
 
 
-def new_latent_cache(cfg: MLAConfig, batch: int, max_seq_len: int) -> np.ndarray:
+def new_latent_cache(cfg: MLAConfig, batch: int, max_seq_len: int, dtype: str = "f32") -> Any:
     """A zeroed latent cache for one layer.
+
+    Parameters
+    ----------
+    cfg : MLAConfig
+    batch, max_seq_len : int
+    dtype : {"f32", "bf16", "fp8"}
+        Row format (see :mod:`dsv2ext.cache`).
 
     Returns
     -------
-    np.ndarray, float32, shape [batch, max_seq_len, kv_lora_rank + qk_rope_head_dim]
+    np.ndarray float32 [batch, max_seq_len, kv_lora_rank + qk_rope_head_dim] ("f32"), a
+    :class:`dsv2ext.BF16` of such a uint16 array ("bf16": bfloat16 rows), or an :class:`FP8Cache`.
     """
     if batch <= 0 or max_seq_len <= 0:
         raise ValueError(f"batch, max_seq_len: expected positive sizes, got {batch}, {max_seq_len}")
-    return np.zeros((int(batch), int(max_seq_len), cfg.latent_dim), dtype=np.float32)
+    shape = (int(batch), int(max_seq_len), cfg.latent_dim)
+    if dtype == "f32":
+        return np.zeros(shape, dtype=np.float32)
+    if dtype == "bf16":
+        return BF16(np.zeros(shape, dtype=np.uint16))
+    if dtype == "fp8":
+        return FP8Cache.zeros(shape[0], shape[1], cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    raise ValueError(f"dtype: expected 'f32', 'bf16' or 'fp8', got {dtype!r}")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -540,8 +660,8 @@ def mla_compress_kv(hidden: np.ndarray, kv_a_proj_with_mqa: Weight, kv_a_layerno
         Normalized hidden states (after ``input_layernorm``).
     kv_a_proj_with_mqa : float32 ndarray or BF16, shape [kv_lora + rope, d]
     kv_a_layernorm : float32 ndarray or BF16, shape [kv_lora]
-    cache : np.ndarray, float32, shape [B, S_max, kv_lora + rope]
-        Written in place.
+    cache : float32 ndarray, dsv2ext.BF16 or FP8Cache, shape [B, S_max, kv_lora + rope]
+        Written in place (the rows rounded to the cache's format).
     seq_ids, positions : np.ndarray, int64, shape [T]
         ``0 <= seq_ids < B``, ``0 <= positions < S_max``, (seq_id, position) pairs distinct.
     inv_freq : np.ndarray, float32, shape [rope // 2]
@@ -558,13 +678,13 @@ def mla_compress_kv(hidden: np.ndarray, kv_a_proj_with_mqa: Weight, kv_a_layerno
         The latent rows.
     """
     check_f32(hidden, "hidden", 2)
-    check_f32(cache, "cache", 3)
+    cshape = _cache_shape(cache)
     _check_i64(seq_ids, "seq_ids")
     _check_i64(positions, "positions")
     nshape = weight_shape(kv_a_layernorm, "kv_a_layernorm")
     if len(nshape) != 1:
         raise ValueError(f"kv_a_layernorm: expected 1 dimension [kv_lora_rank], got shape {nshape}")
-    out = new_out(out, (hidden.shape[0], cache.shape[2]))
+    out = new_out(out, (hidden.shape[0], cshape[2]))
     _C.mla_compress_kv(out, cache, hidden, seq_ids, positions, kv_a_proj_with_mqa, kv_a_layernorm, inv_freq,
                        int(nshape[0]), float(eps), float(attention_factor), bool(interleaved))
     return out
@@ -573,17 +693,17 @@ def mla_compress_kv(hidden: np.ndarray, kv_a_proj_with_mqa: Weight, kv_a_layerno
 def _attention(q: np.ndarray, cache: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray, kv_b_proj: Weight,
                softmax_scale: float, mode: str, out: Optional[np.ndarray]) -> np.ndarray:
     check_f32(q, "q", 3)
-    check_f32(cache, "cache", 3)
+    cshape = _cache_shape(cache)
     _check_i64(seq_ids, "seq_ids")
     _check_i64(positions, "positions")
     kshape = weight_shape(kv_b_proj, "kv_b_proj")
     if len(kshape) != 2:
         raise ValueError(f"kv_b_proj: expected 2 dimensions, got shape {kshape}")
     T, H, dqk = q.shape
-    rope = cache.shape[2] - kshape[1]
+    rope = cshape[2] - kshape[1]
     nope = dqk - rope
     if H <= 0 or kshape[0] % H or nope <= 0:
-        raise ValueError(f"kv_b_proj: shape {kshape} does not fit q {q.shape} and cache {cache.shape}")
+        raise ValueError(f"kv_b_proj: shape {kshape} does not fit q {q.shape} and cache {cshape}")
     v = kshape[0] // H - nope
     out = new_out(out, (T, H, max(v, 1)))
     _C.mla_attention(out, q, cache, seq_ids, positions, kv_b_proj, float(softmax_scale), _mode_id(mode))
@@ -595,7 +715,7 @@ _ATTN_PARAMS = """
     ----------
     q : np.ndarray, float32, shape [T, H, nope + rope]
         Per head ``[q_nope | q_pe]`` with ``q_pe`` already rotated (:func:`apply_rope`).
-    cache : np.ndarray, float32, shape [B, S_max, kv_lora + rope]
+    cache : float32 ndarray, dsv2ext.BF16 or FP8Cache, shape [B, S_max, kv_lora + rope]
         Latent cache; rows ``0 .. positions[t]`` of ``seq_ids[t]`` must be filled.
     seq_ids, positions : np.ndarray, int64, shape [T]
         ``0 <= seq_ids < B``, ``0 <= positions < S_max``; any order, several tokens per sequence.
@@ -716,7 +836,7 @@ def mla_attention_block(hidden: np.ndarray, weights: MLAWeights, cfg: MLAConfig,
     weights : MLAWeights
         float32 or BF16 tensors (shapes checked against ``cfg``).
     cfg : MLAConfig
-    cache : np.ndarray, float32, shape [B, S_max, kv_lora + rope]
+    cache : float32 ndarray, dsv2ext.BF16 or FP8Cache, shape [B, S_max, kv_lora + rope]
         Updated in place.
     seq_ids, positions : np.ndarray, int64, shape [T]
         Ragged batch: any mix of sequences; (seq_id, position) pairs distinct.
@@ -732,7 +852,7 @@ def mla_attention_block(hidden: np.ndarray, weights: MLAWeights, cfg: MLAConfig,
     if not isinstance(cfg, MLAConfig):
         raise TypeError(f"cfg: expected MLAConfig, got {type(cfg).__name__}")
     check_f32(hidden, "hidden", 2)
-    check_f32(cache, "cache", 3)
+    _cache_shape(cache)
     _check_i64(seq_ids, "seq_ids")
     _check_i64(positions, "positions")
     weights.validate(cfg, hidden.shape[1])

@@ -3,7 +3,8 @@
 transformers' ``DynamicCache`` holds one *layer object* per decoder layer.  A patched
 :class:`~dsv2ext.torch.MLAAttention` replaces its (still empty) ``DynamicLayer`` by a
 :class:`LatentCacheLayer` holding the kernel's latent rows ``[B, capacity, kv_lora + rope]``
-(float32; 576 numbers per token for the official configs, not the expanded per-head K/V).
+(float32, or bfloat16 with ``patch(model, kv_dtype="bf16")``; 576 numbers per token for the
+official configs, not the expanded per-head K/V).
 Because the rows live in the cache object, they follow it through ``generate()`` (one
 ``DynamicCache`` per call), beam-search reordering, cropping and batch selection, and two
 caches (or two models) never share state.  ``get_seq_length()`` / ``get_mask_sizes()`` report
@@ -33,7 +34,7 @@ class LatentCacheLayer(DynamicLayer):
 
     Attributes
     ----------
-    latent : Tensor float32 [B, capacity, latent_dim] or None
+    latent : Tensor float32 or bfloat16 [B, capacity, latent_dim] or None
         Row ``p`` of sequence ``b`` is the latent row of its token at position ``p``.
     n_rows : Tensor int64 [B] or None
         Rows (non-padding tokens) stored per sequence.
@@ -48,8 +49,11 @@ class LatentCacheLayer(DynamicLayer):
     is_croppable = True
     supports_early_init = False
 
-    def __init__(self, latent_dim: int, layer_idx: int) -> None:
+    def __init__(self, latent_dim: int, layer_idx: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype: expected torch.float32 or torch.bfloat16 latent rows, got {dtype}")
+        self.dtype = dtype
         self.latent_dim = int(latent_dim)
         self.layer_idx = int(layer_idx)
         self.latent: Optional[torch.Tensor] = None
@@ -62,7 +66,8 @@ class LatentCacheLayer(DynamicLayer):
 
     def __repr__(self) -> str:
         cap = 0 if self.latent is None else self.latent.shape[1]
-        return f"LatentCacheLayer(layer={self.layer_idx}, length={self.length}, width={self.latent_dim}, capacity={cap})"
+        return (f"LatentCacheLayer(layer={self.layer_idx}, length={self.length}, width={self.latent_dim}, "
+                f"dtype={self.dtype}, capacity={cap})")
 
     # ---------------------------------------------------------------- transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -128,7 +133,7 @@ class LatentCacheLayer(DynamicLayer):
     def prepare(self, batch: int, rows: int, slots: int) -> torch.Tensor:
         """Make room for ``rows`` rows and ``slots`` token slots per sequence; returns ``latent``."""
         if self.latent is None:
-            self.latent = torch.zeros((batch, _round(rows), self.latent_dim), dtype=torch.float32)
+            self.latent = torch.zeros((batch, _round(rows), self.latent_dim), dtype=self.dtype)
             self.n_rows = torch.zeros(batch, dtype=torch.int64)
             self.real = torch.zeros((batch, _round(slots)), dtype=torch.bool)
         elif self.latent.shape[0] != batch:
@@ -136,7 +141,7 @@ class LatentCacheLayer(DynamicLayer):
                              f"already in cache layer {self.layer_idx}")
         if rows > self.latent.shape[1]:
             grown = torch.zeros((batch, _round(max(rows, 2 * self.latent.shape[1])), self.latent_dim),
-                                dtype=torch.float32)
+                                dtype=self.dtype)
             grown[:, :self.latent.shape[1]] = self.latent
             self.latent = grown
         if slots > self.real.shape[1]:
@@ -162,7 +167,7 @@ def _round(n: int) -> int:
     return max(_ROW_ALIGN, -(-int(n) // _ROW_ALIGN) * _ROW_ALIGN)
 
 
-def latent_layer(cache: Any, layer_idx: int, latent_dim: int) -> LatentCacheLayer:
+def latent_layer(cache: Any, layer_idx: int, latent_dim: int, dtype: torch.dtype = torch.float32) -> LatentCacheLayer:
     """The :class:`LatentCacheLayer` of ``layer_idx`` in ``cache``, installed on first use.
 
     Raises
@@ -178,9 +183,9 @@ def latent_layer(cache: Any, layer_idx: int, latent_dim: int) -> LatentCacheLaye
     layers = cache.layers
     if layer_idx < len(layers) and isinstance(layers[layer_idx], LatentCacheLayer):
         layer = layers[layer_idx]
-        if layer.latent_dim != latent_dim:
-            raise ValueError(f"cache layer {layer_idx}: holds latent rows of width {layer.latent_dim}, "
-                             f"this attention writes {latent_dim}")
+        if layer.latent_dim != latent_dim or layer.dtype != dtype:
+            raise ValueError(f"cache layer {layer_idx}: holds latent rows of width {layer.latent_dim} in "
+                             f"{layer.dtype}, this attention writes {latent_dim} in {dtype}")
         return layer
     if cache.layer_class_to_replicate is not None:
         while len(layers) <= layer_idx:
@@ -195,6 +200,6 @@ def latent_layer(cache: Any, layer_idx: int, latent_dim: int) -> LatentCacheLaye
     if old.get_seq_length() > 0:
         raise ValueError(f"cache layer {layer_idx} already holds {old.get_seq_length()} tokens written by "
                          "transformers' attention; dsv2ext's MLAAttention cannot continue it: start a new cache")
-    layer = LatentCacheLayer(latent_dim, layer_idx)
+    layer = LatentCacheLayer(latent_dim, layer_idx, dtype)
     layers[layer_idx] = layer
     return layer

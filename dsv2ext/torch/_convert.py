@@ -69,16 +69,19 @@ def f32_view(t: torch.Tensor, name: str, ndim: Optional[int] = None) -> np.ndarr
     return t.contiguous().numpy()
 
 
-def f32_buffer(t: torch.Tensor, name: str, ndim: int) -> np.ndarray:
-    """A float32 tensor the kernel writes into (the cache): must be float32 and contiguous."""
+def cache_buffer(t: torch.Tensor, name: str) -> Union[np.ndarray, BF16]:
+    """A latent cache the kernels read and write in place: a contiguous float32 tensor (fp32 rows)
+    or bfloat16 tensor (bfloat16 rows, passed as a dsv2ext.BF16 view), [B, S, kv_lora + rope]."""
     t = _check_tensor(t, name).detach()
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name}: expected dtype float32, got {t.dtype}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"{name}: expected dtype float32 or bfloat16 (the latent cache formats), got {t.dtype}")
+    if t.dim() != 3:
+        raise ValueError(f"{name}: expected 3 dimensions, got shape {tuple(t.shape)}")
     if not t.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous tensor (it is written in place)")
-    return t.numpy()
+    if t.dtype == torch.float32:
+        return t.numpy()
+    return BF16(t.view(torch.int16).numpy().view(np.uint16))
 
 
 def i64_view(t: torch.Tensor, name: str) -> np.ndarray:

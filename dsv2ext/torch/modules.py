@@ -139,6 +139,8 @@ def _cached_real_tokens(cache: Any, attention_mask: Any, B: int, T: int, past: i
 # --------------------------------------------------------------------------- MLA attention
 
 _V2_ORDER = ("attention_mask", "cache", "position_embeddings")
+#: latent row formats of the cache kept by MLAAttention
+_KV_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 _V3_ORDER = ("position_embeddings", "attention_mask", "cache")
 
 
@@ -170,6 +172,8 @@ class MLAAttention(nn.Module):
         alone or the three ``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj``.
     mode : {"auto", "absorbed", "decompressed"}
         Attention form (``"auto"``: cheaper per sequence).
+    kv_dtype : {"f32", "bf16"}
+        Format of the latent rows kept in the cache (fp32: exact; bf16: half the bytes).
     positional : tuple of str
         Names of the positional arguments after ``hidden_states`` (V2 and V3 differ).
 
@@ -186,15 +190,18 @@ class MLAAttention(nn.Module):
                  kv_b_proj: nn.Module, o_proj: nn.Module, q_proj: Optional[nn.Module] = None,
                  q_a_proj: Optional[nn.Module] = None, q_a_layernorm: Optional[nn.Module] = None,
                  q_b_proj: Optional[nn.Module] = None, mode: str = "auto", attention_dropout: float = 0.0,
-                 positional: Tuple[str, ...] = _V2_ORDER) -> None:
+                 positional: Tuple[str, ...] = _V2_ORDER, kv_dtype: str = "f32") -> None:
         super().__init__()
         if not isinstance(cfg, MLAConfig):
             raise TypeError(f"cfg: expected a dsv2ext.ops.MLAConfig, got {type(cfg).__name__}")
         if mode not in MLA_MODES:
             raise ValueError(f"mode: expected one of {sorted(MLA_MODES)}, got {mode!r}")
+        if kv_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_dtype: expected one of {sorted(_KV_DTYPES)}, got {kv_dtype!r}")
         self.cfg = cfg
         self.layer_idx = int(layer_idx)
         self.mode = mode
+        self.kv_dtype = kv_dtype
         self.attention_dropout = float(attention_dropout)
         self.positional = tuple(positional)
         self.q_proj = q_proj
@@ -217,7 +224,7 @@ class MLAAttention(nn.Module):
 
     @classmethod
     def from_hf(cls, module: nn.Module, config: Any = None, *, mla_config: Optional[MLAConfig] = None,
-                mode: str = "auto") -> "MLAAttention":
+                mode: str = "auto", kv_dtype: str = "f32") -> "MLAAttention":
         """Wrap a transformers ``DeepseekV2Attention`` / ``DeepseekV3Attention`` (weights shared).
 
         Parameters
@@ -229,6 +236,8 @@ class MLAAttention(nn.Module):
         mla_config : MLAConfig, optional
             Precomputed :meth:`MLAConfig.from_hf_config` of ``config``.
         mode : {"auto", "absorbed", "decompressed"}
+        kv_dtype : {"f32", "bf16"}
+            Format of the latent rows kept in the cache.
 
         Raises
         ------
@@ -253,7 +262,7 @@ class MLAAttention(nn.Module):
                    kv_a_proj_with_mqa=get("kv_a_proj_with_mqa"), kv_a_layernorm=get("kv_a_layernorm"),
                    kv_b_proj=get("kv_b_proj"), o_proj=get("o_proj"), mode=mode,
                    attention_dropout=float(getattr(module, "attention_dropout", 0.0) or 0.0),
-                   positional=_positional_order(module))
+                   positional=_positional_order(module), kv_dtype=kv_dtype)
 
     def weights(self) -> Dict[str, Optional[torch.Tensor]]:
         """The weight tensors by HF name (the shared parameters themselves)."""
@@ -262,7 +271,8 @@ class MLAAttention(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return (f"layer_idx={self.layer_idx}, heads={c.num_heads}, kv_lora_rank={c.kv_lora_rank}, "
-                f"q_lora_rank={c.q_lora_rank}, latent_width={c.latent_dim}, mode={self.mode!r}")
+                f"q_lora_rank={c.q_lora_rank}, latent_width={c.latent_dim}, mode={self.mode!r}, "
+                f"kv_dtype={self.kv_dtype!r}")
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Any = None, cache: Any = None, past_key_values: Any = None,
@@ -297,7 +307,7 @@ class MLAAttention(nn.Module):
         if cache is not None:
             from ._cache import latent_layer
 
-            layer = latent_layer(cache, self.layer_idx, W)
+            layer = latent_layer(cache, self.layer_idx, W, _KV_DTYPES[self.kv_dtype])
         past = layer.length if layer is not None else 0
         if layer is not None and layer.latent is not None and layer.latent.shape[0] != B:
             raise ValueError(f"hidden_states: batch size {B} differs from the {layer.latent.shape[0]} sequences "
@@ -339,7 +349,7 @@ class MLAAttention(nn.Module):
         if layer is not None:
             buf = layer.prepare(B, rows_needed, past + T)
         else:
-            buf = torch.zeros((B, rows_needed, W), dtype=torch.float32)
+            buf = torch.zeros((B, rows_needed, W), dtype=_KV_DTYPES[self.kv_dtype])
         out = tops.mla_attention_block(flat, self.weights(), self.cfg, buf, seq_ids, positions, self.mode)
         if idx is not None:
             out = hidden_states.new_zeros((B * T, d)).index_copy(0, idx, out)

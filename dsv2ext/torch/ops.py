@@ -39,7 +39,7 @@ from .. import ops as _ops
 from ..ops.mla import MLA_MODES, MLAConfig, MLAWeights
 from ..ops.moe import MoEConfig, StackedExperts
 from . import _reference as ref
-from ._convert import f32_buffer, f32_vector, f32_view, i64_view, opt_weight_view, weight_view
+from ._convert import cache_buffer, f32_vector, f32_view, i64_view, opt_weight_view, weight_view
 from ._grad import GRAD_MODES, backward_error_message, get_grad_mode
 
 __all__ = ["rms_norm", "linear", "swiglu_mlp", "apply_rope", "moe_route", "moe_block", "mla_attention",
@@ -316,7 +316,7 @@ def _mla_attention_op(q: Tensor, cache: Tensor, seq_ids: Tensor, positions: Tens
     _mode_check(attn_mode)
     if q.dim() != 3:
         raise ValueError(f"q: expected [T, H, nope + rope], got shape {tuple(q.shape)}")
-    out = _ops.mla_attention(f32_view(q, "q"), f32_buffer(cache, "cache", 3), i64_view(seq_ids, "seq_ids"),
+    out = _ops.mla_attention(f32_view(q, "q"), cache_buffer(cache, "cache"), i64_view(seq_ids, "seq_ids"),
                              i64_view(positions, "positions"), weight_view(kv_b_proj, "kv_b_proj"),
                              float(softmax_scale), attn_mode)
     return _back(out, q.dtype)
@@ -343,7 +343,7 @@ def _mla_compress_op(hidden: Tensor, kv_a_proj_with_mqa: Tensor, kv_a_layernorm:
     if hidden.dim() != 2:
         raise ValueError(f"hidden: expected [T, d], got shape {tuple(hidden.shape)}")
     rows = _ops.mla_compress_kv(f32_view(hidden, "hidden"), weight_view(kv_a_proj_with_mqa, "kv_a_proj_with_mqa"),
-                                weight_view(kv_a_layernorm, "kv_a_layernorm"), f32_buffer(cache, "cache", 3),
+                                weight_view(kv_a_layernorm, "kv_a_layernorm"), cache_buffer(cache, "cache"),
                                 i64_view(seq_ids, "seq_ids"), i64_view(positions, "positions"),
                                 f32_vector(inv_freq, "inv_freq"), float(attention_factor), eps=float(eps),
                                 interleaved=bool(interleaved))
@@ -400,7 +400,7 @@ def _mla_block_op(hidden: Tensor, cache: Tensor, seq_ids: Tensor, positions: Ten
                    q_proj=opt_weight_view(q_proj, "q_proj"), q_a_proj=opt_weight_view(q_a_proj, "q_a_proj"),
                    q_a_layernorm=opt_weight_view(q_a_layernorm, "q_a_layernorm"),
                    q_b_proj=opt_weight_view(q_b_proj, "q_b_proj"))
-    out = _ops.mla_attention_block(f32_view(hidden, "hidden"), w, cfg, f32_buffer(cache, "cache", 3),
+    out = _ops.mla_attention_block(f32_view(hidden, "hidden"), w, cfg, cache_buffer(cache, "cache"),
                                    i64_view(seq_ids, "seq_ids"), i64_view(positions, "positions"), attn_mode)
     return _back(out, hidden.dtype)
 
@@ -607,7 +607,7 @@ def mla_attention(q: Tensor, cache: Tensor, seq_ids: Tensor, positions: Tensor, 
     Parameters
     ----------
     q : Tensor [T, H, nope + rope] (``q_pe`` already rotated)
-    cache : Tensor float32 [B, S, kv_lora + rope]
+    cache : Tensor float32 or bfloat16 [B, S, kv_lora + rope] (fp32 or bfloat16 latent rows)
     seq_ids, positions : Tensor int64 [T]
     kv_b_proj : Tensor [H * (nope + v), kv_lora]
     softmax_scale : float
@@ -630,7 +630,7 @@ def mla_compress_kv(hidden: Tensor, kv_a_proj_with_mqa: Tensor, kv_a_layernorm: 
     ----------
     hidden : Tensor [T, d] (after ``input_layernorm``)
     kv_a_proj_with_mqa : Tensor [kv_lora + rope, d]; kv_a_layernorm : Tensor [kv_lora]
-    cache : Tensor float32 [B, S, kv_lora + rope], written in place
+    cache : Tensor float32 or bfloat16 [B, S, kv_lora + rope], written in place
     seq_ids, positions : Tensor int64 [T]
     inv_freq : Tensor or ndarray float32 [rope // 2]
     attention_factor, eps, interleaved : see :func:`dsv2ext.ops.mla_compress_kv`
@@ -674,7 +674,7 @@ def mla_attention_block(hidden: Tensor, weights: Any, cfg: MLAConfig, cache: Ten
         ``q_b_proj``), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``
         (HF names, ``[out, in]``; float32 or bfloat16, not copied)
     cfg : dsv2ext.ops.MLAConfig
-    cache : Tensor float32 [B, S, kv_lora + rope], written in place (row of token t at
+    cache : Tensor float32 or bfloat16 [B, S, kv_lora + rope], written in place (row of token t at
         ``cache[seq_ids[t], positions[t]]``)
     seq_ids, positions : Tensor int64 [T]
     mode : {"auto", "absorbed", "decompressed"}

@@ -105,7 +105,7 @@ def _check_cpu(model: nn.Module) -> None:
 
 
 def patch(model: nn.Module, *, attention: bool = True, moe: bool = True, mlp: bool = True,
-          mode: str = "auto") -> PatchReport:
+          mode: str = "auto", kv_dtype: str = "f32") -> PatchReport:
     """Swap the attention / MoE / dense MLP modules of ONE model instance for dsv2ext ones.
 
     Only this instance changes (its submodules are replaced in place; classes and other
@@ -120,6 +120,9 @@ def patch(model: nn.Module, *, attention: bool = True, moe: bool = True, mlp: bo
         Which kinds of modules to swap.
     mode : {"auto", "absorbed", "decompressed"}
         MLA form used by the attention kernel.
+    kv_dtype : {"f32", "bf16"}
+        Format of the latent rows the patched attention keeps in the cache (fp32: exact, the
+        default; bf16: half the bytes, as transformers' own bf16 cache).
 
     Returns
     -------
@@ -152,7 +155,8 @@ def patch(model: nn.Module, *, attention: bool = True, moe: bool = True, mlp: bo
             if isinstance(a, MLAAttention):
                 report.skipped.append((f"{path}.self_attn", "already patched"))
             elif isinstance(a, attn_cls):
-                swaps.append((layer, "self_attn", MLAAttention.from_hf(a, config, mla_config=mla_cfg, mode=mode),
+                mla = MLAAttention.from_hf(a, config, mla_config=mla_cfg, mode=mode, kv_dtype=kv_dtype)
+                swaps.append((layer, "self_attn", mla,
                               "attention", i))
             else:
                 report.skipped.append((f"{path}.self_attn", f"unknown module {type(a).__name__}"))

@@ -1,0 +1,151 @@
+"""Sessions: a conversation keeps its latent cache between calls.
+
+Each call must equal a fresh run over the whole conversation (greedy: the same tokens; seeded
+sampling: the same tokens) while computing only the tokens after the longest common prefix
+with the cached ones (``prefill_tokens``).  The bundled model and its chat template.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import dsv2ext
+
+GREEDY = dict(max_new_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dsv2ext.load()
+
+
+def lcp(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_generate_reuses_the_prefix(model):
+    s = model.session()
+    p1 = model.encode("def fibonacci(n):\n    if n < 2:\n")
+    a = s.generate(p1, **GREEDY)
+    assert a.prefill_tokens == len(p1) and a.prompt_tokens == len(p1)
+    assert a.token_ids == model.generate(p1, **GREEDY).token_ids
+    # the cache holds the prompt and every generated token but the last (sampled, never fed)
+    assert len(s) == len(p1) + len(a.token_ids) - 1 and s.tokens == p1 + a.token_ids[:-1]
+    extra = model.encode("    return x\n", )[1:]
+    p2 = p1 + a.token_ids + extra
+    b = s.generate(p2, **GREEDY)
+    assert b.prefill_tokens == len(extra) + 1
+    assert b.token_ids == model.generate(p2, **GREEDY).token_ids
+    # the same conversation again: only its last token is computed (for its logits)
+    c = s.generate(p2, **GREEDY)
+    assert c.prefill_tokens == 1 and c.token_ids == b.token_ids
+
+
+def test_history_edit_falls_back_to_the_common_prefix(model):
+    s = model.session()
+    p1 = model.encode("import os\nimport sys\n\nclass Foo(object):\n")
+    s.generate(p1, **GREEDY)
+    cached = list(s.tokens)
+    p2 = model.encode("import os\nimport re\n\nclass Foo(object):\n    pass\n")
+    out = s.generate(p2, **GREEDY)
+    assert out.prefill_tokens == len(p2) - lcp(cached, p2)
+    assert 0 < lcp(cached, p2) < len(p2)
+    assert out.token_ids == model.generate(p2, **GREEDY).token_ids
+    s.reset()
+    assert len(s) == 0 and s.messages == []
+    assert s.generate(p1, **GREEDY).prefill_tokens == len(p1)
+
+
+def test_chat_turns_equal_fresh_runs(model):
+    """Two chat turns (text, then the next user message): each equals model.chat on the whole
+    history, and the second computes only what the re-rendered history does not share with the
+    cached tokens (the previous prompt and the answer as generated)."""
+    s = model.session()
+    a = s.chat("Write a function that adds two numbers.", **GREEDY)
+    h1 = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    ids1 = model._chat_ids(h1)
+    assert a.token_ids == model.chat(h1, **GREEDY).token_ids and a.prefill_tokens == len(ids1)
+    assert s.messages[:1] == h1 and s.messages[1]["role"] == "assistant"
+    cached = list(s.tokens)
+    assert cached == ids1 + a.token_ids[:-1]
+    b = s.chat("Now with type hints.", **GREEDY)
+    history = s.messages[:-1]
+    ids2 = model._chat_ids(history)
+    assert history[-1] == {"role": "user", "content": "Now with type hints."}
+    assert b.prefill_tokens == len(ids2) - lcp(cached, ids2)
+    assert lcp(cached, ids2) >= len(ids1) - 1  # at least the first prompt (its generation prompt may merge)
+    assert b.token_ids == model.chat(history, **GREEDY).token_ids
+    # the same history as a list of messages: nothing new but the last token
+    c = s.chat(history, **GREEDY)
+    assert c.prefill_tokens == 1 and c.token_ids == b.token_ids
+
+
+def test_answer_that_continues_the_rendering_is_reused(model):
+    """When the answer is what the template renders after the generation prompt ("Assistant:" +
+    " text"), the next turn reuses it whole: only the eos and the new turn are computed."""
+    s = model.session()
+    h1 = [{"role": "user", "content": "hi"}]
+    ids1 = model._chat_ids(h1)
+    answer = model.tokenizer.encode(" def add(a, b):\n    return a + b", add_special_tokens=False)
+    s.generate(ids1 + answer, max_new_tokens=1, temperature=0)  # the answer, as if generated
+    h2 = h1 + [{"role": "assistant", "content": "def add(a, b):\n    return a + b"},
+               {"role": "user", "content": "thanks"}]
+    ids2 = model._chat_ids(h2)
+    assert ids2[:len(ids1) + len(answer)] == ids1 + answer  # the template renders what was cached
+    out = s.chat(h2, **GREEDY)
+    assert out.prefill_tokens == len(ids2) - len(ids1) - len(answer)
+    assert out.token_ids == model.chat(h2, **GREEDY).token_ids
+
+
+def test_seeded_sampling_and_stream(model):
+    s = model.session()
+    kw = dict(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=7)
+    p1 = model.encode("class Foo:\n")
+    a = s.generate(p1, **kw)
+    assert a.token_ids == model.generate(p1, **kw).token_ids
+    p2 = p1 + a.token_ids + model.encode("    x = 1\n")[1:]
+    st = s.generate(p2, stream=True, **kw)
+    text = "".join(st)
+    fresh = model.generate(p2, **kw)
+    assert st.result.token_ids == fresh.token_ids and text == fresh.text
+    assert st.result.prefill_tokens < len(p2) // 2
+    # a streamed chat turn records its answer once the stream is exhausted
+    c = s.chat("hi", max_new_tokens=6, temperature=0, stream=True)
+    assert s.messages == [] and "".join(c) == c.result.text
+    assert s.messages[-1] == {"role": "assistant", "content": s._answer_content(s.messages[:1], c.result)}
+    # a stream left unfinished is closed by the next call, which reuses what it had computed
+    st = s.generate(p2, stream=True, **kw)
+    next(st)
+    n = len(s)
+    again = s.generate(p2, **kw)
+    assert again.token_ids == fresh.token_ids and len(s) >= n
+
+
+def test_context_overflow_and_bad_arguments(model):
+    s = model.session()
+    ctx = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="context"):
+        s.generate([5] * (ctx - 4), max_new_tokens=8)
+    assert len(s) == 0
+    s.generate([5, 6, 7], max_new_tokens=2, temperature=0)
+    with pytest.raises(ValueError, match="context"):
+        s.generate([5, 6, 7] + [8] * (ctx - 3), max_new_tokens=1)
+    with pytest.raises(ValueError, match="single prompt"):
+        s.generate([[1, 2], [3, 4]], max_new_tokens=2)
+    with pytest.raises(TypeError, match="messages"):
+        s.chat(5)
+    assert "Session(" in repr(s)
+
+
+def test_cache_grows_without_a_max_length(model):
+    s = model.session()
+    assert s.cache.max_len == 256
+    ids = model.encode("x = 1\n" * 150)
+    out = s.generate(ids, max_new_tokens=4, temperature=0)
+    assert s.cache.max_len >= len(ids) + 3
+    assert out.token_ids == model.generate(ids, max_new_tokens=4, temperature=0).token_ids
