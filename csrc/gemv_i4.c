@@ -309,7 +309,7 @@ i4q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2
             acc[t] = _mm512_dpwssd_epi32(acc[t], _mm512_maddubs_epi16(wh, _mm512_loadu_si512((const void *)(xt + 64))), sh); \
         }                                                                                                    \
     }
-        if (nu == 4) {
+        if (sb + 1 < nsb || nu == 4) {
             I4Q_PAIR(0)
             I4Q_PAIR(1)
         } else {
