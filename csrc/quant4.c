@@ -239,8 +239,9 @@ static void q4_task(void *ctx, int64_t b, int64_t e, int tid) {
             else dsv2_bf16_row_to_f32(xr, (const uint16_t *)W->data + (r0 + r) * K, K);
             for (int64_t c = 0; c < K; c++) bad |= !(fabsf(xr[c]) <= FLT_MAX);
             /* absent columns: the group's first value (min / max unchanged), 0 in an empty group */
-            const int64_t gl = K / DSV2_I4_GROUP; /* the group holding column K, if K is inside one */
-            for (int64_t c = K; c < Kp; c++) xr[c] = c / DSV2_I4_GROUP == gl ? xr[gl * DSV2_I4_GROUP] : 0.0f;
+            const int64_t gl = K / DSV2_I4_GROUP; /* the group holding column K: partly present if K % 32 */
+            for (int64_t c = K; c < Kp; c++)
+                xr[c] = c / DSV2_I4_GROUP == gl && K % DSV2_I4_GROUP ? xr[gl * DSV2_I4_GROUP] : 0.0f;
             for (int64_t g = 0; g < nb; g++) {
                 const int64_t n = K - g * DSV2_I4_GROUP;
                 nv[r * nb + g] = (float)(n <= 0 ? 0 : n < DSV2_I4_GROUP ? n : DSV2_I4_GROUP);

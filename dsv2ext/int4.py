@@ -39,8 +39,9 @@ from ._native import _C
 from .dtypes import BF16
 
 __all__ = ["Int4Weight", "GROUP", "SUPER", "HEADER_BYTES", "int4_row_bytes", "quantize_int4",
-           "quantize_int4_reference", "dequantize_int4_reference", "unpack_int4", "quantize_act8_reference",
-           "linear_int4_reference", "ACT_BLOCK"]
+           "quantize_int4_reference", "dequantize_int4_reference", "unpack_int4", "quantize_act8",
+           "quantize_act8_reference", "linear_int4_reference", "get_int4_activations", "set_int4_activations",
+           "ACT_BLOCK"]
 
 GROUP = 32          # columns per sub-scale / sub-min
 SUPER = 256         # columns per super-block
@@ -360,6 +361,62 @@ def dequantize_int4_reference(w: Int4Weight) -> np.ndarray:
     return v[:, :K]
 
 
+def get_int4_activations() -> str:
+    """How int4 row-dot kernels (few activation rows, e.g. decode) treat activations:
+    ``"int8"`` or ``"fp32"`` (see :func:`set_int4_activations`)."""
+    return _C.get_int4_activations()
+
+
+def set_int4_activations(mode: str) -> str:
+    """Choose the activations of the int4 row-dot kernels; returns the previous mode.
+
+    ``"int8"`` (default; the environment variable ``DSV2EXT_INT4_ACT=fp32`` changes
+    the default): each activation row is quantized once per call to int8 with one
+    float32 scale per 256 columns (:func:`quantize_act8_reference`) and the products
+    are exact integer sums (:func:`linear_int4_reference`).  ``"fp32"``: the weights
+    dequantized exactly times float32 activations (about 4x the compute; for
+    measuring what the activation rounding costs).  Products with more rows than
+    ``dsv2ext.quant.row_dot_limits()`` allows use dequantized panels and sgemm in
+    both modes.  Process-wide; set it between calls.
+    """
+    if mode not in ("int8", "fp32"):
+        raise ValueError(f"mode: expected 'int8' or 'fp32', got {mode!r}")
+    prev = _C.get_int4_activations()
+    _C.set_int4_activations(mode)
+    return prev
+
+
+def _act8_order(K: int) -> np.ndarray:
+    """Column of the natural order held at each position of the kernels' activation layout."""
+    Kp = -(-K // UNIT) * UNIT
+    full = Kp // 128 * 128
+    pos = np.arange(Kp)
+    g = (pos % 128) // 32
+    src = pos // 128 * 128 + np.array([0, 2, 1, 3])[g] * 32 + pos % 32  # [g0, g2, g1, g3] <- groups 0, 2, 1, 3
+    return np.where(pos < full, src, pos)
+
+
+def quantize_act8(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The kernels' int8 activation quantization (C), in natural column order:
+    the same (q, s, gsum) as :func:`quantize_act8_reference`, bit for bit.
+
+    Parameters
+    ----------
+    x : np.ndarray float32 [T, K]
+    """
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        raise TypeError("x: expected a 2-D float32 numpy array")
+    T, K = x.shape
+    Kp, nsb = -(-K // UNIT) * UNIT, -(-K // SUPER)
+    q = np.empty((T, Kp), np.int8)
+    s = np.empty((T, nsb), _F)
+    g = np.empty((T, 8 * nsb), np.int16)
+    _C.quantize_act8(q, s, g, np.ascontiguousarray(x))
+    out = np.empty_like(q)
+    out[:, _act8_order(K)] = q
+    return out, s, g[:, :Kp // GROUP].astype(np.int32)
+
+
 def quantize_act8_reference(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """NumPy model of the kernels' int8 activation quantization for int4 weights.
 
@@ -371,7 +428,8 @@ def quantize_act8_reference(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.n
     -------
     q : int8 [T, Kp] (Kp = K padded to a multiple of 64, zeros there);
     s : float32 [T, ceil(K / 256)] with ``s = max|x_block| / 127`` over blocks of 256 columns and
-    ``q = rint(x / s)`` (float32 division, half to even; 0 where s = 0);
+    ``q = rint(x / s)`` (float32 division, half to even; 0 where s = 0; a block holding
+    NaN / Inf gets s = NaN and q = 0, so that the non-finite value reaches the output);
     gsum : int32 [T, Kp / 32], the sum of q over each group of 32 columns.
     """
     x = np.asarray(x, dtype=_F)
@@ -382,6 +440,7 @@ def quantize_act8_reference(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.n
     xp[:, :K] = x
     blk = xp.reshape(T, nsb, SUPER)
     s = (np.abs(blk).max(-1) / _F(127)).astype(_F)
+    s = np.where(np.isfinite(blk).all(-1), s, _F(np.nan)).astype(_F)   # a block with NaN / Inf: scale NaN
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(s[..., None] > 0, np.clip(np.rint(blk / s[..., None]), -127, 127), 0)
     q = q.reshape(T, -1)[:, :Kp].astype(np.int8)

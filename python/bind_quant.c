@@ -106,6 +106,51 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* quantize_act8(q [T, Kp] int8 out, s [T, nsb] f32 out, gsum [T, 8 nsb] int16 out, x [T, K] f32):
+ * the int8 activations of the int4 kernels (gemv.h), q in the kernels' layout */
+static PyObject *py_quantize_act8(PyObject *self, PyObject *args) {
+    PyObject *o_q, *o_s, *o_g, *o_x;
+    if (!PyArg_ParseTuple(args, "OOOO:quantize_act8", &o_q, &o_s, &o_g, &o_x)) return NULL;
+    PyArrayObject *x = dsv2py_array(o_x, "x", NPY_FLOAT32, 2, NULL, 0);
+    if (!x) return NULL;
+    const int64_t T = dsv2py_dim(x, 0), K = dsv2py_dim(x, 1);
+    int64_t qs[2] = {T, dsv2_i4_kp(K)}, ss[2] = {T, dsv2_i4_nsb(K)}, gs[2] = {T, 8 * dsv2_i4_nsb(K)};
+    PyArrayObject *q = dsv2py_array(o_q, "q", NPY_INT8, 2, qs, 1);
+    if (!q) return NULL;
+    PyArrayObject *s = dsv2py_array(o_s, "s", NPY_FLOAT32, 2, ss, 1);
+    if (!s) return NULL;
+    PyArrayObject *g = dsv2py_array(o_g, "gsum", NPY_INT16, 2, gs, 1);
+    if (!g) return NULL;
+    if (dsv2py_no_overlap(q, "q", s, "s") < 0 || dsv2py_no_overlap(q, "q", g, "gsum") < 0 ||
+        dsv2py_no_overlap(s, "s", g, "gsum") < 0 || dsv2py_no_overlap(q, "q", x, "x") < 0 ||
+        dsv2py_no_overlap(s, "s", x, "x") < 0 || dsv2py_no_overlap(g, "gsum", x, "x") < 0)
+        return NULL;
+    dsv2_xq xq;
+    memset(&xq, 0, sizeof xq);
+    xq.q8 = (const int8_t *)dsv2py_data(q);
+    xq.s8 = (const float *)dsv2py_data(s);
+    xq.gsum8 = (const int16_t *)dsv2py_data(g);
+    Py_BEGIN_ALLOW_THREADS
+    dsv2_quantize_act8(&xq, (const float *)dsv2py_data(x), K, T, K);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_int4_activations(PyObject *self, PyObject *noargs) {
+    return PyUnicode_FromString(dsv2_get_i4_act() == DSV2_I4_ACT_FP32 ? "fp32" : "int8");
+}
+
+static PyObject *py_set_int4_activations(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:set_int4_activations", &name)) return NULL;
+    int mode;
+    if (!strcmp(name, "int8")) mode = DSV2_I4_ACT_INT8;
+    else if (!strcmp(name, "fp32")) mode = DSV2_I4_ACT_FP32;
+    else return PyErr_Format(PyExc_ValueError, "mode: expected 'int8' or 'fp32', got '%s'", name);
+    dsv2_set_i4_act(mode);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_get_int8_activations(PyObject *self, PyObject *noargs) {
     return PyUnicode_FromString(dsv2_get_i8_act() == DSV2_I8_ACT_FP32 ? "fp32" : "int16");
 }
@@ -156,6 +201,11 @@ PyMethodDef dsv2py_quant_methods[] = {
      "set_int8_activations(mode): activations of int8 row-dot products, 'int16' (fast) or 'fp32' (exact)"},
     {"quantize_int8", py_quantize_int8, METH_VARARGS,
      "quantize_int8(q, scales, w, group): int8 codes q [rows, cols] and fp32 scales [rows, cols / group] of w"},
+    {"quantize_act8", py_quantize_act8, METH_VARARGS,
+     "quantize_act8(q, s, gsum, x): int8 activations of the int4 kernels (q in the kernels' layout)"},
+    {"get_int4_activations", py_get_int4_activations, METH_NOARGS, "get_int4_activations() -> 'int8' | 'fp32'"},
+    {"set_int4_activations", py_set_int4_activations, METH_VARARGS,
+     "set_int4_activations(mode): activations of int4 row-dot products, 'int8' (fast) or 'fp32' (exact)"},
     {"quantize_int4", py_quantize_int4, METH_VARARGS,
      "quantize_int4(q, w): packed int4 rows q [rows, row_bytes] of w [rows, cols] (csrc/int4.h)"},
     {"dequantize", py_dequantize, METH_VARARGS, "dequantize(out, w): out [rows, cols] float32 = the values of w"},
