@@ -101,10 +101,11 @@ class DeepseekV2:
         dtype : {None, "bf16", "f32", "int8", "int4", "int4-mixed"}
             None keeps the checkpoint's dtype (weights stay memory-mapped);
             "f32"/"bf16" convert (a copy); "int8" quantizes every Linear
-            weight (dsv2ext.quant: per-32-column absmax scales); "int4" every
-            Linear weight but kv_b_proj (int8) to the 4-bit format of
-            dsv2ext.int4; "int4-mixed" the routed experts to int4 and the
-            other Linear weights to int8.  Quantizing streams tensor by tensor
+            weight (dsv2ext.quant: per-32-column absmax scales); "int4" the
+            Linear weights to the 4-bit format of dsv2ext.int4, but kv_b_proj
+            and the down_proj of dense MLPs and shared experts (int8);
+            "int4-mixed" the routed experts to int4 and the other Linear
+            weights to int8 (see dsv2ext.quant).  Quantizing streams tensor by tensor
             (threaded C) and releases the source pages.  A checkpoint saved by
             dsv2ext.quant.save_quantized loads as it is stored (memory-mapped)
             with dtype None or its own recipe.

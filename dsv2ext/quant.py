@@ -45,10 +45,14 @@ Recipes (``dtype=`` of :func:`dsv2ext.load`, ``recipe=`` here)
 -------------------------------------------------------------
 * ``"int8"``: every Linear weight int8.
 * ``"int4"``: every Linear weight in the int4 format of :mod:`dsv2ext.int4`
-  (4.625 bits per weight), except ``kv_b_proj``, which stays int8 (the
+  (4.625 bits per weight), except three that stay int8: ``kv_b_proj`` (the
   absorbed attention reads it per head, transposed, and it is ~2.5% of the
   bytes read per token; an int4 ``kv_b_proj`` passed by hand is computed
-  correctly, on a slower path).
+  correctly, on a slower path) and the ``down_proj`` of the dense MLPs and of
+  the shared experts, read by every token (as llama.cpp's Q4_K_M gives its
+  ``ffn_down`` more bits; on the bundled model: held-out perplexity 9.767
+  instead of 9.787 with them in int4, for 5.50 instead of 5.26 bits per weight
+  read per token).
 * ``"int4-mixed"``: the routed experts int4 (most of the bytes of a MoE
   model), attention, shared experts, dense MLPs and ``lm_head`` int8.
 
@@ -482,10 +486,14 @@ def _recipe_kinds(recipe: str) -> Dict[str, str]:
     if recipe not in RECIPES:
         raise ValueError(f"recipe: expected one of {', '.join(repr(r) for r in RECIPES)}, got {recipe!r}")
     if recipe == "int8":
-        return dict(attn="int8", kv_b="int8", dense="int8", experts="int8", shared="int8", lm_head="int8")
-    if recipe == "int4":
-        return dict(attn="int4", kv_b="int8", dense="int4", experts="int4", shared="int4", lm_head="int4")
-    return dict(attn="int8", kv_b="int8", dense="int8", experts="int4", shared="int8", lm_head="int8")
+        kinds = dict(attn="int8", kv_b="int8", dense="int8", experts="int8", shared="int8", lm_head="int8")
+    elif recipe == "int4":
+        kinds = dict(attn="int4", kv_b="int8", dense="int4", experts="int4", shared="int4", lm_head="int4")
+    else:
+        kinds = dict(attn="int8", kv_b="int8", dense="int8", experts="int4", shared="int8", lm_head="int8")
+    # the down projections of the dense MLPs and the shared experts (read by every token) keep 8 bits
+    kinds.update(dense_down="int8", shared_down="int8")
+    return kinds
 
 
 def quantize_model_weights(weights: Any, group: int = DEFAULT_GROUP, *, release_source: bool = False,
@@ -531,7 +539,7 @@ def quantize_model_weights(weights: Any, group: int = DEFAULT_GROUP, *, release_
         return _quant(w, group, release_source, kinds[cls])
 
     def mlp(m: Any, cls: str) -> Any:
-        return None if m is None else MLPWeights(q(m.gate_proj, cls), q(m.up_proj, cls), q(m.down_proj, cls))
+        return None if m is None else MLPWeights(q(m.gate_proj, cls), q(m.up_proj, cls), q(m.down_proj, cls + "_down"))
 
     layers = []
     for lw in weights.layers:
