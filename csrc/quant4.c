@@ -20,7 +20,9 @@
 #define NCAND 22
 
 /* The groups of a block of rows: x [ng][32] (absent columns hold a present
- * value of their group, or 0), n [ng] present columns per group. */
+ * value of their group, or 0), n [ng] present columns per group.  Three
+ * implementations of step 1, identical in every bit: one group at a time
+ * (portable), 8 or 16 groups side by side in AVX2 / AVX-512 lanes. */
 
 /* candidate j's iscale numerator */
 static inline float cand_c(int j) { return j == 0 ? 15.0f : 14.0f + 0.1f * (float)(j - 1); }
@@ -135,6 +137,69 @@ DSV2_TARGET_AVX512 static void fit_avx512(float *s_out, float *mn_out, const flo
     }
 }
 
+/* the same operations for 8 groups side by side with AVX2 (masked operations as a
+ * full operation and a blend: the same values where the mask is set) */
+DSV2_TARGET_AVX2 static void fit_avx2(float *s_out, float *mn_out, const float *x, const float *nv, int64_t ng) {
+    const __m256i idx = _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), _mm256_set1_epi32(DSV2_I4_GROUP));
+    const __m256 zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.0f), two = _mm256_set1_ps(2.0f),
+                 one = _mm256_set1_ps(1.0f);
+    for (int64_t g0 = 0; g0 < ng; g0 += 8) {
+        const int nl = ng - g0 >= 8 ? 8 : (int)(ng - g0);
+        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(nl), _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+        const float *xb = x + g0 * DSV2_I4_GROUP;
+        const __m256 n = _mm256_maskload_ps(nv + g0, lanes);
+        __m256 xt[DSV2_I4_GROUP], xl[DSV2_I4_GROUP], pm[DSV2_I4_GROUP];
+        __m256 lo = zero, sx = zero;
+        __m256 hi = _mm256_mask_i32gather_ps(zero, xb, idx, _mm256_castsi256_ps(lanes), 4);
+        for (int i = 0; i < DSV2_I4_GROUP; i++) {
+            pm[i] = _mm256_cmp_ps(n, _mm256_set1_ps((float)i), _CMP_GT_OQ);
+            xt[i] = _mm256_mask_i32gather_ps(zero, xb + i, idx, _mm256_castsi256_ps(lanes), 4);
+            lo = _mm256_blendv_ps(lo, xt[i], _mm256_and_ps(pm[i], _mm256_cmp_ps(xt[i], lo, _CMP_LT_OQ)));
+            hi = _mm256_blendv_ps(hi, xt[i], _mm256_and_ps(pm[i], _mm256_cmp_ps(xt[i], hi, _CMP_GT_OQ)));
+            sx = _mm256_blendv_ps(sx, _mm256_add_ps(sx, xt[i]), pm[i]);
+        }
+        const __m256 rng = _mm256_sub_ps(hi, lo);
+        const __m256 pos = _mm256_cmp_ps(rng, zero, _CMP_GT_OQ);
+        const __m256 rsafe = _mm256_blendv_ps(one, rng, pos);
+        for (int i = 0; i < DSV2_I4_GROUP; i++) xl[i] = _mm256_sub_ps(xt[i], lo);
+        __m256 bs = zero, bm = lo, be = zero;
+        for (int j = 0; j < NCAND; j++) {
+            const __m256 is = _mm256_and_ps(pos, _mm256_div_ps(_mm256_set1_ps(cand_c(j)), rsafe));
+            __m256 sl = zero, sll = zero, sxl = zero;
+            for (int i = 0; i < DSV2_I4_GROUP; i++) {
+                __m256 L = _mm256_round_ps(_mm256_mul_ps(is, xl[i]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                L = _mm256_min_ps(L, fifteen);
+                sl = _mm256_blendv_ps(sl, _mm256_add_ps(sl, L), pm[i]);
+                sll = _mm256_blendv_ps(sll, _mm256_add_ps(sll, _mm256_mul_ps(L, L)), pm[i]);
+                sxl = _mm256_blendv_ps(sxl, _mm256_add_ps(sxl, _mm256_mul_ps(xt[i], L)), pm[i]);
+            }
+            __m256 sv, mv, ok = pos;
+            if (j == 0) {
+                sv = _mm256_div_ps(rng, fifteen);
+                mv = lo;
+            } else {
+                const __m256 D = _mm256_sub_ps(_mm256_mul_ps(n, sll), _mm256_mul_ps(sl, sl));
+                ok = _mm256_and_ps(ok, _mm256_cmp_ps(D, zero, _CMP_GT_OQ));
+                const __m256 Dd = _mm256_blendv_ps(one, D, ok);
+                sv = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(n, sxl), _mm256_mul_ps(sx, sl)), Dd);
+                mv = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sll, sx), _mm256_mul_ps(sl, sxl)), Dd);
+                const __m256 up = _mm256_cmp_ps(mv, zero, _CMP_GT_OQ);
+                mv = _mm256_blendv_ps(mv, zero, up);
+                sv = _mm256_blendv_ps(sv, _mm256_div_ps(sxl, _mm256_blendv_ps(one, sll, up)), up);
+            }
+            const __m256 e1 = _mm256_add_ps(_mm256_mul_ps(sv, sll), _mm256_mul_ps(two, _mm256_sub_ps(_mm256_mul_ps(mv, sl), sxl)));
+            const __m256 e2 = _mm256_sub_ps(_mm256_mul_ps(n, mv), _mm256_mul_ps(two, sx));
+            const __m256 err = _mm256_add_ps(_mm256_mul_ps(sv, e1), _mm256_mul_ps(mv, e2));
+            const __m256 take = j == 0 ? ok : _mm256_and_ps(ok, _mm256_cmp_ps(err, be, _CMP_LT_OQ));
+            bs = _mm256_blendv_ps(bs, sv, take);
+            bm = _mm256_blendv_ps(bm, mv, take);
+            be = _mm256_blendv_ps(be, err, take);
+        }
+        _mm256_maskstore_ps(s_out + g0, lanes, bs);
+        _mm256_maskstore_ps(mn_out + g0, lanes, bm);
+    }
+}
+
 /* fp32 -> bf16 bits rounded toward +inf (x >= 0 finite) */
 static inline uint16_t bf16_up(float x) {
     uint32_t u;
@@ -229,7 +294,7 @@ static void q4_task(void *ctx, int64_t b, int64_t e, int tid) {
         return;
     }
     float *S = buf + R * Kp, *MN = S + R * nb, *nv = MN + R * nb;
-    const int avx512 = dsv2_isa() == DSV2_ISA_AVX512;
+    const int isa = dsv2_isa(), avx512 = isa == DSV2_ISA_AVX512;
     int bad = 0;
     for (int64_t r0 = b; r0 < e && !bad; r0 += R) {
         const int64_t nr = e - r0 < R ? e - r0 : R;
@@ -249,6 +314,7 @@ static void q4_task(void *ctx, int64_t b, int64_t e, int tid) {
         }
         if (bad) break;
         if (avx512) fit_avx512(S, MN, buf, nv, nr * nb);
+        else if (isa >= DSV2_ISA_AVX2) fit_avx2(S, MN, buf, nv, nr * nb);
         else fit_portable(S, MN, buf, nv, nr * nb);
         for (int64_t r = 0; r < nr; r++)
             encode_row(j->q + (size_t)(r0 + r) * rb, buf + r * Kp, K, S + r * nb, MN + r * nb, avx512);
