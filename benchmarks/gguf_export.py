@@ -283,6 +283,7 @@ def quantize_gguf(src: str, qtype: str, out: str, threads: int = 2, log: Callabl
         raise ValueError(f"qtype: expected one of {', '.join(ftypes)}, got {qtype!r}")
     if os.path.isfile(out):
         return out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = int(threads)
     params.ftype = ftypes[qtype]
