@@ -300,6 +300,14 @@ def _fmt(x: Any, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _mix(r: Dict[str, Any]) -> str:
+    """The stored types by share of the weights read per token (>= 1%), e.g. 'int4 80%, int8 18%'."""
+    by = r.get("by_dtype") or {}
+    tot = sum(v["weights"] for v in by.values()) or 1.0
+    parts = sorted(((v["weights"] / tot, t) for t, v in by.items()), reverse=True)
+    return ", ".join(f"{t} {100 * f:.0f}%" for f, t in parts if f >= 0.01)
+
+
 def write_report(res: Dict[str, Any], out: str) -> str:
     lines = ["# Weight formats: quality and bits per weight", "",
              f"Written by `python benchmarks/quality.py` ({res['date']}, {res['machine']}); "
@@ -311,34 +319,37 @@ def write_report(res: Dict[str, Any], out: str) -> str:
         lines += ["## Held-out perplexity of the bundled model", "",
                   f"`{os.path.relpath(BUNDLED, ROOT)}/heldout_sample.json`, windows of {b['window']} tokens "
                   "(the model card's definition; the card gives 9.6922 for transformers fp32).", "",
-                  "| engine | format | bits / weight | perplexity | vs dsv2ext bf16 |", "|---|---|---|---|---|"]
+                  "| engine | format | bits / weight | perplexity | vs dsv2ext bf16 | stored types (share of weights read) |",
+                  "|---|---|---|---|---|---|"]
         for r in b["rows"]:
             if not r.get("ok"):
-                lines.append(f"| {r['engine']} | {r['variant']} | - | {'not supported by this dsv2ext' if r.get('unsupported') else 'failed'} | - |")
+                lines.append(f"| {r['engine']} | {r['variant']} | - | {'not supported by this dsv2ext' if r.get('unsupported') else 'failed'} | - | |")
                 continue
             rel = f"{100 * (r['perplexity'] / ref['perplexity'] - 1):+.2f}%" if ref else "-"
-            lines.append(f"| {r['engine']} | {r['variant']} | {r['bits_per_weight']:.2f} | {r['perplexity']:.4f} | {rel} |")
+            lines.append(f"| {r['engine']} | {r['variant']} | {r['bits_per_weight']:.2f} | {r['perplexity']:.4f} | {rel} | "
+                         f"{_mix(r)} |")
         lines.append("")
     if "lite" in res:
         li = res["lite"]
         lines += ["## Next-token agreement on lite-L4 with dsv2ext bf16", "",
                   f"{li['prompts']} prompts x {li['tokens']} random token ids, every position; clear = "
                   f"bf16 top-two margin >= {NEAR_TIE} x std of the bf16 logits.", "",
-                  "| engine | format | bits / weight | cosine mean | cosine min | argmax agree (clear) | KL(bf16 \\|\\| fmt) mean | KL max |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| engine | format | bits / weight | cosine mean | cosine min | argmax agree (clear) | KL(bf16 \\|\\| fmt) mean | KL max | stored types (share of weights read) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in li["rows"]:
             if not r.get("ok"):
-                lines.append(f"| {r['engine']} | {r['variant']} | - | {'not supported by this dsv2ext' if r.get('unsupported') else 'failed'} | | | | |")
+                lines.append(f"| {r['engine']} | {r['variant']} | - | {'not supported by this dsv2ext' if r.get('unsupported') else 'failed'} | | | | | |")
                 continue
             if r.get("reference"):
-                lines.append(f"| {r['engine']} | {r['variant']} | {r['bits_per_weight']:.2f} | reference | | | | |")
+                lines.append(f"| {r['engine']} | {r['variant']} | {r['bits_per_weight']:.2f} | reference | | | | | {_mix(r)} |")
                 continue
             lines.append(f"| {r['engine']} | {r['variant']} | {r['bits_per_weight']:.2f} | {r['cosine_mean']:.5f} | "
                          f"{r['cosine_min']:.5f} | {_fmt(r['argmax_agree_clear'], '.4f')} ({r['clear_positions']}) | "
-                         f"{r['kl_mean']:.2e} | {r['kl_max']:.2e} |")
+                         f"{r['kl_mean']:.2e} | {r['kl_max']:.2e} | {_mix(r)} |")
         lines.append("")
-    lines += ["Tensor types llama.cpp produced (by share of the weights read per token) are in "
-              "`results-quality.json` (`by_dtype` of each row).", ""]
+    lines += ["dsv2ext int4 keeps kv_b_proj and the down_proj of the dense MLP and the shared experts in int8 "
+              "(see the README); llama.cpp's Q4_K_M uses Q6_K for some tensors and falls back to Q5_0 / Q8_0 / F16 "
+              "for rows not divisible by 256 (or 32).  Per-type details: `results-quality.json` (`by_dtype`).", ""]
     path = os.path.join(out, "RESULTS-quality.md")
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -359,8 +370,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated variants to run (others: previous results kept)")
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--cache", default=os.path.join(HERE, "cache", "quality"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS-quality.md from the JSON")
     a = ap.parse_args(argv)
     os.makedirs(a.cache, exist_ok=True)
+    if a.report_only:
+        with open(os.path.join(a.out, "results-quality.json"), encoding="utf-8") as f:
+            print(write_report(json.load(f), a.out))
+        return 0
     log = lambda m: print(m, flush=True)  # noqa: E731
     jpath = os.path.join(a.out, "results-quality.json")
     res: Dict[str, Any] = {}
