@@ -156,20 +156,13 @@ int dsv2_i4q_usable(const dsv2_mat *W) {
 
 /* ---------------- portable ---------------- */
 
-/* Software prefetch of the weight stream I4_PF_BYTES ahead (~4 rows), one super-block's
- * 148 bytes per super-block consumed.  The row-dot calls of a decode step read short
- * stretches of many matrices (48 rows of an expert's gate, 24 of its down_proj, ...);
- * measured on Zen 4 (2 threads, busy host, A/B in one process): MoE block of one token
- * +10%, a long linear +15% over the hardware prefetchers alone.  Prefetching past the
- * end of the matrix is harmless (no fault). */
-#define I4_PF_BYTES 4096
-#define I4_PREFETCH(h)                                                          \
-    do {                                                                        \
-        const char *pf_ = (const char *)(h) + I4_PF_BYTES;                      \
-        _mm_prefetch(pf_, _MM_HINT_T0);                                         \
-        _mm_prefetch(pf_ + 64, _MM_HINT_T0);                                    \
-        _mm_prefetch(pf_ + 128, _MM_HINT_T0);                                   \
-    } while (0)
+/* Software prefetch of the weight stream (cpu.h: dsv2_prefetch_bytes, DSV2EXT_PREFETCH),
+ * one super-block's 148 bytes (3 lines) per super-block read.  The row-dot calls of a
+ * decode step read short stretches of many matrices (48 rows of an expert's gate, 24 of
+ * its down_proj, ...); measured on Zen 4 (2 threads, busy host, A/B in one process) with
+ * 4096 bytes: MoE block of one token +10%, a long linear +15% over the hardware
+ * prefetchers alone. */
+#define I4_PREFETCH(h, pf) DSV2_PREFETCH_AHEAD(h, 3 * 64, pf)
 
 static inline float hdr_f(const uint8_t *h) { return dsv2_bf16_to_f32((uint16_t)(h[0] | h[1] << 8)); }
 
@@ -222,6 +215,7 @@ DSV2_TARGET_AVX2 static inline __attribute__((always_inline)) void
 i4q_row_avx2(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2_mat *W, int64_t r) {
     const int64_t K = W->cols, Kp = dsv2_i4_kp(K), nsb = dsv2_i4_nsb(K);
     const uint8_t *row = (const uint8_t *)W->data + (size_t)r * (size_t)dsv2_i4_row_bytes(K);
+    const int pf = dsv2_prefetch_bytes();
     const __m256i m4 = _mm256_set1_epi8(15);
     __m256 accf[DSV2_GEMV_MAX_T];
     __m128 accm[DSV2_GEMV_MAX_T];
@@ -233,7 +227,7 @@ i4q_row_avx2(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2_m
         const uint8_t *h = row + sb * DSV2_I4_SB_BYTES;
         const int nu = (int)((Kp - sb * DSV2_I4_SUPER < DSV2_I4_SUPER ? Kp - sb * DSV2_I4_SUPER : DSV2_I4_SUPER) /
                              DSV2_I4_UNIT);
-        I4_PREFETCH(h);
+        I4_PREFETCH(h, pf);
         __m256i acc[DSV2_GEMV_MAX_T];
         for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_si256();
         for (int k = 0; k < nu; k++) {
@@ -297,6 +291,7 @@ i4q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2
                const __m512i *ctrl) {
     const int64_t K = W->cols, Kp = dsv2_i4_kp(K), nsb = dsv2_i4_nsb(K);
     const uint8_t *row = (const uint8_t *)W->data + (size_t)r * (size_t)dsv2_i4_row_bytes(K);
+    const int pf = dsv2_prefetch_bytes();
     const __m512i m4 = _mm512_set1_epi8(15);
     __m512 accf[DSV2_GEMV_MAX_T];
     __m128 accm[DSV2_GEMV_MAX_T];
@@ -308,7 +303,7 @@ i4q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2
         const uint8_t *h = row + sb * DSV2_I4_SB_BYTES, *cq = h + DSV2_I4_HDR;
         const int nu = (int)((Kp - sb * DSV2_I4_SUPER < DSV2_I4_SUPER ? Kp - sb * DSV2_I4_SUPER : DSV2_I4_SUPER) /
                              DSV2_I4_UNIT);
-        I4_PREFETCH(h);
+        I4_PREFETCH(h, pf);
         int64_t scb64;
         memcpy(&scb64, h + 4, 8);
         const __m512i scb = _mm512_set1_epi64(scb64);

@@ -36,7 +36,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ._native import _C
-from .dtypes import BF16
+from .dtypes import BF16, TaggedArray
 
 __all__ = ["Int4Weight", "GROUP", "SUPER", "HEADER_BYTES", "int4_row_bytes", "quantize_int4",
            "quantize_int4_reference", "dequantize_int4_reference", "unpack_int4", "quantize_act8",
@@ -55,7 +55,7 @@ def int4_row_bytes(cols: int) -> int:
     return HEADER_BYTES * (-(-cols // SUPER)) + (-(-cols // UNIT)) * (UNIT // 2)
 
 
-class Int4Weight:
+class Int4Weight(TaggedArray):
     """A packed 4-bit weight: ``data`` uint8 [..., rows, int4_row_bytes(cols)] holding codes and scales.
 
     Parameters
@@ -71,7 +71,7 @@ class Int4Weight:
     ``total_nbytes``; ``scales_nbytes`` is the headers' share.
     """
 
-    __slots__ = ("data", "cols")
+    __slots__ = ("cols",)
     __dsv2_dtype__ = "int4"
 
     def __init__(self, data: np.ndarray, cols: int) -> None:
@@ -94,17 +94,9 @@ class Int4Weight:
         return self.data.shape[:-1] + (self.cols,)
 
     @property
-    def ndim(self) -> int:
-        return self.data.ndim
-
-    @property
     def group(self) -> int:
         """Columns per sub-scale."""
         return GROUP
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
 
     @property
     def total_nbytes(self) -> int:
@@ -117,10 +109,6 @@ class Int4Weight:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.data.nbytes / float(np.prod(self.shape))
-
-    @property
-    def dtype_name(self) -> str:
-        return "int4"
 
     def to_float32(self) -> np.ndarray:
         """The dequantized weight (float32, a new array; the values every kernel uses)."""
@@ -136,9 +124,6 @@ class Int4Weight:
         if not isinstance(idx, (int, np.integer, slice)):
             raise IndexError("Int4Weight: index the first dimension with an int or a slice")
         return Int4Weight(self.data[idx], self.cols)
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     def __repr__(self) -> str:
         return f"Int4Weight(shape={self.shape}, {self.bits_per_weight:.3f} bits per weight)"
