@@ -1,7 +1,7 @@
 """Decode speed of dsv2ext against the memory-bandwidth roofline, per weight dtype.
 
     python benchmarks/bench_decode.py                      # lite-L4 checkpoint, bf16 and int8
-    python benchmarks/bench_decode.py --ckpt DIR --dtypes int8 --context 128 4096 --tokens 32
+    python benchmarks/bench_decode.py --ckpt DIR --dtypes int8 int4 --context 128 4096 --tokens 32
     python benchmarks/bench_decode.py --synthetic --layers 2 --experts 16   # small random model, no files
 
 Per dtype and context: the prompt (random token ids) is prefilled, then
@@ -129,9 +129,9 @@ def synthetic_model(layers: int, experts: int, dtype: str, seed: int = 0) -> Any
                                    shared=MLPWeights(w(2816, d), w(2816, d), w(d, 2816)))
         lw.append(layer)
     weights = ModelWeights(embed_tokens=w(102400, d), norm=ones(d), lm_head=w(102400, d), layers=lw)
-    if dtype == "int8":
+    if dtype in ("int8", "int4", "int4-mixed"):
         from dsv2ext.quant import quantize_model_weights
-        weights = quantize_model_weights(weights)
+        weights = quantize_model_weights(weights, recipe=dtype)
     return DeepseekV2(cfg, weights)
 
 
@@ -189,7 +189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--synthetic", action="store_true", help="build a random V2-Lite-shaped model in memory")
     ap.add_argument("--layers", type=int, default=4, help="layers of the synthetic model (1 dense + MoE)")
     ap.add_argument("--experts", type=int, default=64, help="routed experts of the synthetic model")
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "int8"], choices=["bf16", "int8", "f32"])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "int8"],
+                    choices=["bf16", "int8", "f32", "int4", "int4-mixed"])
     ap.add_argument("--context", nargs="+", type=int, default=[128])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)

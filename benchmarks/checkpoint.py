@@ -364,12 +364,12 @@ def build_tokenizer(out_dir: str, n_learned: int = 16000) -> None:
                    "legacy": True}, f, ensure_ascii=False, indent=1)
 
 
-def tokenizer_vocab(path: str) -> Tuple[List[str], List[int], List[str]]:
+def tokenizer_vocab(path: str, vocab_size: int = VOCAB_SIZE) -> Tuple[List[str], List[int], List[str]]:
     """(tokens by id, token types (gguf: 1 normal, 3 control), merges "a b") of tokenizer.json."""
     with open(os.path.join(path, "tokenizer.json"), "r", encoding="utf-8") as f:
         j = json.load(f)
-    tokens = [""] * VOCAB_SIZE
-    types = [1] * VOCAB_SIZE
+    tokens = [""] * vocab_size
+    types = [1] * vocab_size
     for t, i in j["model"]["vocab"].items():
         tokens[i] = t
     for a in j["added_tokens"]:

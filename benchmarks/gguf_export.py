@@ -22,19 +22,33 @@ deepseek2, as its own ``convert_hf_to_gguf.py`` writes it:
 
 Tensor data is copied bit for bit from the bf16 safetensors (BF16 file) or
 quantized from those values with ``gguf.quants`` (Q8_0: blocks of 32 with an
-fp16 scale), one tensor at a time.
+fp16 scale), one tensor at a time.  Other types (Q4_0, Q4_K_M, or Q8_0 made
+by llama.cpp itself) come from llama.cpp's own quantizer run on the BF16 file
+(:func:`quantize_gguf`, ``llama_model_quantize`` through llama-cpp-python),
+with llama.cpp's per-tensor choices and fallbacks (e.g. Q4_K_M: Q6_K for some
+tensors; Q5_0 / Q8_0 / F16 for rows not divisible by 256 / 32);
+:func:`gguf_tensor_types` reports what it produced.
+
+Configs other than the benchmark geometries (e.g. the bundled model) work too:
+bos / eos ids and the vocabulary size come from the config, and
+``n_group`` / ``topk_group`` > 1 are written as llama.cpp's expert groups
+(which llama.cpp scores as DeepSeek-V3 does, by the sum of a group's top-2
+scores, where V2's group_limited_greedy takes the maximum).
 """
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from checkpoint import SafetensorsMap, tokenizer_vocab, BOS_ID, EOS_ID
 
-__all__ = ["export_gguf", "gguf_path", "gguf_plan"]
+__all__ = ["export_gguf", "gguf_path", "gguf_plan", "quantize_gguf", "gguf_tensor_types", "LLAMA_QTYPES"]
+
+#: types written by llama.cpp's own quantizer (llama_model_quantize) from the BF16 file
+LLAMA_QTYPES = ("Q4_0", "Q4_K_M", "Q8_0-LLAMA")
 
 
 def gguf_path(ckpt_dir: str, qtype: str) -> str:
@@ -117,25 +131,36 @@ def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 def export_gguf(ckpt_dir: str, cfg: Dict[str, Any], qtype: str,
-                log: Callable[[str], None] = print) -> str:
-    """Write ``model-{bf16,q8_0}.gguf`` next to the checkpoint (once); returns its path.
+                log: Callable[[str], None] = print, out_dir: Optional[str] = None, threads: int = 2) -> str:
+    """Write ``model-{qtype}.gguf`` (once; next to the checkpoint or in ``out_dir``); returns its path.
 
     Parameters
     ----------
     ckpt_dir : str
-        A directory from :func:`checkpoint.build_checkpoint`.
+        A directory from :func:`checkpoint.build_checkpoint` (or any bf16 checkpoint of this layout,
+        e.g. the bundled model).
     cfg : dict
         Its config.json.
-    qtype : {"BF16", "Q8_0"}
+    qtype : {"BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q8_0-LLAMA"}
+        BF16 / Q8_0: written here (Q8_0 by gguf.quants); the others by llama.cpp's quantizer
+        from the BF16 file (made first when missing), see :func:`quantize_gguf`.
+    out_dir : str, optional
+        Where the files go (default: the checkpoint directory).
+    threads : int
+        llama.cpp quantizer threads.
     """
     import gguf
 
     qtype = qtype.upper()
-    if qtype not in ("BF16", "Q8_0"):
-        raise ValueError(f"qtype: expected 'BF16' or 'Q8_0', got {qtype!r}")
-    out = gguf_path(ckpt_dir, qtype)
+    if qtype not in ("BF16", "Q8_0") + LLAMA_QTYPES:
+        raise ValueError(f"qtype: expected one of BF16, Q8_0, {', '.join(LLAMA_QTYPES)}, got {qtype!r}")
+    out = gguf_path(out_dir or ckpt_dir, qtype)
     if os.path.isfile(out):
         return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    if qtype in LLAMA_QTYPES:
+        src = export_gguf(ckpt_dir, cfg, "BF16", log=log, out_dir=out_dir)
+        return quantize_gguf(src, qtype, out, threads=threads, log=log)
     GT = gguf.GGMLQuantizationType
     wtype = GT.BF16 if qtype == "BF16" else GT.Q8_0
     st = SafetensorsMap(os.path.join(ckpt_dir, "model.safetensors"))
@@ -161,6 +186,9 @@ def export_gguf(ckpt_dir: str, cfg: Dict[str, Any], qtype: str,
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
     w.add_vocab_size(cfg["vocab_size"])
+    if int(cfg.get("n_group") or 1) > 1:
+        w.add_expert_group_count(int(cfg["n_group"]))
+        w.add_expert_group_used_count(int(cfg["topk_group"]))
     if cfg["q_lora_rank"]:
         if L in (26, 27):
             raise ValueError("llama.cpp ignores q_lora_rank for 26/27-layer deepseek2 files")
@@ -184,14 +212,15 @@ def export_gguf(ckpt_dir: str, cfg: Dict[str, Any], qtype: str,
         w.add_rope_scaling_yarn_beta_fast(float(rp["beta_fast"]))
         w.add_rope_scaling_yarn_beta_slow(float(rp["beta_slow"]))
         w.add_rope_scaling_yarn_log_mul(0.1 * float(rp["mscale_all_dim"]))
-    tokens, types, merges = tokenizer_vocab(ckpt_dir)
+    tokens, types, merges = tokenizer_vocab(ckpt_dir, int(cfg["vocab_size"]))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
+    w.add_bos_token_id(int(cfg.get("bos_token_id", BOS_ID)))
+    eos = cfg.get("eos_token_id", EOS_ID)
+    w.add_eos_token_id(int(eos[0] if isinstance(eos, list) else eos))
     w.add_add_bos_token(False)
 
     def nbytes(shape: Tuple[int, ...], t: Any) -> int:
@@ -231,3 +260,59 @@ def export_gguf(ckpt_dir: str, cfg: Dict[str, Any], qtype: str,
     w.close()
     os.replace(tmp, out)
     return out
+
+
+def quantize_gguf(src: str, qtype: str, out: str, threads: int = 2, log: Callable[[str], None] = print) -> str:
+    """llama.cpp's own quantizer (``llama_model_quantize``) on a BF16 / F32 GGUF -> ``out`` (once).
+
+    Parameters
+    ----------
+    src : str
+        A BF16 GGUF from :func:`export_gguf`.
+    qtype : {"Q4_0", "Q4_K_M", "Q8_0-LLAMA"}
+        llama.cpp's file types MOSTLY_Q4_0 / MOSTLY_Q4_K_M / MOSTLY_Q8_0 (its default mixes and
+        fallbacks; no importance matrix).
+    out : str
+    """
+    import llama_cpp
+
+    ftypes = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+              "Q8_0-LLAMA": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
+    qtype = qtype.upper()
+    if qtype not in ftypes:
+        raise ValueError(f"qtype: expected one of {', '.join(ftypes)}, got {qtype!r}")
+    if os.path.isfile(out):
+        return out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = int(threads)
+    params.ftype = ftypes[qtype]
+    tmp = out + ".partial"
+    t0 = time.time()
+    rc = llama_cpp.llama_model_quantize(src.encode(), tmp.encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src!r} -> {qtype}) failed with {rc}")
+    os.replace(tmp, out)
+    log(f"  gguf {qtype}: {os.path.getsize(out) / 1e9:.2f} GB by llama.cpp's quantizer ({time.time() - t0:.0f} s)")
+    return out
+
+
+def gguf_tensor_types(path: str) -> Dict[str, Any]:
+    """The type, element count and bytes of every tensor of a GGUF, and bits per weight by type.
+
+    Returns
+    -------
+    dict: ``tensors`` {name: (type, elements, bytes)}, ``by_type`` {type: [elements, bytes]}.
+    """
+    import gguf
+
+    r = gguf.GGUFReader(path)
+    tensors: Dict[str, Tuple[str, int, int]] = {}
+    by_type: Dict[str, List[int]] = {}
+    for t in r.tensors:
+        name = gguf.GGMLQuantizationType(t.tensor_type).name
+        tensors[t.name] = (name, int(t.n_elements), int(t.n_bytes))
+        acc = by_type.setdefault(name, [0, 0])
+        acc[0] += int(t.n_elements)
+        acc[1] += int(t.n_bytes)
+    return {"tensors": tensors, "by_type": by_type}

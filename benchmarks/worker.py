@@ -111,10 +111,12 @@ class DsEngine(Engine):
         self.dtype = variant
         t0 = time.perf_counter()
         # "bf16-compute": bf16 weights with the opt-in bf16 compute mode (activations rounded to
-        # bf16 in products of 2+ rows, vdpbf16ps); decode of one token is the same as "bf16"
+        # bf16 in products of 2+ rows, vdpbf16ps); decode of one token is the same as "bf16".
+        # "int4" / "int4-mixed": the dsv2ext.load recipes of those names (quantized at load).
         dsv2ext.set_bf16_compute(variant == "bf16-compute")
         # "bf16-kvfp8": bf16 weights with the FP8 latent cache (default: the checkpoint's default cache)
-        self.model = dsv2ext.load(ckpt, dtype=variant.split("-")[0], kv_dtype="fp8" if "kvfp8" in variant else None)
+        base = {"bf16-compute": "bf16", "bf16-kvfp8": "bf16"}.get(variant, variant)
+        self.model = dsv2ext.load(ckpt, dtype=base, kv_dtype="fp8" if "kvfp8" in variant else None)
         self.load_s = time.perf_counter() - t0
         self.cfg = self.model.config
 

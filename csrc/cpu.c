@@ -25,6 +25,11 @@ int dsv2_cpu_has_avx512bf16(void) {
     return hw_level() == DSV2_ISA_AVX512 && __builtin_cpu_supports("avx512bf16");
 }
 
+int dsv2_cpu_has_avx512vnni(void) {
+    __builtin_cpu_init();
+    return hw_level() == DSV2_ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
+}
+
 int dsv2_set_isa(int level) {
     int hw = hw_level();
     if (level < DSV2_ISA_PORTABLE) level = DSV2_ISA_PORTABLE;

@@ -13,6 +13,8 @@ int dsv2_isa(void);
 int dsv2_set_isa(int level);
 /* 1 when the CPU has AVX-512 BF16 (vdpbf16ps). */
 int dsv2_cpu_has_avx512bf16(void);
+/* 1 when the CPU has AVX-512 VNNI (vpdpwssd / vpdpbusd). */
+int dsv2_cpu_has_avx512vnni(void);
 const char *dsv2_isa_name(int level);
 
 /* Software-prefetch distance (bytes ahead of the weight row being read) of the
@@ -35,5 +37,7 @@ void dsv2_set_prefetch_bytes(int bytes);
 
 #define DSV2_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,f16c")))
 #define DSV2_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define DSV2_TARGET_AVX512VNNI \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,avx2,f16c")))
 
 #endif

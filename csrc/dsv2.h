@@ -5,7 +5,8 @@
  *    binding turns codes into exceptions.  No kernel prints, exits or aborts.
  *  - Arguments: outputs first, then inputs, then weights, then sizes.
  *  - Activations are fp32, row-major and contiguous.  Weights are dsv2_mat:
- *    a row-major [rows, cols] matrix (a Linear's [out, in]) in fp32 or bf16.
+ *    a row-major [rows, cols] matrix (a Linear's [out, in]) in fp32, bf16,
+ *    int8 with block scales, or the packed 4-bit format of int4.h.
  */
 #ifndef DSV2_H
 #define DSV2_H
@@ -29,11 +30,13 @@ enum {
 
 const char *dsv2_strerror(int code);
 
-typedef enum { DSV2_F32 = 0, DSV2_BF16 = 1, DSV2_I8 = 2 } dsv2_dtype;
+typedef enum { DSV2_F32 = 0, DSV2_BF16 = 1, DSV2_I8 = 2, DSV2_I4 = 4 } dsv2_dtype;
 
 /* A weight matrix W [rows, cols], row-major, contiguous rows.
  * For DSV2_I8, `scale` holds one fp32 scale per `group` consecutive columns
- * of each row: W[r, c] = data[r, c] * scale[r * (cols / group) + c / group]. */
+ * of each row: W[r, c] = data[r, c] * scale[r * (cols / group) + c / group].
+ * For DSV2_I4, `data` holds rows of dsv2_i4_row_bytes(cols) bytes (codes and
+ * scales together, see int4.h); `scale` is NULL and `group` is 32. */
 typedef struct {
     dsv2_dtype dtype;
     const void *data;
@@ -42,15 +45,27 @@ typedef struct {
     int64_t group;
 } dsv2_mat;
 
-/* Element size in bytes of a weight dtype. */
+/* Element size in bytes of a weight dtype (DSV2_I4: see dsv2_mat_row_bytes). */
 static inline size_t dsv2_dtype_size(dsv2_dtype t) {
     return t == DSV2_F32 ? 4 : t == DSV2_BF16 ? 2 : 1;
+}
+
+/* Bytes of one DSV2_I4 row of `cols` columns: a 20-byte header per 256
+ * columns and 4 bits per column padded to a multiple of 64 (int4.h). */
+static inline int64_t dsv2_i4_row_bytes(int64_t cols) {
+    return 20 * ((cols + 255) / 256) + (cols + 63) / 64 * 32;
+}
+
+/* Bytes from one row of W to the next. */
+static inline size_t dsv2_mat_row_bytes(const dsv2_mat *W) {
+    if (W->dtype == DSV2_I4) return (size_t)dsv2_i4_row_bytes(W->cols);
+    return (size_t)W->cols * dsv2_dtype_size(W->dtype);
 }
 
 /* Rows [r0, r0 + n) of W as a matrix of their own (no copy). */
 static inline dsv2_mat dsv2_mat_rows(const dsv2_mat *W, int64_t r0, int64_t n) {
     dsv2_mat s = *W;
-    s.data = (const char *)W->data + (size_t)r0 * (size_t)W->cols * dsv2_dtype_size(W->dtype);
+    s.data = (const char *)W->data + (size_t)r0 * dsv2_mat_row_bytes(W);
     if (W->dtype == DSV2_I8 && W->scale)
         s.scale = W->scale + r0 * (W->cols / W->group);
     s.rows = n;
@@ -73,12 +88,24 @@ static inline uint16_t dsv2_f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* Element c of a DSV2_I4 row (int4.h): (d * sc) * q - dmin * m. */
+static inline float dsv2_i4_get(const uint8_t *row, int64_t c) {
+    const int64_t j = c % 256, g = j / 32;
+    const uint8_t *sb = row + (c / 256) * (20 + 128);
+    const float d = dsv2_bf16_to_f32((uint16_t)(sb[0] | sb[1] << 8));
+    const float dmin = dsv2_bf16_to_f32((uint16_t)(sb[2] | sb[3] << 8));
+    const uint8_t byte = sb[20 + (j / 64) * 32 + j % 32];
+    const int q = j % 64 < 32 ? (byte & 15) : (byte >> 4);
+    return (d * (float)sb[4 + g]) * (float)q - dmin * (float)sb[12 + g];
+}
+
 /* Load element (r, c) of W as fp32 (slow path, for references and tails). */
 static inline float dsv2_mat_get(const dsv2_mat *W, int64_t r, int64_t c) {
     size_t i = (size_t)r * (size_t)W->cols + (size_t)c;
     switch (W->dtype) {
     case DSV2_F32: return ((const float *)W->data)[i];
     case DSV2_BF16: return dsv2_bf16_to_f32(((const uint16_t *)W->data)[i]);
+    case DSV2_I4: return dsv2_i4_get((const uint8_t *)W->data + (size_t)r * dsv2_mat_row_bytes(W), c);
     default: return (float)((const int8_t *)W->data)[i] *
                     W->scale[r * (W->cols / W->group) + c / W->group];
     }

@@ -19,7 +19,8 @@ int dsv2_mlp_check(const dsv2_mlp *m, int64_t *d, int64_t *I) {
     const dsv2_mat *w[3] = {&m->gate, &m->up, &m->down};
     for (int i = 0; i < 3; i++) {
         if (!w[i]->data) return DSV2_ERR_ARG;
-        if (w[i]->dtype != DSV2_F32 && w[i]->dtype != DSV2_BF16 && w[i]->dtype != DSV2_I8) return DSV2_ERR_DTYPE;
+        if (w[i]->dtype != DSV2_F32 && w[i]->dtype != DSV2_BF16 && w[i]->dtype != DSV2_I8 && w[i]->dtype != DSV2_I4)
+            return DSV2_ERR_DTYPE;
         if (w[i]->dtype == DSV2_I8 && (!w[i]->scale || w[i]->group <= 0 || w[i]->cols % w[i]->group))
             return DSV2_ERR_ARG;
     }
@@ -199,18 +200,6 @@ static void dot_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t
 
 /* ---------------- row-dot path ---------------- */
 
-/* rows t0.. of quantized activations */
-dsv2_xq dsv2_xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0) {
-    dsv2_xq r = {NULL, NULL, 0, NULL};
-    if (xq->q) {
-        r.q = xq->q + r0 * K;
-        r.s = xq->s + r0 * (K / xq->group);
-        r.group = xq->group;
-    }
-    if (xq->p) r.p = xq->p + r0 * K;
-    return r;
-}
-
 void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
                             const dsv2_mlp *m, int64_t i0, int64_t i1) {
     /* gate and up of MLP_ROWBLK rows for up to 16 tokens at a time, then
@@ -218,22 +207,19 @@ void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, 
     float g[16 * MLP_ROWBLK], u[16 * MLP_ROWBLK];
     const int64_t K = m->gate.cols;
     const int eo = xq && xq->p; /* set only where dsv2_mlp_eo_x holds */
-    const int q = !eo && xq && xq->q && dsv2_i8q_usable(&m->gate, xq->group) && dsv2_i8q_usable(&m->up, xq->group);
     for (int64_t ib = i0; ib < i1; ib += MLP_ROWBLK) {
         int64_t n = i1 - ib < MLP_ROWBLK ? i1 - ib : MLP_ROWBLK;
         dsv2_mat sg = dsv2_mat_rows(&m->gate, ib, n), su = dsv2_mat_rows(&m->up, ib, n);
         for (int64_t t0 = 0; t0 < T; t0 += 16) {
             int64_t tt = T - t0 < 16 ? T - t0 : 16;
-            if (q) {
-                dsv2_xq xs = dsv2_xq_rows(xq, K, t0);
-                dsv2_gemv_i8q_rows(g, n, &xs, (int)tt, &sg, 0, n);
-                dsv2_gemv_i8q_rows(u, n, &xs, (int)tt, &su, 0, n);
-            } else if (eo) {
+            if (eo) {
                 dsv2_gemv_eo_rows(g, n, xq->p + t0 * K, K, tt, &sg, 0, n);
                 dsv2_gemv_eo_rows(u, n, xq->p + t0 * K, K, tt, &su, 0, n);
             } else {
-                dot_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
-                dot_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
+                /* int8 / int4 matrices on their prepared kind, the others on fp32 x */
+                const dsv2_xq xs = xq ? dsv2_xq_rows(xq, K, t0) : (dsv2_xq){0};
+                if (!dsv2_gemv_q_rows(g, n, &xs, tt, &sg, 0, n)) dot_rows(g, n, x + t0 * ldx, ldx, tt, &sg, 0, n);
+                if (!dsv2_gemv_q_rows(u, n, &xs, tt, &su, 0, n)) dot_rows(u, n, x + t0 * ldx, ldx, tt, &su, 0, n);
             }
             for (int64_t t = 0; t < tt; t++) dsv2_silu_mul(h + (t0 + t) * ldh + ib, g + t * n, u + t * n, n);
         }
@@ -246,15 +232,7 @@ void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, co
         dsv2_gemv_eo_rows_blocked(y, ldy, hq->p, m->down.cols, T, &m->down, r0, r1);
         return;
     }
-    if (!(hq && hq->q && dsv2_i8q_usable(&m->down, hq->group))) {
-        dot_rows(y, ldy, h, ldh, T, &m->down, r0, r1);
-        return;
-    }
-    for (int64_t t0 = 0; t0 < T; t0 += 16) {
-        int tt = (int)(T - t0 < 16 ? T - t0 : 16);
-        dsv2_xq hs = dsv2_xq_rows(hq, m->down.cols, t0);
-        dsv2_gemv_i8q_rows(y + t0 * ldy, ldy, &hs, tt, &m->down, r0, r1);
-    }
+    if (!dsv2_gemv_q_rows(y, ldy, hq, T, &m->down, r0, r1)) dot_rows(y, ldy, h, ldh, T, &m->down, r0, r1);
 }
 
 int dsv2_mlp_eo_x(const dsv2_mlp *m, int64_t T) {
@@ -273,10 +251,6 @@ int64_t dsv2_mlp_rowdot_max_t(const dsv2_mlp *m) {
      * token count (gemv_eo.h) */
     if (dsv2_mlp_eo_x(m, DSV2_EO_MIN_T) && dsv2_mlp_eo_h(m, DSV2_EO_MIN_T)) return DSV2_MLP_ROWDOT_ALL;
     return DSV2_MLP_GEMV_MAX_T;
-}
-
-int64_t dsv2_act16_group(const dsv2_mat *W) {
-    return dsv2_i8q_usable(W, W->group) ? W->group : 0;
 }
 
 /* ---------------- matrix-product path ---------------- */
@@ -304,7 +278,7 @@ static void silu_rows_task(void *ctx, int64_t b, int64_t e, int tid) {
 static int gate_up_adjacent(const dsv2_mlp *m, dsv2_mat *both) {
     const dsv2_mat *g = &m->gate, *u = &m->up;
     if (g->dtype != u->dtype || g->cols != u->cols) return 0;
-    size_t bytes = (size_t)g->rows * (size_t)g->cols * dsv2_dtype_size(g->dtype);
+    size_t bytes = (size_t)g->rows * dsv2_mat_row_bytes(g);
     if ((const char *)g->data + bytes != (const char *)u->data) return 0;
     /* int8: the scales must follow each other too (dsv2ext.quant's stacked experts) */
     if (g->dtype == DSV2_I8 && (g->group != u->group || g->scale + g->rows * (g->cols / g->group) != u->scale)) return 0;
@@ -363,20 +337,6 @@ static void mlp_down_task(void *ctx, int64_t b, int64_t e, int tid) {
     dsv2_mlp_down_rows_q(j->y, j->d, j->h, j->I, j->hq, j->T, j->m, b, e);
 }
 
-size_t dsv2_act16_bytes(int64_t T, int64_t K, int64_t group) {
-    if (group <= 0) return 0;
-    return (((size_t)T * (size_t)K * sizeof(int16_t) + 63) & ~(size_t)63) + (size_t)T * (size_t)(K / group) * sizeof(float);
-}
-
-dsv2_xq dsv2_act16_at(void *buf, int64_t T, int64_t K, int64_t group) {
-    dsv2_xq r = {NULL, NULL, 0, NULL};
-    if (group <= 0) return r; /* not used: no int16 view */
-    r.q = (const int16_t *)buf;
-    r.s = (const float *)((char *)buf + (((size_t)T * (size_t)K * sizeof(int16_t) + 63) & ~(size_t)63));
-    r.group = group;
-    return r;
-}
-
 int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
     int64_t d, I;
     int rc = dsv2_mlp_check(m, &d, &I);
@@ -386,10 +346,9 @@ int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
     if (T <= dsv2_mlp_rowdot_max_t(m)) {
         /* chunks of up to DSV2_MLP_GEMM_CHUNK tokens bound the buffers */
         const int64_t Tc = T < DSV2_MLP_GEMM_CHUNK ? T : DSV2_MLP_GEMM_CHUNK;
-        /* int8 weights: x and h quantized to int16 once each (see gemv.h) */
-        const int64_t gx = dsv2_act16_group(&m->gate) == dsv2_act16_group(&m->up) ? dsv2_act16_group(&m->gate) : 0;
-        const int64_t gh = dsv2_act16_group(&m->down);
-        const size_t bx = dsv2_act16_bytes(Tc, d, gx), bh = dsv2_act16_bytes(Tc, I, gh);
+        /* int8 / int4 weights: x and h quantized once each (see gemv.h) */
+        const dsv2_act_kinds kx = dsv2_act_kinds_of(&m->gate, &m->up), kh = dsv2_act_kinds_of(&m->down, NULL);
+        const size_t bx = dsv2_act_bytes(kx, Tc, d), bh = dsv2_act_bytes(kh, Tc, I);
         /* bf16 weights: x copied into the even|odd layout, h permuted in place */
         const size_t bp = dsv2_mlp_eo_x(m, Tc) ? (size_t)Tc * (size_t)d * sizeof(float) : 0;
         float *h = (float *)malloc((size_t)Tc * (size_t)I * sizeof(float) + bx + bh + bp + 192);
@@ -399,15 +358,15 @@ int dsv2_mlp_forward(float *y, const float *x, const dsv2_mlp *m, int64_t T) {
         for (int64_t t0 = 0; t0 < T; t0 += Tc) {
             const int64_t tc = T - t0 < Tc ? T - t0 : Tc;
             const float *xc = x + t0 * d;
-            dsv2_xq xq = dsv2_act16_at(qb, tc, d, gx), hq = dsv2_act16_at(qb + bx, tc, I, gh);
-            if (gx) dsv2_quantize_act16((int16_t *)xq.q, (float *)xq.s, xc, d, tc, d, gx);
+            dsv2_xq xq = dsv2_act_at(kx, qb, tc, d), hq = dsv2_act_at(kh, qb + bx, tc, I);
+            dsv2_act_quantize(&xq, xc, d, tc, d);
             if (dsv2_mlp_eo_x(m, tc)) {
                 dsv2_eo_copy_permute(xp, d, xc, d, tc, d);
                 xq.p = xp;
             }
             mlp_job j = {h, y + t0 * d, xc, m, tc, d, I, &xq, &hq};
             dsv2_parallel_for(I, MLP_ROWBLK, mlp_gateup_task, &j);
-            if (gh) dsv2_quantize_act16((int16_t *)hq.q, (float *)hq.s, h, I, tc, I, gh);
+            dsv2_act_quantize(&hq, h, I, tc, I);
             if (dsv2_mlp_eo_h(m, tc)) {
                 dsv2_eo_copy_permute(h, I, h, I, tc, I);
                 hq.p = h;

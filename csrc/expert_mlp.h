@@ -1,7 +1,7 @@
 /* expert_mlp.h - the SwiGLU MLP of DeepSeek's experts, shared experts and
  * dense layers:  y = down( silu(x gate^T) * (x up^T) ).
  *
- * Weights are three dsv2_mat (fp32, bf16 or int8, any mix):
+ * Weights are three dsv2_mat (fp32, bf16, int8 or int4, any mix):
  *   gate [I, d], up [I, d], down [d, I]   (torch Linear layout [out, in]).
  * The stacked transformers-5 layout gate_up_proj [E, 2I, d] gives gate and
  * up as rows [0, I) and [I, 2I) of one expert's matrix (no copy).
@@ -67,26 +67,18 @@ void dsv2_silu_mul(float *h, const float *g, const float *u, int64_t n);
  *  - p set (bf16 weights where dsv2_mlp_eo_x / dsv2_mlp_eo_h hold): x / h in
  *    the even|odd layout of gemv_eo.h, rows K apart; the x / h arguments are
  *    then not read;
- *  - q set: x / h quantized once with dsv2_quantize_act16, rows K apart, used
- *    for a matrix where dsv2_i8q_usable(W, xq->group) holds, else the fp32 x / h. */
+ *  - q / q8 set (dsv2_act_at + dsv2_act_quantize, gemv.h): x / h quantized
+ *    once, int16 for the int8 matrices that take it, int8 for the int4 ones;
+ *    each matrix takes its kind (dsv2_gemv_q_rows), the others the fp32 x / h. */
 void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, const dsv2_xq *xq, int64_t T,
                             const dsv2_mlp *m, int64_t i0, int64_t i1);
 void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, const dsv2_xq *hq, int64_t T,
                           const dsv2_mlp *m, int64_t r0, int64_t r1);
-// rows [r0, ...) of prepared activations with rows K apart (either kind; NULL parts stay NULL)
-dsv2_xq dsv2_xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0);
 
 // 1 when an MLP call of T tokens runs gate/up (x) / down (h) on the even|odd kernels (T >= DSV2_EO_MIN_T)
 int dsv2_mlp_eo_x(const dsv2_mlp *m, int64_t T);
 int dsv2_mlp_eo_h(const dsv2_mlp *m, int64_t T);
 
-/* The activation block size the int16 kernels would use for W (its group), or
- * 0 when W does not take them (not int8, unsupported group or CPU). */
-int64_t dsv2_act16_group(const dsv2_mat *W);
-/* Bytes of int16 codes + fp32 scales of T rows of K values (0 when group is 0),
- * and the dsv2_xq view of such a buffer (64-byte aligned) */
-size_t dsv2_act16_bytes(int64_t T, int64_t K, int64_t group);
-dsv2_xq dsv2_act16_at(void *buf, int64_t T, int64_t K, int64_t group);
 
 /* Matrix-product path (threaded; call it outside parallel regions).
  * x [T, d] (rows ldx apart) -> y [T, d] (rows ldy apart).

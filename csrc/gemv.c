@@ -1,6 +1,7 @@
 /* gemv.c - row-dot kernels (portable, AVX2, AVX-512), fp32, bf16 and int8 weights. */
 #include "gemv.h"
 #include "cpu.h"
+#include "int4.h"
 #include "quant.h"
 
 #include <immintrin.h>
@@ -158,6 +159,10 @@ void dsv2_gemv_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
         dsv2_gemv_i8_rows(y, ldy, x, ldx, T, W, r0, r1);
         return;
     }
+    if (W->dtype == DSV2_I4) {
+        dsv2_gemv_i4_rows(y, ldy, x, ldx, T, W, r0, r1);
+        return;
+    }
     int isa = dsv2_isa();
     if (W->dtype == DSV2_F32 || W->dtype == DSV2_BF16) {
         if (isa == DSV2_ISA_AVX512) {
@@ -194,6 +199,14 @@ DSV2_TARGET_AVX512 static void widen_bf16_avx512(float *out, const uint16_t *in,
     for (; i < n; i++) out[i] = dsv2_bf16_to_f32(in[i]);
 }
 
+void dsv2_bf16_row_to_f32(float *out, const uint16_t *in, int64_t n) {
+    if (dsv2_isa() == DSV2_ISA_AVX512) {
+        widen_bf16_avx512(out, in, n);
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) out[i] = dsv2_bf16_to_f32(in[i]);
+}
+
 void dsv2_mat_rows_to_f32(float *out, const dsv2_mat *W, int64_t r0, int64_t r1) {
     const int64_t K = W->cols;
     if (W->dtype == DSV2_F32) {
@@ -205,6 +218,8 @@ void dsv2_mat_rows_to_f32(float *out, const dsv2_mat *W, int64_t r0, int64_t r1)
         for (int64_t i = 0; i < (r1 - r0) * K; i++) out[i] = dsv2_bf16_to_f32(w[i]);
     } else if (W->dtype == DSV2_I8) {
         dsv2_dequant_i8_rows(out, W, r0, r1);
+    } else if (W->dtype == DSV2_I4) {
+        dsv2_dequant_i4_rows(out, W, r0, r1);
     } else {
         for (int64_t r = r0; r < r1; r++)
             for (int64_t k = 0; k < K; k++) out[(r - r0) * K + k] = dsv2_mat_get(W, r, k);

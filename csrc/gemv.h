@@ -58,6 +58,13 @@ typedef struct {
      * layout, [T, K] rows K apart (q == NULL then).  The MLP row functions of
      * expert_mlp.h take either kind as "activations prepared once per call". */
     const float *p;
+    /* Or, for int4 weights (the third kind, gemv_i4.c): int8 codes in the int4
+     * kernels' layout, [T, Kp] rows Kp apart (Kp: K rounded up to 64), one
+     * fp32 scale per 256 columns [T, ceil(K / 256)], and the sums of the codes
+     * of each 32-column group [T, 8 * ceil(K / 256)] (NULL when not prepared). */
+    const int8_t *q8;
+    const float *s8;
+    const int16_t *gsum8;
 } dsv2_xq;
 
 // x [T, K] (rows ldx apart) -> q [T, K] int16 , s [T, K / group]   (K % group == 0)
@@ -77,6 +84,65 @@ int dsv2_set_i8_act(int mode);
 // xq [T, K] (dsv2_xq, group == W->group) , W int8 [rows, K] -> y[t * ldy + r], r in [r0, r1); any T >= 1
 void dsv2_gemv_i8q_rows(float *y, int64_t ldy, const dsv2_xq *xq, int T, const dsv2_mat *W, int64_t r0,
                         int64_t r1);
+
+/* ---- int4 weights x int8-quantized activations (gemv_i4.c) ----
+ * The decode path for int4 weights (int4.h): each activation row is
+ * quantized once per call to int8 with one fp32 scale per 256 columns (the
+ * weights' super-blocks),
+ *   s[t, b] = max_{c in b} |x[t, c]| / 127 ,  q[t, c] = rint(x[t, c] / s[t, b])
+ * (fp32 division, half to even; q = 0 where s = 0; a block holding NaN / Inf
+ * gets s = NaN), and per super-block b of weight row r
+ *   y[t, r] += s[t, b] * (d * sum_g sc_g * sum_{c in g} qw[r, c] q[t, c]
+ *                         - dmin * sum_g m_g * sum_{c in g} q[t, c])
+ * with the sums exact in int32 (AVX-512 VNNI vpmaddubsw + vpdpwssd, AVX2
+ * vpmaddubsw + vpmaddwd, portable C) and the rest in fp32.  Activation
+ * rounding is at most max|x in block| / 254 per value. */
+// x [T, K] (rows ldx apart) -> xq's q8 [T, Kp], s8 [T, nsb], gsum8 [T, 8 nsb]  (a view from dsv2_act8_at)
+void dsv2_quantize_act8(const dsv2_xq *xq, const float *x, int64_t ldx, int64_t T, int64_t K);
+// bytes of the int8 kind for T rows of K values, and its view of such a buffer (64-byte aligned)
+size_t dsv2_act8_bytes(int64_t T, int64_t K);
+dsv2_xq dsv2_act8_at(void *buf, int64_t T, int64_t K);
+// 1 when W is int4 and the int4 activation mode is DSV2_I4_ACT_INT8
+int dsv2_i4q_usable(const dsv2_mat *W);
+/* Activations of int4 row-dot products: DSV2_I4_ACT_INT8 (the default; the
+ * environment variable DSV2EXT_INT4_ACT=fp32 changes it) or DSV2_I4_ACT_FP32
+ * (the dequantized weights times fp32 activations, exactly).  Set between calls. */
+enum { DSV2_I4_ACT_INT8 = 0, DSV2_I4_ACT_FP32 = 1 };
+int dsv2_get_i4_act(void);
+int dsv2_set_i4_act(int mode);
+// xq [T, K] (int8 kind) , W int4 [rows, K] -> y[t * ldy + r], r in [r0, r1); any T >= 1
+void dsv2_gemv_i4q_rows(float *y, int64_t ldy, const dsv2_xq *xq, int T, const dsv2_mat *W, int64_t r0,
+                        int64_t r1);
+// The int4 case of dsv2_gemv_rows (fp32 activations, weights dequantized exactly); any T >= 1
+void dsv2_gemv_i4_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
+                       int64_t r0, int64_t r1);
+
+/* ---- activations prepared once per call (act_prep.c) ----
+ * The kinds an input of matrices a and b (b may be NULL) is prepared in:
+ * g16 > 0: the int16 kind with blocks of g16 columns (for the int8 matrices,
+ * when they all take the int16 kernels with that group); i8: the int8 kind
+ * (an int4 matrix takes the int8 kernels).  Matrices of other dtypes, or
+ * int8 ones without the int16 kind, run on fp32 activations. */
+typedef struct {
+    int64_t g16;
+    int i8;
+} dsv2_act_kinds;
+dsv2_act_kinds dsv2_act_kinds_of(const dsv2_mat *a, const dsv2_mat *b);
+// bytes of those kinds for T rows of K values (0: none), and the view of such a buffer (64-byte aligned)
+size_t dsv2_act_bytes(dsv2_act_kinds k, int64_t T, int64_t K);
+dsv2_xq dsv2_act_at(dsv2_act_kinds k, void *buf, int64_t T, int64_t K);
+// x [T, K] (rows ldx apart) -> every quantized kind that xq holds
+void dsv2_act_quantize(const dsv2_xq *xq, const float *x, int64_t ldx, int64_t T, int64_t K);
+// rows [r0, ...) of prepared activations with rows of K values (every kind; NULL parts stay NULL)
+dsv2_xq dsv2_xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0);
+// y[t * ldy + r], r in [r0, r1), t < T (any T) with W's kernel for the prepared kinds:
+// int4 W and xq->q8: int8 kernels; int8 W usable with xq->q's group: int16 kernels; returns 0
+// when xq has no kind for W (the caller takes its fp32 path)
+int dsv2_gemv_q_rows(float *y, int64_t ldy, const dsv2_xq *xq, int64_t T, const dsv2_mat *W, int64_t r0,
+                     int64_t r1);
+
+/* bf16 in [n] -> fp32 out [n] (exact) */
+void dsv2_bf16_row_to_f32(float *out, const uint16_t *in, int64_t n);
 
 /* Widen rows [r0, r1) of W to fp32: out [(r1 - r0), W->cols]. */
 void dsv2_mat_rows_to_f32(float *out, const dsv2_mat *W, int64_t r0, int64_t r1);

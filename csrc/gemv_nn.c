@@ -1,7 +1,9 @@
 /* gemv_nn.c - y = x W for T <= 4 rows (portable, AVX2 via the compiler, AVX-512);
- * fp32, bf16 and int8 (block-scaled, dequantized in registers) weights. */
+ * fp32, bf16 and int8 (block-scaled, dequantized in registers) weights; int4
+ * weights (int4.h) through the generic loop on dequantized column blocks. */
 #include "gemv_nn.h"
 #include "cpu.h"
+#include "int4.h"
 
 #include <immintrin.h>
 
@@ -24,6 +26,8 @@ nn_generic(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2
             } else if (W->dtype == DSV2_BF16) {
                 const uint16_t *wr = (const uint16_t *)W->data + k * N + cb;
                 for (int64_t c = 0; c < nc; c++) w[c] = dsv2_bf16_to_f32(wr[c]);
+            } else if (W->dtype == DSV2_I4) {
+                dsv2_dequant_i4_cols(w, W, k, cb, cb + nc);
             } else {
                 const int8_t *wr = (const int8_t *)W->data + k * N + cb;
                 const float *sr = W->scale + k * (N / W->group);
@@ -118,13 +122,17 @@ NN512_T(4)
 
 int dsv2_gemv_nn(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
                  int64_t c0, int64_t c1) {
-    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16 && W->dtype != DSV2_I8) return DSV2_ERR_DTYPE;
+    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16 && W->dtype != DSV2_I8 && W->dtype != DSV2_I4)
+        return DSV2_ERR_DTYPE;
     if (W->dtype == DSV2_I8 && (!W->scale || W->group < 1 || W->cols % W->group)) return DSV2_ERR_ARG;
     if (T <= 0 || c0 >= c1) return DSV2_OK;
     if (T > DSV2_GEMV_NN_MAX_T || c0 < 0 || c1 > W->cols) return DSV2_ERR_ARG;
     int isa = dsv2_isa();
     /* int8 in AVX-512 registers: every 16-column chunk must lie in one scale block */
-    if (isa == DSV2_ISA_AVX512 && (W->dtype != DSV2_I8 || (W->group % 16 == 0 && c0 % 16 == 0))) {
+    /* int4: rows dequantized one column block at a time (the generic loop) */
+    if (W->dtype == DSV2_I4) {
+        nn_portable(y, ldy, x, ldx, T, W, c0, c1);
+    } else if (isa == DSV2_ISA_AVX512 && (W->dtype != DSV2_I8 || (W->group % 16 == 0 && c0 % 16 == 0))) {
         switch (T) {
         case 1: nn_avx512_t1(y, ldy, x, ldx, W, c0, c1); break;
         case 2: nn_avx512_t2(y, ldy, x, ldx, W, c0, c1); break;
@@ -198,10 +206,11 @@ DSV2_TARGET_AVX512 static void nn_stream_avx512(float *y, int64_t ldy, const flo
 }
 
 int dsv2_gemv_nn_stream(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W) {
-    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16 && W->dtype != DSV2_I8) return DSV2_ERR_DTYPE;
+    if (W->dtype != DSV2_F32 && W->dtype != DSV2_BF16 && W->dtype != DSV2_I8 && W->dtype != DSV2_I4)
+        return DSV2_ERR_DTYPE;
     if (T > DSV2_GEMV_NN_MAX_T) return DSV2_ERR_ARG;
     if (T <= 0) return DSV2_OK;
-    if (dsv2_isa() == DSV2_ISA_AVX512 && (W->dtype != DSV2_I8 || W->group % 16 == 0)) {
+    if (dsv2_isa() == DSV2_ISA_AVX512 && W->dtype != DSV2_I4 && (W->dtype != DSV2_I8 || W->group % 16 == 0)) {
         nn_stream_avx512(y, ldy, x, ldx, T, W);
         return DSV2_OK;
     }

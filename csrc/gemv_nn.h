@@ -10,7 +10,7 @@
 
 #define DSV2_GEMV_NN_MAX_T 4
 
-// x [T, K] (rows ldx apart) , W [K, N] (fp32 | bf16 | int8) -> y [T, N] (rows ldy apart), T <= 4
+// x [T, K] (rows ldx apart) , W [K, N] (fp32 | bf16 | int8 | int4) -> y [T, N] (rows ldy apart), T <= 4
 // Columns [c0, c1) of y only.  Returns DSV2_ERR_DTYPE for other weight dtypes.
 int dsv2_gemv_nn(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
                  int64_t c0, int64_t c1);

@@ -32,7 +32,7 @@ static void gemv_task(void *ctx, int64_t b, int64_t e, int tid) {
 static void gemvq_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     rows_job *j = (rows_job *)ctx;
-    dsv2_gemv_i8q_rows(j->y, j->ldy, j->xq, (int)j->T, j->W, b, e);
+    dsv2_gemv_q_rows(j->y, j->ldy, j->xq, j->T, j->W, b, e);
 }
 
 static void eo_task(void *ctx, int64_t b, int64_t e, int tid) {
@@ -41,19 +41,20 @@ static void eo_task(void *ctx, int64_t b, int64_t e, int tid) {
     dsv2_gemv_eo_rows_blocked(j->y, j->ldy, j->xq->p, j->W->cols, j->T, j->W, b, e);
 }
 
-/* int8 weights, few rows: activations quantized to int16 once, then the int8 x int16 kernels */
-static int linear_i8q(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {
-    const int64_t K = W->cols, g = W->group;
-    const size_t qbytes = ((size_t)T * (size_t)K * sizeof(int16_t) + 63) & ~(size_t)63;
+/* int8 / int4 weights, few rows: activations quantized once (int16 for int8 weights,
+ * int8 for int4 weights, see gemv.h), then the integer row-dot kernels */
+static int linear_q(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T,
+                    dsv2_act_kinds k) {
+    const int64_t K = W->cols;
     char stackbuf[16384] __attribute__((aligned(64)));
-    size_t need = qbytes + (size_t)T * (size_t)(K / g) * sizeof(float);
-    char *buf = need <= sizeof stackbuf ? stackbuf : (char *)malloc(need);
+    const size_t need = dsv2_act_bytes(k, T, K);
+    char *buf = need <= sizeof stackbuf ? stackbuf : (char *)dsv2_scratch_alloc(need);
     if (!buf) return DSV2_ERR_NOMEM;
-    dsv2_xq xq = {(const int16_t *)buf, (const float *)(buf + qbytes), g};
-    dsv2_quantize_act16((int16_t *)buf, (float *)(buf + qbytes), x, ldx, T, K, g);
+    const dsv2_xq xq = dsv2_act_at(k, buf, T, K);
+    dsv2_act_quantize(&xq, x, ldx, T, K);
     rows_job j = {y, ldy, NULL, 0, &xq, W, T};
     dsv2_parallel_for(W->rows, 16, gemvq_task, &j);
-    if (buf != stackbuf) free(buf);
+    if (buf != stackbuf) dsv2_scratch_free(buf);
     return DSV2_OK;
 }
 
@@ -111,7 +112,10 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
     if (T < 0 || N <= 0 || K <= 0 || ldx < K || ldy < N) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
     if (dsv2_bf16dp_use(W, T)) return dsv2_linear_bf16dp(y, ldy, x, ldx, W, T); /* opt-in bf16 compute */
-    if (T <= DSV2_LINEAR_GEMV_MAX_T && dsv2_i8q_usable(W, W->group)) return linear_i8q(y, ldy, x, ldx, W, T);
+    if (T <= DSV2_LINEAR_GEMV_MAX_T) {
+        const dsv2_act_kinds k = dsv2_act_kinds_of(W, NULL);
+        if (k.g16 || k.i8) return linear_q(y, ldy, x, ldx, W, T, k);
+    }
     if (T <= DSV2_LINEAR_GEMV_MAX_T) {
         for (int64_t t0 = 0; t0 < T; t0 += DSV2_LINEAR_GEMV_MAX_T) {
             int tt = (int)(T - t0 < DSV2_LINEAR_GEMV_MAX_T ? T - t0 : DSV2_LINEAR_GEMV_MAX_T);

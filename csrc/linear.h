@@ -1,4 +1,4 @@
-/* linear.h - y = x W^T for fp32 activations and fp32 / bf16 / int8 weights. */
+/* linear.h - y = x W^T for fp32 activations and fp32 / bf16 / int8 / int4 weights. */
 #ifndef DSV2_LINEAR_H
 #define DSV2_LINEAR_H
 
@@ -7,8 +7,9 @@
 /* Up to this many activation rows use the row-dot kernels (the weight is
  * streamed once per 4 rows); more rows use OpenBLAS sgemm, with bf16 weights
  * widened (int8 weights dequantized) one panel of rows at a time (never the
- * whole matrix).  int8 weights with few rows use int16-quantized activations
- * (quantized once per call; see gemv.h) where the CPU allows. */
+ * whole matrix; int4 weights dequantized likewise).  int8 weights with few
+ * rows use int16-quantized activations, int4 weights int8-quantized ones
+ * (quantized once per call; see gemv.h). */
 #define DSV2_LINEAR_GEMV_MAX_T 8
 
 // x [T, K] (rows ldx apart) , W [N, K] -> y [T, N] (rows ldy apart)

@@ -112,34 +112,32 @@ static void gather_task(void *ctx, int64_t b, int64_t e, int tid) {
         memcpy(g->dst + r * g->d, g->x + (g->order[r] / g->k) * g->d, (size_t)g->d * sizeof(float));
 }
 
-/* quantize the h rows of every unit (int8 down_proj) */
+/* quantize the h rows of every unit (int8 / int4 down_proj) */
 static void quant_h_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     block_job *j = (block_job *)ctx;
     for (int64_t u = b; u < e; u++) {
         const unit *un = &j->units[u];
-        if (un->hq.q)
-            dsv2_quantize_act16((int16_t *)un->hq.q, (float *)un->hq.s, un->h, un->ldh, un->n, un->I, un->hq.group);
+        dsv2_act_quantize(&un->hq, un->h, un->ldh, un->n, un->I);
     }
 }
 
 typedef struct {
-    int16_t *q;
-    float *s;
+    const dsv2_xq *xq;
     const float *x;
-    int64_t ldx, K, group;
+    int64_t ldx, K;
 } quant_rows_job;
 
 static void quant_rows_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     quant_rows_job *j = (quant_rows_job *)ctx;
-    dsv2_quantize_act16(j->q + b * j->K, j->s + b * (j->K / j->group), j->x + b * j->ldx, j->ldx, e - b, j->K,
-                        j->group);
+    const dsv2_xq xr = dsv2_xq_rows(j->xq, j->K, b);
+    dsv2_act_quantize(&xr, j->x + b * j->ldx, j->ldx, e - b, j->K);
 }
 
-/* rows x [n, K] -> the int16 view xq (threaded over rows when there are many) */
+/* rows x [n, K] -> the prepared kinds of xq (threaded over rows when there are many) */
 static void quant_rows(const dsv2_xq *xq, const float *x, int64_t ldx, int64_t n, int64_t K) {
-    quant_rows_job j = {(int16_t *)xq->q, (float *)xq->s, x, ldx, K, xq->group};
+    quant_rows_job j = {xq, x, ldx, K};
     int64_t grain = (int64_t)(1 << 16) / K;
     dsv2_parallel_for(n, grain < 1 ? 1 : grain, quant_rows_task, &j);
 }
@@ -148,7 +146,7 @@ typedef struct {
     int64_t *off, *order, *rows;
     float *wts, *Xg, *Y, *H, *Ys, *Hs, *Xs, *gs;
     unit *units;
-    /* int16 activations for int8 weights (q == NULL when unused):
+    /* quantized activations for int8 / int4 weights (all parts NULL when unused):
      * Xq [S, d] gathered rows, xsq [Tc, d] (shared), Hq [S, I], Hsq [hs_tok, Is] */
     dsv2_xq Xq, xsq, Hq, Hsq;
 } workspace;
@@ -185,9 +183,9 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         int64_t n = ws->off[e + 1] - ws->off[e];
         if (n >= 1 && n <= busy) nsmall += n;
     }
-    /* int8 experts: their gathered rows quantized to int16 once (all S rows
+    /* int8 / int4 experts: their gathered rows quantized once (all S rows
      * when most are in row-dot units, else only the units' rows) */
-    if (ws->Xq.q && nsmall) {
+    if ((ws->Xq.q || ws->Xq.q8) && nsmall) {
         if (2 * nsmall >= S) {
             quant_rows(&ws->Xq, ws->Xg, d, S, d);
         } else {
@@ -195,7 +193,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
                 int64_t o = ws->off[e], n = ws->off[e + 1] - o;
                 if (n >= 1 && n <= busy) {
                     dsv2_xq xr = dsv2_xq_rows(&ws->Xq, d, o);
-                    dsv2_quantize_act16((int16_t *)xr.q, (float *)xr.s, ws->Xg + o * d, d, n, d, xr.group);
+                    dsv2_act_quantize(&xr, ws->Xg + o * d, d, n, d);
                 }
             }
         }
@@ -213,7 +211,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         }
     }
     if (shared && Tc <= busy_shared) {
-        if (ws->xsq.q) quant_rows(&ws->xsq, x, d, Tc, d);
+        if (ws->xsq.q || ws->xsq.q8) quant_rows(&ws->xsq, x, d, Tc, d);
         unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq};
         if (!un.hq.q && dsv2_mlp_eo_h(shared, Tc)) un.hq.p = un.h;
         if (!un.xq.q && dsv2_mlp_eo_x(shared, Tc)) { /* the caller's x: an even|odd copy */
@@ -246,7 +244,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         if (un->xq.p == un->x) dsv2_eo_copy_permute((float *)un->x, un->ldx, un->x, un->ldx, un->n, d);
     }
     if (items > 0) dsv2_parallel_for(nt, 1, gateup_task, &j);
-    if (ws->Hq.q || ws->Hsq.q) dsv2_parallel_for(nu, 1, quant_h_task, &j);
+    if (ws->Hq.q || ws->Hq.q8 || ws->Hsq.q || ws->Hsq.q8) dsv2_parallel_for(nu, 1, quant_h_task, &j);
     for (int64_t u = 0; u < nu; u++) {
         const unit *un = &ws->units[u];
         if (un->hq.p) dsv2_eo_copy_permute(un->h, un->ldh, un->h, un->ldh, un->n, un->I);
@@ -296,16 +294,14 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
     if (shared && dsv2_mlp_rowdot_max_t(shared) < hs_tok) hs_tok = dsv2_mlp_rowdot_max_t(shared);
 
     workspace ws;
-    /* int8 weights: int16 activation buffers (group 0 = not used) */
-    int64_t gx = dsv2_act16_group(&experts[0].gate), gI = dsv2_act16_group(&experts[0].down);
-    if (gx != dsv2_act16_group(&experts[0].up)) gx = 0;
-    int64_t gsx = 0, gIs = 0;
-    if (shared) {
-        gsx = dsv2_act16_group(&shared->gate) == dsv2_act16_group(&shared->up) ? dsv2_act16_group(&shared->gate) : 0;
-        gIs = dsv2_act16_group(&shared->down);
-    }
-    const size_t qb[4] = {dsv2_act16_bytes(S, d, gx), dsv2_act16_bytes(Tc, d, gsx), dsv2_act16_bytes(S, I, gI),
-                          dsv2_act16_bytes(hs_tok, Is, gIs)};
+    /* int8 / int4 weights: quantized activation buffers (kinds with nothing set = not used) */
+    const dsv2_act_kinds kx = dsv2_act_kinds_of(&experts[0].gate, &experts[0].up),
+                         kI = dsv2_act_kinds_of(&experts[0].down, NULL);
+    const dsv2_act_kinds none_k = {0, 0};
+    const dsv2_act_kinds ksx = shared ? dsv2_act_kinds_of(&shared->gate, &shared->up) : none_k,
+                         kIs = shared ? dsv2_act_kinds_of(&shared->down, NULL) : none_k;
+    const size_t qb[4] = {dsv2_act_bytes(kx, S, d), dsv2_act_bytes(ksx, Tc, d), dsv2_act_bytes(kI, S, I),
+                          dsv2_act_bytes(kIs, hs_tok, Is)};
     size_t nf = (size_t)(S + 2 * S * d + S * I + Tc * d + hs_tok * Is + hs_tok * d + gsz);
     ws.off = (int64_t *)malloc((size_t)(E + 1 + 2 * S) * sizeof(int64_t));
     ws.wts = (float *)dsv2_scratch_alloc(nf * sizeof(float)); /* kept between calls: no fresh page faults */
@@ -319,12 +315,12 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
         return DSV2_ERR_NOMEM;
     }
     {
-        const int64_t gs4[4] = {gx, gsx, gI, gIs}, rows4[4] = {S, Tc, S, hs_tok}, K4[4] = {d, d, I, Is};
+        const dsv2_act_kinds k4[4] = {kx, ksx, kI, kIs};
+        const int64_t rows4[4] = {S, Tc, S, hs_tok}, K4[4] = {d, d, I, Is};
         dsv2_xq *dst[4] = {&ws.Xq, &ws.xsq, &ws.Hq, &ws.Hsq};
         char *p = qbuf;
         for (int i = 0; i < 4; i++) {
-            dsv2_xq none = {NULL, NULL, 0, NULL};
-            *dst[i] = gs4[i] ? dsv2_act16_at(p, rows4[i], K4[i], gs4[i]) : none;
+            *dst[i] = dsv2_act_at(k4[i], p, rows4[i], K4[i]);
             p += (qb[i] + 63) & ~(size_t)63;
         }
     }

@@ -23,7 +23,7 @@ from .safetensors import CheckpointReader
 from .sampling import SamplingParams, select_token
 from .tokenizer import Tokenizer, TokenizerError
 from .ops.moe import moe_expert_table
-from .quant import quantize_model_weights, read_quantization_config
+from .quant import QUANT_METHOD, RECIPES, quantize_model_weights, read_quantization_config
 from .weights import ModelWeights, load_weights
 
 __all__ = ["DeepseekV2", "load", "default_model_path"]
@@ -110,11 +110,17 @@ class DeepseekV2:
         path : str, optional
             Directory with config.json and safetensors (single file or sharded
             with model.safetensors.index.json).  Default: the bundled model.
-        dtype : {None, "bf16", "f32", "int8"}
+        dtype : {None, "bf16", "f32", "int8", "int4", "int4-mixed"}
             None keeps the checkpoint's dtype (weights stay memory-mapped);
             "f32"/"bf16" convert (a copy); "int8" quantizes every Linear
-            weight (dsv2ext.quant: per-32-column absmax scales; a checkpoint
-            saved by dsv2ext.quant.save_quantized loads as it is stored).
+            weight (dsv2ext.quant: per-32-column absmax scales); "int4" the
+            Linear weights to the 4-bit format of dsv2ext.int4, but kv_b_proj
+            and the down_proj of dense MLPs and shared experts (int8);
+            "int4-mixed" the routed experts to int4 and the other Linear
+            weights to int8 (see dsv2ext.quant).  Quantizing streams tensor by tensor
+            (threaded C) and releases the source pages.  A checkpoint saved by
+            dsv2ext.quant.save_quantized loads as it is stored (memory-mapped)
+            with dtype None or its own recipe.
         kv_dtype : {None, "f32", "bf16", "fp8"}
             Format of the latent KV cache rows (see :mod:`dsv2ext.cache`).  None: "f32"
             for fp32 weights (exact, parity with fp32 references), "bf16" otherwise.
@@ -126,18 +132,26 @@ class DeepseekV2:
         if path is None:
             path = default_model_path()
         path = os.fspath(path)
-        if dtype not in (None, "bf16", "f32", "int8"):
-            raise ValueError(f"dtype: expected None, 'bf16', 'f32' or 'int8', got {dtype!r}")
+        if dtype not in (None, "bf16", "f32") + RECIPES:
+            raise ValueError(f"dtype: expected None, 'bf16', 'f32', 'int8', 'int4' or 'int4-mixed', got {dtype!r}")
         if kv_dtype not in (None,) + KV_DTYPES:
             raise ValueError(f"kv_dtype: expected None or one of {KV_DTYPES}, got {kv_dtype!r}")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"path: {path!r} is not a checkpoint directory")
         config = ModelConfig.from_pretrained(path)
+        quant = read_quantization_config(path)
+        if dtype in RECIPES and quant is not None:
+            stored = "int8" if quant["quant_method"] == QUANT_METHOD else quant.get("recipe", "int4")
+            if stored != dtype:
+                raise ValueError(f"dtype: {dtype!r} asked for, but {path!r} holds weights already quantized as "
+                                 f"{stored!r} ({quant['quant_method']}); load it with dtype=None (as stored) or "
+                                 "quantize the original checkpoint")
         reader = CheckpointReader(path)
         try:
-            weights = load_weights(reader, config, dtype=None if dtype == "int8" else dtype, progress=progress)
-            if dtype == "int8" and read_quantization_config(path) is None:
-                weights = quantize_model_weights(weights, release_source=True)
+            weights = load_weights(reader, config, dtype=None if dtype in RECIPES else dtype, progress=progress,
+                                   quant=quant)
+            if dtype in RECIPES and quant is None:
+                weights = quantize_model_weights(weights, release_source=True, recipe=dtype)
         except BaseException:
             reader.close()
             raise
@@ -554,7 +568,7 @@ class DeepseekV2:
         for w in _iter_weights(self.weights):
             dt = _dtype_of(w)
             dtypes[dt] = dtypes.get(dt, 0) + int(np.prod(w.shape))
-            nbytes += int(getattr(w, "total_nbytes", w.nbytes))  # int8: codes + scales
+            nbytes += int(getattr(w, "total_nbytes", w.nbytes))  # int8 / int4: codes + scales
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         L = cfg.num_hidden_layers
         mha = 2 * cfg.num_attention_heads * cfg.v_head_dim * L

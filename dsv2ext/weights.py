@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .dtypes import BF16, float32_to_bf16_bits
+from .int4 import int4_row_bytes
 from .quant import is_scales_tensor, load_quantized_tensor
 from .safetensors import FP8E4M3, CheckpointError, CheckpointReader
 
@@ -188,7 +189,7 @@ def _check_counts(cfg: ModelConfig, have: set, reader: CheckpointReader) -> None
 
 
 def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str] = None,
-                 progress: Optional[bool] = None) -> ModelWeights:
+                 progress: Optional[bool] = None, quant: Optional[Dict[str, Any]] = None) -> ModelWeights:
     """Read and check every tensor of the causal LM.
 
     Parameters
@@ -197,9 +198,14 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
     cfg : ModelConfig
     dtype : {None, "bf16", "f32"}
         None keeps each tensor's dtype (F16 -> F32, FP8 -> BF16, I8 with
-        ``<name>.scales`` -> :class:`dsv2ext.quant.Int8Weight`).
+        ``<name>.scales`` -> :class:`dsv2ext.quant.Int8Weight`, U8 of a
+        ``dsv2ext-int4`` checkpoint -> :class:`dsv2ext.int4.Int4Weight`).
     progress : bool, optional
         Show a tqdm bar (default: when stderr is a terminal).
+    quant : dict, optional
+        The checkpoint's dsv2ext ``quantization_config``
+        (:func:`dsv2ext.quant.read_quantization_config`); U8 tensors are read
+        as packed int4 weights only when its method is ``dsv2ext-int4``.
 
     Raises
     ------
@@ -222,8 +228,16 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
             f"checkpoint {reader.directory!r} has tensors this config does not use: "
             f"{', '.join(repr(n) + ' in ' + repr(reader.file_of(n)) for n in extra[:5])}{more}; "
             "does config.json match the weights?")
+    int4 = bool(quant) and quant.get("quant_method") == "dsv2ext-int4"
     for n, shape in want.items():
-        got = tuple(reader.info(n)[1])
+        tag, got = reader.info(n)
+        got = tuple(got)
+        if tag == "U8" and len(shape) == 2:
+            if not int4:
+                raise CheckpointError(f"tensor {n!r} in {reader.file_of(n)!r} is U8 {list(got)}: packed 4-bit "
+                                      "weights are read only from a checkpoint whose config.json has "
+                                      "quantization_config.quant_method 'dsv2ext-int4'")
+            shape = shape[:-1] + (int4_row_bytes(shape[-1]),)  # packed rows (dsv2ext.int4)
         if got != shape:
             raise CheckpointError(f"tensor {n!r} in {reader.file_of(n)!r} has shape {list(got)}, "
                                   f"expected {list(shape)} from config.json")
@@ -236,7 +250,7 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
         bar = tqdm(total=len(want), desc="Loading weights", unit="tensor", file=sys.stderr)
 
     def get(n: str) -> Weight:
-        w = load_quantized_tensor(reader, n, dtype)  # int8 + <n>.scales, else None
+        w = load_quantized_tensor(reader, n, dtype, shape=want[n])  # int8 + <n>.scales, int4, else None
         if w is None:
             w = _convert(reader.get(n, aligned=True), n, reader, dtype)
         if bar is not None:

@@ -19,7 +19,8 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     if (!out) return NULL;
     dsv2py_tensor w;
     if (dsv2py_weight(o_w, "weight", 1, wshape, &w) < 0) return NULL;
-    if (w.dtype == DSV2_I8) return PyErr_Format(PyExc_TypeError, "weight: int8 norm weights are not supported");
+    if (w.dtype == DSV2_I8 || w.dtype == DSV2_I4)
+        return PyErr_Format(PyExc_TypeError, "weight: quantized (int8 / int4) norm weights are not supported");
     char gb[32];
     if (!(eps >= 0.0) || eps > 1.0)
         return PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %s", dsv2py_g(gb, sizeof gb, eps));
@@ -33,7 +34,7 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* linear(out [T, N] f32, x [T, K] f32, weight [N, K] f32|BF16|int8) -> None */
+/* linear(out [T, N] f32, x [T, K] f32, weight [N, K] f32|BF16|int8|int4) -> None */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     PyObject *o_out, *o_x, *o_w;
     if (!PyArg_ParseTuple(args, "OOO:linear", &o_out, &o_x, &o_w)) return NULL;

@@ -352,7 +352,8 @@ static PyObject *py_mla_compress_kv(PyObject *self, PyObject *args) {
     dsv2py_tensor wa, wn;
     if (dsv2py_weight(o_wa, "kv_a_proj_with_mqa", 2, wshape, &wa) < 0) return NULL;
     if (dsv2py_weight(o_wn, "kv_a_layernorm", 1, nshape, &wn) < 0) return NULL;
-    if (wn.dtype == DSV2_I8) return PyErr_Format(PyExc_TypeError, "kv_a_layernorm: int8 norm weights are not supported");
+    if (wn.dtype == DSV2_I8 || wn.dtype == DSV2_I4)
+        return PyErr_Format(PyExc_TypeError, "kv_a_layernorm: quantized (int8 / int4) norm weights are not supported");
     PyArrayObject *seq, *pos, *f;
     if (check_tokens(o_seq, o_pos, T, B, S, &seq, &pos) < 0) return NULL;
     if (check_unique((const int64_t *)dsv2py_data(seq), (const int64_t *)dsv2py_data(pos), T, S) < 0) return NULL;
@@ -516,7 +517,8 @@ static PyObject *py_mla_attention_block(PyObject *self, PyObject *args) {
         if (dsv2py_weight(o_qa, "q_a_proj", 2, s1, &t) < 0) return NULL;
         w.q_a_proj = dsv2py_mat(&t);
         if (dsv2py_weight(o_qan, "q_a_layernorm", 1, s2, &t) < 0) return NULL;
-        if (t.dtype == DSV2_I8) return PyErr_Format(PyExc_TypeError, "q_a_layernorm: int8 norm weights are not supported");
+        if (t.dtype == DSV2_I8 || t.dtype == DSV2_I4)
+            return PyErr_Format(PyExc_TypeError, "q_a_layernorm: quantized (int8 / int4) norm weights are not supported");
         w.q_a_norm = dsv2py_mat(&t);
         if (dsv2py_weight(o_qb, "q_b_proj", 2, s3, &t) < 0) return NULL;
         w.q_b_proj = dsv2py_mat(&t);
@@ -526,7 +528,8 @@ static PyObject *py_mla_attention_block(PyObject *self, PyObject *args) {
         if (dsv2py_weight(o_kva, "kv_a_proj_with_mqa", 2, s1, &t) < 0) return NULL;
         w.kv_a_proj = dsv2py_mat(&t);
         if (dsv2py_weight(o_kvan, "kv_a_layernorm", 1, s2, &t) < 0) return NULL;
-        if (t.dtype == DSV2_I8) return PyErr_Format(PyExc_TypeError, "kv_a_layernorm: int8 norm weights are not supported");
+        if (t.dtype == DSV2_I8 || t.dtype == DSV2_I4)
+            return PyErr_Format(PyExc_TypeError, "kv_a_layernorm: quantized (int8 / int4) norm weights are not supported");
         w.kv_a_norm = dsv2py_mat(&t);
         if (dsv2py_weight(o_kvb, "kv_b_proj", 2, s3, &t) < 0) return NULL;
         w.kv_b_proj = dsv2py_mat(&t);

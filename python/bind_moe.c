@@ -17,8 +17,7 @@
 /* bytes spanned by a parsed weight tensor */
 static int tensor_overlaps(PyArrayObject *a, const dsv2py_tensor *t) {
     if (!a) return 0;
-    size_t n = dsv2_dtype_size(t->dtype);
-    for (int i = 0; i < t->ndim; i++) n *= (size_t)t->shape[i];
+    size_t n = dsv2py_tensor_bytes(t);
     const char *a0 = (const char *)PyArray_DATA(a), *a1 = a0 + PyArray_NBYTES(a);
     const char *b0 = (const char *)t->data, *b1 = b0 + n;
     return a0 < b1 && b0 < a1;

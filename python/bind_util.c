@@ -129,6 +129,44 @@ static int hold(PyObject *arr, const char *name, const char *attr) {
     return 0;
 }
 
+/* "int4": .data uint8 [..., rows, dsv2_i4_row_bytes(cols)] (csrc/int4.h) and .cols, the
+ * logical column count; the tensor's shape is [..., rows, cols]. */
+static int int4_weight(PyObject *obj, PyObject *data, const char *name, int ndim, const int64_t *shape,
+                       dsv2py_tensor *out) {
+    char buf[256];
+    PyObject *oc = PyObject_GetAttrString(obj, "cols");
+    if (!oc) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: an int4 weight needs .cols (its number of columns)", name);
+        }
+        return -1;
+    }
+    long long cols = PyLong_Check(oc) ? PyLong_AsLongLong(oc) : -1;
+    Py_DECREF(oc);
+    if (cols == -1 && PyErr_Occurred()) return -1;
+    if (cols < 1 || cols > ((int64_t)1 << 40)) {
+        PyErr_Format(PyExc_ValueError, "%s.cols: expected a positive int, got %lld", name, cols);
+        return -1;
+    }
+    int64_t want[4];
+    for (int i = 0; i < ndim; i++) want[i] = shape ? shape[i] : DSV2PY_ANY;
+    if (want[ndim - 1] >= 0 && want[ndim - 1] != cols) {
+        char ws[128];
+        dsv2py_fmt_shape(ws, sizeof ws, ndim, shape);
+        PyErr_Format(PyExc_ValueError, "%s: expected shape %s, got an int4 weight of %lld columns", name, ws, cols);
+        return -1;
+    }
+    want[ndim - 1] = dsv2_i4_row_bytes(cols);
+    snprintf(buf, sizeof buf, "%s.data", name);
+    PyArrayObject *a = check_array(data, buf, NPY_UINT8, ndim, want, 0, "uint8 (packed int4 rows)");
+    if (!a || hold(data, name, "data") < 0) return -1;
+    fill_tensor(a, DSV2_I4, out);
+    out->shape[ndim - 1] = cols;
+    out->group = 32;
+    return 0;
+}
+
 int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out) {
     char buf[256];
     if (ndim < 1 || ndim > 4) {
@@ -217,8 +255,11 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
             }
         }
         Py_DECREF(sc);
+    } else if (!strcmp(t, "int4")) {
+        rc = int4_weight(obj, data, name, ndim, shape, out);
     } else {
-        PyErr_Format(PyExc_TypeError, "%s: unsupported weight dtype tag '%s' (expected 'bf16' or 'int8')", name, t);
+        PyErr_Format(PyExc_TypeError, "%s: unsupported weight dtype tag '%s' (expected 'bf16', 'int8' or 'int4')",
+                     name, t);
     }
 done:
     Py_XDECREF(data);
@@ -229,6 +270,11 @@ done:
 int dsv2py_weight_opt(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out) {
     if (obj == NULL || obj == Py_None) return 1;
     return dsv2py_weight(obj, name, ndim, shape, out);
+}
+
+size_t dsv2py_tensor_bytes(const dsv2py_tensor *t) {
+    dsv2_mat m = dsv2py_mat(t);
+    return (size_t)m.rows * dsv2_mat_row_bytes(&m);
 }
 
 dsv2_mat dsv2py_mat(const dsv2py_tensor *t) {
@@ -250,7 +296,7 @@ dsv2_mat dsv2py_mat_at(const dsv2py_tensor *t, int64_t e) {
     m.rows = t->shape[t->ndim - 2];
     m.cols = t->shape[t->ndim - 1];
     size_t per = (size_t)m.rows * (size_t)m.cols;
-    m.data = (const char *)t->data + (size_t)e * per * dsv2_dtype_size(t->dtype);
+    m.data = (const char *)t->data + (size_t)e * (size_t)m.rows * dsv2_mat_row_bytes(&m);
     m.scale = t->scale ? t->scale + (size_t)e * (size_t)m.rows * (size_t)(m.cols / (t->group ? t->group : 1)) : NULL;
     return m;
 }

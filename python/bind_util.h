@@ -35,7 +35,9 @@ PyArrayObject *dsv2py_array_opt(PyObject *obj, const char *name, int typenum, in
 
 /* A weight tensor: a float32 ndarray, or a dtype-tagged wrapper object with
  * `__dsv2_dtype__` ("bf16": `.data` uint16 ndarray; "int8": `.data` int8
- * ndarray and `.scales` float32 [..., rows, cols / group]). */
+ * ndarray and `.scales` float32 [..., rows, cols / group]; "int4": `.data`
+ * uint8 [..., rows, dsv2_i4_row_bytes(cols)] and `.cols`, see csrc/int4.h).
+ * `shape` is the logical shape [..., rows, cols]. */
 typedef struct {
     dsv2_dtype dtype;
     const void *data;
@@ -60,6 +62,8 @@ int dsv2py_keep(PyObject *obj);
 /* The 2-D weight as a matrix; for a 3-D stacked weight, matrix e. */
 dsv2_mat dsv2py_mat(const dsv2py_tensor *t);
 dsv2_mat dsv2py_mat_at(const dsv2py_tensor *t, int64_t e);
+/* Bytes of a weight's data (codes; int8 scales not included). */
+size_t dsv2py_tensor_bytes(const dsv2py_tensor *t);
 
 /* Raise ValueError if the memory of arrays a and b overlaps. Returns 0/-1. */
 int dsv2py_no_overlap(PyArrayObject *a, const char *an, PyArrayObject *b, const char *bn);

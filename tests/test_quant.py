@@ -404,7 +404,7 @@ def test_load_int8_from_bf16_checkpoint(bundled_int8):
     # the bf16 source pages were released from the resident set, not from the file
     np.testing.assert_array_equal(m.weights.embed_tokens.data[7], bundled_int8.weights.embed_tokens.data[7])
     with pytest.raises(ValueError, match="dtype"):
-        dsv2ext.load(dtype="int4")
+        dsv2ext.load(dtype="int3")
     m.close()
 
 

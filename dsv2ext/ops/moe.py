@@ -496,7 +496,7 @@ def moe_block(x: np.ndarray, router_weight: Weight, experts: ExpertWeights,
         ``(gate_proj [I, d], up_proj [I, d], down_proj [d, I])`` tuples (or
         mappings with those keys), or an :class:`ExpertTable` of either
         (parsed once: the cheap way to call this per decoded token).
-        float32, BF16 or int8 (``dsv2ext.quant.Int8Weight``), never copied.
+        float32, BF16, int8 (``dsv2ext.quant.Int8Weight``) or int4 (``dsv2ext.int4.Int4Weight``), never copied.
     shared : (gate_proj [Is, d], up_proj [Is, d], down_proj [d, Is]), optional
         The shared experts as one MLP (``Is = n_shared_experts * I``).
     cfg : MoEConfig
