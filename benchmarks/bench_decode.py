@@ -10,9 +10,9 @@ reported).  Roofline tokens/s = streaming read bandwidth / (active weight
 bytes per token in the engine's own format, int8 scales included, + latent
 cache bytes read at that context).  Active bytes: every weight except the
 routed experts (top-k of E of them) and the embedding (one row).  The time
-of a step is split by the ``dsv2ext.ops`` call it spends in: attention
+of a step is split by the ``dsv2ext._C`` kernel it spends in: attention
 (``mla_attention_block``), MoE (``moe_block``), dense MLP (``swiglu_mlp``),
-lm_head (``linear``), norms (``rms_norm``); the rest of the step is Python
+lm_head (``linear``), norms (``rmsnorm``); the rest of the step is Python
 (embedding lookup, residual adds, argument checks, cache bookkeeping).
 
 The checkpoint default is the benchmark cache's ``lite-L4-seed0-v1``
@@ -39,7 +39,7 @@ import dsv2ext  # noqa: E402
 from dsv2ext.dtypes import BF16  # noqa: E402
 
 PROFILED = {"attention": "mla_attention_block", "moe": "moe_block", "dense_mlp": "swiglu_mlp",
-            "lm_head": "linear", "norms": "rms_norm"}
+            "lm_head": "linear", "norms": "rmsnorm"}
 
 
 def _default_ckpt() -> Optional[str]:
@@ -137,7 +137,7 @@ def synthetic_model(layers: int, experts: int, dtype: str, seed: int = 0) -> Any
 
 def decode_run(model: Any, context: int, tokens: int, profile: bool, seed: int = 0) -> Dict[str, Any]:
     """Prefill `context` random tokens, then time `tokens` one-token greedy steps."""
-    ops = dsv2ext.ops
+    ops = dsv2ext._C  # the kernels the model's forward calls
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, min(model.config.vocab_size, 100000), size=context).astype(np.int64)
     cache = model.new_cache(1, context + tokens + 1)

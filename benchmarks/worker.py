@@ -214,7 +214,7 @@ class DsEngine(Engine):
         """Decode-step time split by attention / MoE / dense MLP / lm_head / other.
 
         Uses the model's own profile hook when it has one; otherwise wraps the
-        ``dsv2ext.ops`` functions that ``DeepseekV2.forward`` calls.
+        ``dsv2ext._C`` kernels that ``DeepseekV2.forward`` calls.
         """
         m = self.model
         hook = getattr(m, "profile", None)
@@ -225,7 +225,7 @@ class DsEngine(Engine):
                     return {"source": "model.profile", "context": len(ids), "tokens": n, **got}
             except TypeError:
                 pass
-        ops = self.dsv2ext.ops
+        ops = self.dsv2ext._C  # the kernels the model's forward calls
         buckets = {"attention": "mla_attention_block", "moe": "moe_block", "dense_mlp": "swiglu_mlp",
                    "lm_head": "linear"}
         acc = {b: 0.0 for b in buckets}
@@ -262,7 +262,7 @@ class DsEngine(Engine):
                 setattr(ops, fn, f)
         per = {b: acc[b] / n for b in acc}
         per["other"] = max(wall / n - sum(per.values()), 0.0)
-        return {"source": "wrapped dsv2ext.ops (" + ", ".join(sorted(saved)) + ")",
+        return {"source": "wrapped dsv2ext._C (" + ", ".join(sorted(saved)) + ")",
                 "seconds_per_token": per, "wall_seconds_per_token": wall / n, "context": T,
                 "tokens": n}
 

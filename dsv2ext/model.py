@@ -22,7 +22,9 @@ from .generation import GenerationOutput, IncrementalDecoder, TextStream
 from .safetensors import CheckpointReader
 from .sampling import SamplingParams, select_token
 from .tokenizer import Tokenizer, TokenizerError
-from .ops.moe import moe_expert_table
+from ._native import _C
+from .ops.mla import attention_block_args
+from .ops.moe import moe_block_args, moe_expert_table
 from .quant import QUANT_METHOD, RECIPES, quantize_model_weights, read_quantization_config
 from .weights import ModelWeights, load_weights
 
@@ -92,6 +94,14 @@ class DeepseekV2:
                                                l.moe.shared.down_proj),
             l.moe.correction_bias) for l in weights.layers]
         self._mla_weights = [ops.MLAWeights(**vars(l.attn)) for l in weights.layers]
+        # the fixed kernel arguments of every layer, checked once here: the decode loop calls the
+        # kernels with them directly (their bindings still check each call's arguments), without
+        # re-validating ~40 weights in Python per layer and token
+        d = config.hidden_size
+        self._attn_args = [attention_block_args(w, self._mla_cfg, d) for w in self._mla_weights]
+        self._ffn_args = [("moe", moe_block_args(a[0], a[1], a[2], self._moe_cfg, a[3])) if a is not None else
+                          ("mlp", (l.mlp.gate_proj, l.mlp.up_proj, l.mlp.down_proj))
+                          for a, l in zip(self._moe_args, weights.layers)]
         if kv_dtype is None:  # fp32 checkpoints keep an exact fp32 cache; others store bf16 rows
             kv_dtype = "f32" if _dtype_of(weights.embed_tokens) == "f32" else "bf16"
         if kv_dtype not in KV_DTYPES:
@@ -252,19 +262,23 @@ class DeepseekV2:
     def _layers(self, token_ids: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray,
                 cache: LatentCache) -> np.ndarray:
         """Hidden states [T, d] after the last decoder layer (before the final norm)."""
-        eps = self.config.rms_norm_eps
+        eps = float(self.config.rms_norm_eps)
         h = self._embed(token_ids)
         x = np.empty_like(h)
+        y = np.empty_like(h)
         for i, lw in enumerate(self.weights.layers):
-            ops.rms_norm(h, lw.input_layernorm, eps, out=x)
-            h += ops.mla_attention_block(x, self._mla_weights[i], self._mla_cfg, cache.layer(i),
-                                         seq_ids, positions)
-            ops.rms_norm(h, lw.post_attention_layernorm, eps, out=x)
-            if lw.moe is not None:
-                gate, experts, shared, bias = self._moe_args[i]
-                h += ops.moe_block(x, gate, experts, shared, self._moe_cfg, correction_bias=bias)
+            # the kernels straight from dsv2ext._C with the arguments checked in __init__
+            # (the same calls as ops.rms_norm / mla_attention_block / moe_block / swiglu_mlp)
+            _C.rmsnorm(x, h, lw.input_layernorm, eps)
+            _C.mla_attention_block(y, x, cache.layer(i), seq_ids, positions, *self._attn_args[i])
+            h += y
+            _C.rmsnorm(x, h, lw.post_attention_layernorm, eps)
+            kind, args = self._ffn_args[i]
+            if kind == "moe":
+                _C.moe_block(y, x, *args, None, None)
             else:
-                h += ops.swiglu_mlp(x, lw.mlp.gate_proj, lw.mlp.up_proj, lw.mlp.down_proj)
+                _C.swiglu_mlp(y, x, *args)
+            h += y
         return h
 
     def _chunked(self, token_ids: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray, cache: LatentCache,

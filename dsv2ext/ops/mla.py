@@ -855,16 +855,34 @@ def mla_attention_block(hidden: np.ndarray, weights: MLAWeights, cfg: MLAConfig,
     _cache_shape(cache)
     _check_i64(seq_ids, "seq_ids")
     _check_i64(positions, "positions")
-    weights.validate(cfg, hidden.shape[1])
+    args = attention_block_args(weights, cfg, hidden.shape[1], mode)
     out = new_out(out, hidden.shape)
-    _C.mla_attention_block(
-        out, hidden, cache, seq_ids, positions, cfg.inv_freq,
-        weights.q_proj, weights.q_a_proj, weights.q_a_layernorm, weights.q_b_proj,
-        weights.kv_a_proj_with_mqa, weights.kv_a_layernorm, weights.kv_b_proj, weights.o_proj,
-        cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora,
-        float(cfg.rms_norm_eps), float(cfg.softmax_scale), float(cfg.rope_attention_factor),
-        bool(cfg.rope_interleave), _mode_id(mode))
+    _C.mla_attention_block(out, hidden, cache, seq_ids, positions, *args)
     return out
+
+
+def attention_block_args(weights: MLAWeights, cfg: MLAConfig, hidden_size: int, mode: str = "auto") -> tuple:
+    """The fixed arguments of the attention-block kernel for one layer, checked once.
+
+    ``dsv2ext._C.mla_attention_block(out, hidden, cache, seq_ids, positions, *args)`` then runs
+    the block like :func:`mla_attention_block` without re-checking the weights in Python on every
+    call (the kernel's binding still checks every argument).  For callers that run the same
+    layer for every token (the model's decode loop).
+
+    Returns
+    -------
+    tuple
+    """
+    if not isinstance(weights, MLAWeights):
+        raise TypeError(f"weights: expected MLAWeights, got {type(weights).__name__}")
+    if not isinstance(cfg, MLAConfig):
+        raise TypeError(f"cfg: expected MLAConfig, got {type(cfg).__name__}")
+    weights.validate(cfg, hidden_size)
+    return (cfg.inv_freq, weights.q_proj, weights.q_a_proj, weights.q_a_layernorm, weights.q_b_proj,
+            weights.kv_a_proj_with_mqa, weights.kv_a_layernorm, weights.kv_b_proj, weights.o_proj,
+            cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora,
+            float(cfg.rms_norm_eps), float(cfg.softmax_scale), float(cfg.rope_attention_factor),
+            bool(cfg.rope_interleave), _mode_id(mode))
 
 
 def release_scratch_memory() -> None:

@@ -519,18 +519,36 @@ def moe_block(x: np.ndarray, router_weight: Weight, experts: ExpertWeights,
         Bad dtypes / shapes / configuration, or NaN / Inf router logits
         (``out`` is not written then).
     """
-    if cfg is None:
-        raise TypeError("cfg: a MoEConfig is required")
-    cfg = _check_cfg(cfg)
+    args = moe_block_args(router_weight, experts, shared, cfg, correction_bias)
     check_f32(x, "x", 2)
-    _check_experts_count(router_weight, cfg)
-    lst, gu, dn = _experts_args(experts)
     out = new_out(out, x.shape)
     ids = w = None
     if return_routing:
         ids = np.empty((x.shape[0], cfg.num_experts_per_tok), np.int64)
         w = np.empty((x.shape[0], cfg.num_experts_per_tok), np.float32)
-    _C.moe_block(out, x, router_weight, correction_bias, lst, gu, dn, _shared_arg(shared), *cfg._args(), ids, w)
+    _C.moe_block(out, x, *args, ids, w)
     if return_routing:
         return out, ids, w
     return out
+
+
+def moe_block_args(router_weight: Weight, experts: ExpertWeights, shared: Optional[MLPWeights] = None,
+                   cfg: Optional[MoEConfig] = None, correction_bias: Optional[np.ndarray] = None) -> tuple:
+    """The fixed arguments of the MoE-block kernel for one layer, checked once.
+
+    ``dsv2ext._C.moe_block(out, x, *args, None, None)`` then runs the block like
+    :func:`moe_block` without re-parsing its arguments in Python on every call (the kernel's
+    binding still checks every argument).  For callers that run the same layer for every
+    token (the model's decode loop); pass the experts as an :class:`ExpertTable` so that they
+    are not parsed per call in C either.
+
+    Returns
+    -------
+    tuple
+    """
+    if cfg is None:
+        raise TypeError("cfg: a MoEConfig is required")
+    cfg = _check_cfg(cfg)
+    _check_experts_count(router_weight, cfg)
+    lst, gu, dn = _experts_args(experts)
+    return (router_weight, correction_bias, lst, gu, dn, _shared_arg(shared)) + cfg._args()
