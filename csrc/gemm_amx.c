@@ -45,26 +45,33 @@ DSV2_TARGET_AVX512 static inline __m512i pack_hi(__m512i lo, __m512i hi) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
 }
 
-/* part p (0..parts-1) of 32 activations x[0..n) (n <= 32, zero beyond) as 16 bf16 pairs */
-DSV2_TARGET_AVX512 static inline __m512i part_pairs(const float *x, int n, int parts, int p) {
+/* 32 activations x[0..n) (n <= 32, zero beyond) -> out[p]: part p as 16 bf16 pairs, for p < parts
+ * (3: the exact split; 1: rounded to nearest even) */
+DSV2_TARGET_AVX512 static inline void act_parts(__m512i *out, const float *x, int n, int parts) {
     const __mmask16 m0 = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
     const __mmask16 m1 = n >= 32 ? (__mmask16)0xffff : (n > 16 ? (__mmask16)((1u << (n - 16)) - 1u) : 0);
     const __m512i u0 = _mm512_maskz_loadu_epi32(m0, x), u1 = _mm512_maskz_loadu_epi32(m1, x + 16);
-    if (parts == 1) return pack_hi(dsv2_bf16_rne_hi_avx512(u0), dsv2_bf16_rne_hi_avx512(u1));
+    if (parts == 1) {
+        out[0] = pack_hi(dsv2_bf16_rne_hi_avx512(u0), dsv2_bf16_rne_hi_avx512(u1));
+        return;
+    }
     __m512i a1, a2, a3, c1, c2, c3;
     split3(u0, &a1, &a2, &a3);
     split3(u1, &c1, &c2, &c3);
-    return p == 0 ? pack_hi(a1, c1) : p == 1 ? pack_hi(a2, c2) : pack_hi(a3, c3);
+    out[0] = pack_hi(a1, c1);
+    out[1] = pack_hi(a2, c2);
+    out[2] = pack_hi(a3, c3);
 }
 
 DSV2_TARGET_AVX512 static void split3_rows(uint16_t *b1, uint16_t *b2, uint16_t *b3, const float *x, int64_t n) {
-    for (int64_t i = 0; i < n; i += 16) {
-        const int m = n - i < 16 ? (int)(n - i) : 16;
+    for (int64_t i = 0; i < n; i += 32) {
+        const int m = n - i < 32 ? (int)(n - i) : 32;
+        __m512i v[3];
+        act_parts(v, x + i, m, 3);
         uint16_t *out[3] = {b1 + i, b2 + i, b3 + i};
         for (int p = 0; p < 3; p++) {
-            __m512i v = part_pairs(x + i, m, 3, p);
             uint16_t tmp[32];
-            _mm512_storeu_si512((void *)tmp, v);
+            _mm512_storeu_si512((void *)tmp, v[p]);
             memcpy(out[p], tmp, (size_t)m * sizeof(uint16_t));
         }
     }
@@ -109,15 +116,19 @@ DSV2_TARGET_AVX512 static inline void transpose16(__m512i r[16]) {
 DSV2_TARGET_AVX512 static void pack_b_tile(uint16_t *dst, const float *x, int64_t ldx, int64_t nt, int64_t K,
                                            int parts) {
     const int64_t nsteps = (K + 31) / 32;
-    __m512i r[16];
+    __m512i r[3][16];
     for (int64_t s = 0; s < nsteps; s++) {
         const int n = K - 32 * s < 32 ? (int)(K - 32 * s) : 32;
+        for (int t = 0; t < 16; t++) {
+            __m512i v[3];
+            if (t < nt) act_parts(v, x + t * ldx + 32 * s, n, parts);
+            else v[0] = v[1] = v[2] = _mm512_setzero_si512();
+            for (int p = 0; p < parts; p++) r[p][t] = v[p];
+        }
         for (int p = 0; p < parts; p++) {
-            for (int t = 0; t < 16; t++)
-                r[t] = t < nt ? part_pairs(x + t * ldx + 32 * s, n, parts, p) : _mm512_setzero_si512();
-            transpose16(r);
+            transpose16(r[p]);
             uint16_t *d = dst + (s * parts + p) * AMX_TILE_U16;
-            for (int kp = 0; kp < 16; kp++) _mm512_storeu_si512((void *)(d + kp * 32), r[kp]);
+            for (int kp = 0; kp < 16; kp++) _mm512_storeu_si512((void *)(d + kp * 32), r[p][kp]);
         }
     }
 }
