@@ -16,7 +16,9 @@
 #define DSV2_TARGET_AMX __attribute__((target("amx-tile,amx-bf16")))
 
 int dsv2_amx_use(const dsv2_mat *W, int64_t T) {
-    return T >= DSV2_AMX_MIN_T && W->dtype == DSV2_BF16 && dsv2_amx_mode() != DSV2_AMX_OFF;
+    const int ok = W->dtype == DSV2_BF16 ||
+                   (W->dtype == DSV2_I8 && W->scale && W->group > 0 && W->group % 32 == 0 && W->cols % W->group == 0);
+    return ok && T >= DSV2_AMX_MIN_T && dsv2_amx_mode() != DSV2_AMX_OFF;
 }
 
 /* ---------------- activation parts ---------------- */
@@ -152,8 +154,52 @@ DSV2_TARGET_AVX512 static void pack_a_avx512(uint16_t *ap, const dsv2_mat *W, in
         }
 }
 
-static void amx_pack_a(uint16_t *ap, const dsv2_mat *W, int64_t r0, int64_t nblk, int64_t s0, int64_t ns) {
+/* int8 weights (group % 32 == 0, so K % 32 == 0): the codes as bf16 (exact: |q| <= 128) in the
+ * same tile layout, then the scales sc [nblk][ns / spg groups][32 rows] (rows >= N: 0) */
+DSV2_TARGET_AVX512 static void pack_a_i8_avx512(uint16_t *ap, float *sc, const dsv2_mat *W, int64_t r0,
+                                                int64_t nblk, int64_t s0, int64_t ns) {
+    const int64_t K = W->cols, N = W->rows, spg = W->group / 32, ng = ns / spg, gpr = K / W->group;
+    const int8_t *q = (const int8_t *)W->data;
+    for (int64_t blk = 0; blk < nblk; blk++)
+        for (int i = 0; i < 32; i++) {
+            const int64_t row = r0 + blk * 32 + i;
+            uint16_t *d = ap + (blk * ns * 2 + i / 16) * AMX_TILE_U16 + (i % 16) * 32;
+            for (int64_t s = 0; s < ns; s++, d += 2 * AMX_TILE_U16) {
+                __m512i v = _mm512_setzero_si512();
+                if (row < N) {
+                    const __m128i *src = (const __m128i *)(q + row * K + (s0 + s) * 32);
+                    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src)));
+                    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(src + 1)));
+                    v = pack_hi(_mm512_castps_si512(lo), _mm512_castps_si512(hi));
+                }
+                _mm512_storeu_si512((void *)d, v);
+            }
+            for (int64_t g = 0; g < ng; g++)
+                sc[(blk * ng + g) * 32 + i] = row < N ? W->scale[row * gpr + s0 / spg + g] : 0.0f;
+        }
+}
+
+/* The A panel of rows [r0, r0 + 32 nblk), steps [s0, s0 + ns) into ap; for int8 weights the
+ * scales follow the tiles: returns them (NULL for bf16). */
+static const float *amx_pack_a(uint16_t *ap, const dsv2_mat *W, int64_t r0, int64_t nblk, int64_t s0, int64_t ns) {
+    if (W->dtype == DSV2_I8) {
+        float *sc = (float *)(ap + nblk * ns * 2 * AMX_TILE_U16);
+        pack_a_i8_avx512(ap, sc, W, r0, nblk, s0, ns);
+        return sc;
+    }
     pack_a_avx512(ap, W, r0, nblk, s0, ns);
+    return NULL;
+}
+
+/* int8 epilogue of one group: acc [32 rows][16 or 32 tokens] (rows ldc apart) += s[r] * pb[r]
+ * (pb rows 32 apart), one fused multiply-add (one rounding) */
+DSV2_TARGET_AVX512 static void amx_scale_acc(float *acc, int64_t ldc, const float *pb, const float *s, int two) {
+    for (int r = 0; r < 32; r++) {
+        const __m512 sr = _mm512_set1_ps(s[r]);
+        float *ar = acc + r * ldc;
+        _mm512_storeu_ps(ar, _mm512_fmadd_ps(sr, _mm512_loadu_ps(pb + 32 * r), _mm512_loadu_ps(ar)));
+        if (two) _mm512_storeu_ps(ar + 16, _mm512_fmadd_ps(sr, _mm512_loadu_ps(pb + 32 * r + 16), _mm512_loadu_ps(ar + 16)));
+    }
 }
 
 /* cb [nr rows (weight rows), nt columns (tokens)] (rows ldc apart) -> y[t * ldy + r] */
@@ -182,7 +228,8 @@ typedef struct {
     const uint16_t *bp; /* packed activations [ntt][nsteps][parts][512] */
     int64_t T, ntt, nsteps, parts;
     int64_t rb, ntg, tpg; /* rows per block, token groups, token tiles per group */
-    int64_t kcs;          /* K steps per panel */
+    int64_t kcs;          /* K steps per panel (a multiple of spg) */
+    int64_t spg;          /* int8: K steps per scale group */
     int hw;
     dsv2_tilecfg cfg;
     atomic_int err;
@@ -250,14 +297,17 @@ static void full_tiles_cfg(dsv2_tilecfg *cfg) {
 static void items_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     amx_job *J = (amx_job *)ctx;
-    const size_t abytes = (size_t)J->rb * (size_t)J->kcs * 64, cbytes = (size_t)J->rb * (size_t)J->tpg * 16 * sizeof(float);
-    char *buf = (char *)dsv2_scratch_alloc(abytes + cbytes);
+    /* A panel (+ int8 scales), C block sums, one int8 group's 32 x 32 sums */
+    const size_t abytes = (size_t)J->rb * (size_t)J->kcs * 64 + (size_t)J->rb * (size_t)J->kcs * sizeof(float);
+    const size_t cbytes = (size_t)J->rb * (size_t)J->tpg * 16 * sizeof(float), pbytes = 32 * 32 * sizeof(float);
+    char *buf = (char *)dsv2_scratch_alloc(abytes + cbytes + pbytes);
     if (!buf) {
         atomic_store(&J->err, DSV2_ERR_NOMEM);
         return;
     }
-    if (J->hw) amx_hw_items(J, b, e, (uint16_t *)buf, (float *)(buf + abytes));
-    else amx_emu_items(J, b, e, (uint16_t *)buf, (float *)(buf + abytes));
+    float *cb = (float *)(buf + abytes), *pb = (float *)(buf + abytes + cbytes);
+    if (J->hw) amx_hw_items(J, b, e, (uint16_t *)buf, cb, pb);
+    else amx_emu_items(J, b, e, (uint16_t *)buf, cb, pb);
     dsv2_scratch_free(buf);
 }
 
@@ -303,7 +353,8 @@ static void plan(amx_job *J, int64_t N, int nth) {
     /* K steps per panel: the item's activation panel stays in L2 (~512 KiB), its weight panel
      * (32 rows) in L1 */
     int64_t kcs = ((int64_t)512 << 10) / (16 * J->tpg * 64 * J->parts);
-    J->kcs = kcs < 4 ? 4 : (kcs > 16 ? 16 : kcs);
+    kcs = kcs < 4 ? 4 : (kcs > 16 ? 16 : kcs);
+    J->kcs = kcs < J->spg ? J->spg : kcs / J->spg * J->spg;
 }
 
 /* tokens per pass: the packed activations stay under ~16 MiB */
@@ -315,10 +366,11 @@ static int64_t pass_tokens(int64_t nsteps, int64_t parts) {
 int dsv2_linear_amx(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {
     const int64_t N = W->rows, K = W->cols;
     const int mode = dsv2_amx_mode();
-    if (W->dtype != DSV2_BF16 || T < 0 || N <= 0 || K <= 0 || ldx < K || ldy < N || mode == DSV2_AMX_OFF)
+    if (!dsv2_amx_use(W, DSV2_AMX_MIN_T) || T < 0 || N <= 0 || K <= 0 || ldx < K || ldy < N || mode == DSV2_AMX_OFF)
         return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
-    const int64_t parts = dsv2_bf16dp_use(W, T) ? 1 : 3, nsteps = (K + 31) / 32;
+    /* int8: always exact (the bf16 compute mode is about bf16 weights) */
+    const int64_t parts = W->dtype == DSV2_BF16 && dsv2_bf16dp_use(W, T) ? 1 : 3, nsteps = (K + 31) / 32;
     const int64_t Tp = T < pass_tokens(nsteps, parts) ? T : pass_tokens(nsteps, parts);
     const int64_t tile = nsteps * parts * AMX_TILE_U16;
     uint16_t *bp = (uint16_t *)dsv2_scratch_alloc((size_t)((Tp + 15) / 16) * (size_t)tile * sizeof(uint16_t));
@@ -339,6 +391,7 @@ int dsv2_linear_amx(float *y, int64_t ldy, const float *x, int64_t ldx, const ds
         J.nsteps = nsteps;
         J.parts = parts;
         J.hw = mode == DSV2_AMX_HW;
+        J.spg = W->dtype == DSV2_I8 ? W->group / 32 : 1;
         full_tiles_cfg(&J.cfg);
         plan(&J, N, dsv2_get_num_threads());
         atomic_init(&J.err, DSV2_OK);

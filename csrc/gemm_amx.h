@@ -1,5 +1,5 @@
-/* gemm_amx.h - products of bf16 weights with many activation rows on AMX tiles
- * (TDPBF16PS), where dsv2_amx_mode() is not DSV2_AMX_OFF (cpu.h).
+/* gemm_amx.h - products of bf16 and int8 weights with many activation rows on
+ * AMX tiles (TDPBF16PS), where dsv2_amx_mode() is not DSV2_AMX_OFF (cpu.h).
  *
  * y^T = W x^T: the weight rows are the tiles' A operand (16 rows x 32 bf16,
  * copied K-panel by K-panel into tile order), the activations the B operand
@@ -28,6 +28,20 @@
  *    bf16 once (nearest even, as the vdpbf16ps kernels), one tile product per
  *    step: the same class as those kernels (exact products, fp32 sums), in the
  *    tile order above.
+ *  - int8 weights (dsv2ext.quant: W[r, c] = q[r, c] s[r, c / group]), groups
+ *    a multiple of 32 columns: the codes are exact in bf16 (|q| <= 128), so the
+ *    exact mode's three tile products give each group's sum P = sum_c q x
+ *    (tiles from zero per group; fp32 sums of exact products), and
+ *    acc = fma(s, P, acc) group after group (AVX-512, on the stored tiles).
+ *    The result is the fp32 product with the dequantized weights up to
+ *    rounding: the scale multiplies a block sum instead of each weight (no
+ *    rounding of q s to fp32 at all), the order of the sums differs.  Other
+ *    groups keep sgemm on dequantized panels.  Activations are fp32 here
+ *    whatever the int8 activation mode (which is about the row-dot kernels).
+ *    Designs kept out: AMX-INT8 (TDPBSSD) needs int8 activations (llama.cpp's
+ *    Q8_0 path quantizes them), which the exact default must not; dequantized
+ *    weights split into three bf16 parts would need 9 tile products a step
+ *    (all part pairs) against 3 here plus the per-group epilogue.
  *
  * Every output element is computed by the same sequence of tile operations
  * whatever the thread count and blocking (work is split over blocks of weight
@@ -47,11 +61,12 @@
  * measured on an AMX CPU: benchmarks/bench_amx.py times T = 16, 64, 512.) */
 #define DSV2_AMX_MIN_T 16
 
-/* 1 when a product of W with T activation rows runs on the tiles */
+/* 1 when a product of W with T activation rows runs on the tiles (bf16, or int8 with groups
+ * of a multiple of 32 columns; T >= DSV2_AMX_MIN_T) */
 int dsv2_amx_use(const dsv2_mat *W, int64_t T);
 
-// x [T, K] f32 (rows ldx apart), W bf16 [N, K] -> y [T, N] (rows ldy apart), split over the pool;
-// exact, or with bf16-rounded activations where dsv2_bf16dp_use(W, T).  Requires dsv2_amx_mode() != off.
+// x [T, K] f32 (rows ldx apart), W bf16 | int8 [N, K] -> y [T, N] (rows ldy apart), split over the pool;
+// exact, or with bf16-rounded activations where dsv2_bf16dp_use(W, T).  Requires dsv2_amx_use(W, T).
 int dsv2_linear_amx(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T);
 
 /* Test hooks. */

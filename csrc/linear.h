@@ -8,9 +8,10 @@
  * streamed once per 4 rows); more rows use OpenBLAS sgemm, with bf16 weights
  * widened (int8 weights dequantized) one panel of rows at a time (never the
  * whole matrix).  int8 weights with few rows use int16-quantized activations
- * (quantized once per call; see gemv.h) where the CPU allows.  bf16 weights with
- * DSV2_AMX_MIN_T rows or more run on AMX tiles where the CPU has them (gemm_amx.h),
- * else on the even|odd row-dot kernels (AVX-512, gemv_eo.h) from DSV2_EO_MIN_T rows. */
+ * (quantized once per call; see gemv.h) where the CPU allows.  bf16 (and int8, groups
+ * of 32k columns) weights with DSV2_AMX_MIN_T rows or more run on AMX tiles where the
+ * CPU has them (gemm_amx.h); else bf16 takes the even|odd row-dot kernels (AVX-512,
+ * gemv_eo.h) from DSV2_EO_MIN_T rows. */
 #define DSV2_LINEAR_GEMV_MAX_T 8
 
 // x [T, K] (rows ldx apart) , W [N, K] -> y [T, N] (rows ldy apart)

@@ -31,6 +31,7 @@ from dsv2ext import BF16, ops
 from dsv2ext._native import _C
 from dsv2ext.ops.moe import MoEConfig, moe_block, swiglu_mlp
 from dsv2ext.precision import round_to_bf16
+from dsv2ext.quant import quantize_int8, set_int8_activations
 from conftest import max_rel_err
 
 TOL = 1e-5
@@ -226,6 +227,61 @@ def kernel_model(x: np.ndarray, w: BF16, exact: bool = True) -> np.ndarray:
     return C.T
 
 
+def kernel_model_i8(x: np.ndarray, w) -> np.ndarray:
+    """int8 weights: per group of columns the exact-mode tile sums of q . x from zero (codes are
+    exact in bf16), then acc = fma(s, P, acc) in fp32, group by group."""
+    T, K = x.shape
+    N, g = w.shape[0], w.group
+    Q = w.data.astype(np.float32)
+    parts = np.empty((3, T * K), np.uint16)
+    _C.amx_split3(parts, np.ascontiguousarray(x).ravel())
+    Xs = [_ftz(_bf16_f32(p)).reshape(T, K) for p in parts]
+    acc = np.zeros((N, T), np.float32)
+    for b in range(K // g):
+        C = np.zeros((N, T), np.float32)
+        for s in range(b * g // 32, (b + 1) * g // 32):
+            for xp in Xs:
+                e = np.zeros((N, T), np.float32)
+                o = np.zeros((N, T), np.float32)
+                for i in range(16):
+                    k = 32 * s + 2 * i
+                    e = _ftz(e + Q[:, k, None] * xp[None, :, k])
+                    o = _ftz(o + Q[:, k + 1, None] * xp[None, :, k + 1])
+                C = _ftz(C + _ftz(e + o))
+        acc = _fma32(np.broadcast_to(w.scales[:, b, None], C.shape), C, acc)
+    return acc.T
+
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """fp32 fused multiply-add a * b + c, correctly rounded: the float64 product is exact, the float64
+    sum is made round-to-odd (exact error by TwoSum), and round-to-odd at 53 bits then nearest at 24
+    bits is the correctly rounded result."""
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    s = p + c64
+    z = s - p
+    err = (p - (s - z)) + (c64 - z)
+    u = s.view(np.uint64).copy()
+    nudge = (err != 0) & ((u & np.uint64(1)) == 0)
+    up = (err > 0) == (s > 0)
+    u[nudge & up] += np.uint64(1)
+    u[nudge & ~up] -= np.uint64(1)
+    return u.view(np.float64).astype(np.float32)
+
+
+def _case_i8(T, K, N, group=32, seed=0):
+    rng = np.random.default_rng(seed + T * 131 + K * 7 + N)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    w = quantize_int8((rng.standard_normal((N, K)) * 0.05).astype(np.float32), group=group)
+    return x, w
+
+
+def _dequant64(w) -> np.ndarray:
+    N, K = w.shape
+    return (w.data.astype(np.float32).reshape(N, K // w.group, w.group) * w.scales[:, :, None]).reshape(N, K).astype(
+        np.float64)
+
+
 def _case(T, K, N, seed=0):
     rng = np.random.default_rng(seed + T * 131 + K * 7 + N)
     x = rng.standard_normal((T, K)).astype(np.float32)
@@ -297,6 +353,70 @@ def test_emulated_linear_special_values(emulated):
     fin = np.isfinite(ref).all(1)
     assert max_rel_err(got[fin][1:], ref[fin][1:]) <= TOL  # rows 4..: ordinary
     assert np.max(np.abs(got[3] - ref[3])) < 2.0 ** -125 * (np.abs(w.to_float32()).sum(1).max() + 4 * 64)
+
+
+@pytest.mark.parametrize("T,K,N,group", [(16, 64, 16, 32), (17, 128, 23, 64), (33, 2048, 40, 32), (40, 96, 1408, 32),
+                                         (47, 256, 33, 128)])
+def test_emulated_int8_bit_exact_and_float64(emulated, T, K, N, group):
+    """int8 weights (group a multiple of 32): exact, whatever the bf16 compute mode."""
+    x, w = _case_i8(T, K, N, group)
+    n0 = emulated()
+    got = ops.linear(x, w)
+    assert emulated() > n0
+    np.testing.assert_array_equal(got, kernel_model_i8(x, w))
+    assert max_rel_err(got, x.astype(np.float64) @ _dequant64(w).T) <= TOL
+    with dsv2ext.bf16_compute():
+        np.testing.assert_array_equal(ops.linear(x, w), got)
+    outs = []
+    for th in (1, 3):
+        with _threads(th):
+            outs.append(ops.linear(x, w))
+    for o in outs:
+        np.testing.assert_array_equal(o, got)
+
+
+def test_emulated_int8_other_groups_and_few_rows_keep_their_paths(emulated):
+    x, w = _case_i8(40, 96, 24, group=16)  # 16-column groups: not on the tiles
+    n0 = emulated()
+    got = ops.linear(x, w)
+    assert emulated() == n0
+    assert max_rel_err(got, x.astype(np.float64) @ _dequant64(w).T) <= TOL
+    x, w = _case_i8(8, 64, 24)  # decode-sized: the int16-activation row dots as before
+    n0 = emulated()
+    got = ops.linear(x, w)
+    assert emulated() == n0
+    dsv2ext.set_isa("avx512")
+    np.testing.assert_array_equal(got, ops.linear(x, w))
+
+
+def test_emulated_int8_mlp_and_moe(emulated):
+    rng = np.random.default_rng(7)
+    d, inter, E, k, T = 128, 96, 8, 4, 60
+    q = lambda s: quantize_int8((rng.standard_normal(s) * 0.08).astype(np.float32))  # noqa: E731
+    g, u, dn = q((inter, d)), q((inter, d)), q((d, inter))
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    f = [_dequant64(t) for t in (g, u, dn)]
+    a, b = x.astype(np.float64) @ f[0].T, x.astype(np.float64) @ f[1].T
+    ref = (a / (1 + np.exp(-a)) * b) @ f[2].T
+    n0 = emulated()
+    assert max_rel_err(swiglu_mlp(x, g, u, dn), ref) <= TOL
+    assert emulated() > n0
+    router = (rng.standard_normal((E, d)) * 0.1).astype(np.float32)
+    experts = [(q((inter, d)), q((inter, d)), q((d, inter))) for _ in range(E)]
+    cfg = MoEConfig(n_routed_experts=E, num_experts_per_tok=k)
+    outs = []
+    for th in (1, 2):
+        with _threads(th):
+            outs.append(moe_block(x, router, experts, (g, u, dn), cfg))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    dsv2ext.set_isa("avx512")
+    _C.set_amx_emulation(False)
+    prev = set_int8_activations("fp32")  # the reference: fp32 activations everywhere (exact)
+    try:
+        ref = moe_block(x, router, experts, (g, u, dn), cfg)
+    finally:
+        set_int8_activations(prev)
+    assert max_rel_err(outs[0], ref) <= TOL
 
 
 # ---------------------------------------------------------------- dispatch
