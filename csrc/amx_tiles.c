@@ -26,7 +26,7 @@ static int g_amx_hw = 0;
 static pthread_once_t g_amx_once = PTHREAD_ONCE_INIT;
 
 static void detect_amx(void) {
-#if defined(__x86_64__)
+#if DSV2_AMX_COMPILED
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1u)) return; /* OSXSAVE: xgetbv usable */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return;

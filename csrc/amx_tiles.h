@@ -39,6 +39,15 @@
 
 #include <stdint.h>
 
+/* 1 when this compiler builds the AMX instructions (GCC >= 11, clang >= 12, x86-64);
+ * otherwise only the emulation exists and dsv2_amx_hw_supported() is 0. */
+#if defined(__x86_64__) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                            (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define DSV2_AMX_COMPILED 1
+#else
+#define DSV2_AMX_COMPILED 0
+#endif
+
 /* the 64-byte LDTILECFG operand */
 typedef struct {
     uint8_t palette_id;

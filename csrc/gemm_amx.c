@@ -235,6 +235,7 @@ typedef struct {
     atomic_int err;
 } amx_job;
 
+#if DSV2_AMX_COMPILED
 /* the CPU's tiles.  The intrinsics are asm statements that do not tell the compiler they
  * read memory: a compiler barrier before each load keeps the packing stores ahead of it. */
 #define AMX_FN(name) amx_hw_##name
@@ -268,6 +269,11 @@ typedef struct {
 #undef T_LOAD
 #undef T_STORE
 #undef T_DP
+#else /* no AMX instructions from this compiler: dsv2_amx_hw_supported() is 0, never called */
+static void amx_hw_items(const amx_job *J, int64_t i0, int64_t i1, uint16_t *ap, float *cb, float *pb) {
+    (void)J, (void)i0, (void)i1, (void)ap, (void)cb, (void)pb;
+}
+#endif
 
 /* the emulation: the same loops on a register file of this thread */
 #define AMX_FN(name) amx_emu_##name
@@ -404,6 +410,7 @@ int dsv2_linear_amx(float *y, int64_t ldy, const float *x, int64_t ldx, const ds
 
 /* ---------------- test hook: one tile product ---------------- */
 
+#if DSV2_AMX_COMPILED
 DSV2_TARGET_AMX static void tile_hw(float *c, const uint16_t *a, const uint16_t *b, const dsv2_tilecfg *cfg) {
     __asm__ volatile("" ::: "memory");
     _tile_loadconfig(cfg);
@@ -414,6 +421,11 @@ DSV2_TARGET_AMX static void tile_hw(float *c, const uint16_t *a, const uint16_t 
     _tile_stored(0, c, 64);
     _tile_release();
 }
+#else
+static void tile_hw(float *c, const uint16_t *a, const uint16_t *b, const dsv2_tilecfg *cfg) {
+    (void)c, (void)a, (void)b, (void)cfg;
+}
+#endif
 
 int dsv2_amx_tdpbf16ps_tile(float *c, const uint16_t *a, const uint16_t *b, int hw) {
     dsv2_tilecfg cfg;

@@ -138,7 +138,7 @@ static PyObject *py_amx_split3(PyObject *self, PyObject *args) {
     if (!p) return NULL;
     uint16_t *pd = (uint16_t *)dsv2py_data(p);
     if (dsv2_amx_split3(pd, pd + n, pd + 2 * n, (const float *)dsv2py_data(x), n))
-        return PyErr_Format(PyExc_RuntimeError, "amx_split3: needs AVX-512 (the ISA cap is '%s')",
+        return PyErr_Format(PyExc_ValueError, "amx_split3: needs AVX-512 (the level in force is '%s')",
                             dsv2_isa_name(dsv2_isa_level()));
     Py_RETURN_NONE;
 }
@@ -156,7 +156,7 @@ static PyObject *py_amx_tile_dot(PyObject *self, PyObject *args) {
     if (!a) return NULL;
     PyArrayObject *b = dsv2py_array(o_b, "b", NPY_UINT16, 2, as, 0);
     if (!b) return NULL;
-    if (hw && !dsv2_amx_hw_supported()) return PyErr_Format(PyExc_RuntimeError, "amx_tile_dot: this CPU has no AMX");
+    if (hw && !dsv2_amx_hw_supported()) return PyErr_Format(PyExc_ValueError, "hw: this CPU has no AMX tiles");
     if (dsv2py_no_overlap(c, "c", a, "a") < 0 || dsv2py_no_overlap(c, "c", b, "b") < 0) return NULL;
     int rc = dsv2_amx_tdpbf16ps_tile((float *)dsv2py_data(c), (const uint16_t *)dsv2py_data(a),
                                      (const uint16_t *)dsv2py_data(b), hw);

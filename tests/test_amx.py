@@ -307,6 +307,8 @@ def test_emulated_linear_bit_exact_against_kernel_model(emulated, T, K, N):
 @pytest.mark.parametrize("K", [64, 100, 2048])
 @pytest.mark.parametrize("N", [16, 23, 1408])
 def test_emulated_linear_against_float64(emulated, T, K, N):
+    if os.environ.get("DSV2EXT_SANITIZED") and N * K > 10 ** 6 and T != 17:
+        pytest.skip("scaled down under the sanitizers (slow emulation)")
     x, w = _case(T, K, N, seed=1)
     n0 = emulated()
     got = ops.linear(x, w)
