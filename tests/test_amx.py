@@ -530,8 +530,9 @@ def test_emulated_moe_block_matches_avx512_and_threads(emulated, T):
 
 
 def test_emulated_bundled_model_prefill_logits(emulated):
-    """The bundled model (bf16 weights) prefills on the tiles: logits as the exact path's."""
-    m = dsv2ext.load()
+    """The bundled model (bf16 weights) prefills on the tiles: logits as the exact path's (with the
+    fp32 latent cache: a bf16 cache would round rows that differ in their last bits, ~1e-5 of a logit)."""
+    m = dsv2ext.load(kv_dtype="f32")
     ids = m.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return fib") * 2
     assert len(ids) >= 32
     n0 = emulated()
