@@ -109,6 +109,10 @@ static PyObject *py_amx_available(PyObject *self, PyObject *noargs) {
     return PyBool_FromLong(dsv2_amx_hw_supported());
 }
 
+static PyObject *py_amx_min_rows(PyObject *self, PyObject *noargs) {
+    return PyLong_FromLong(DSV2_AMX_MIN_T);
+}
+
 /* test vehicle: the AMX kernels on emulated tiles (amx_tiles.h) */
 static PyObject *py_set_amx_emulation(PyObject *self, PyObject *args) {
     int on;
@@ -175,6 +179,8 @@ PyMethodDef dsv2py_core_methods[] = {
     {"set_prefetch", py_set_prefetch, METH_VARARGS, "set_prefetch(nbytes) -> bytes in force (multiple of 64)"},
     {"amx_available", py_amx_available, METH_NOARGS,
      "amx_available() -> bool: the CPU has AMX-TILE + AMX-BF16 and the OS granted the tile state"},
+    {"amx_min_rows", py_amx_min_rows, METH_NOARGS,
+     "amx_min_rows() -> int: fewest activation rows of a product on the AMX tiles (bf16; int8 in groups of 32k)"},
     {"set_amx_emulation", py_set_amx_emulation, METH_VARARGS,
      "set_amx_emulation(on): (tests) run the AMX kernels on emulated tiles, on any AVX-512 CPU"},
     {"get_amx_emulation", py_get_amx_emulation, METH_NOARGS, "get_amx_emulation() -> bool"},
