@@ -17,11 +17,12 @@
  *    activations, in another summation order than the AVX-512 kernels: per
  *    32-column step and part, two fp32 sums of 16 products (even / odd
  *    columns), their sum, then the running C sum.  The tile unit reads
- *    denormals as zero and flushes denormal results: activations below 2^-126
- *    in magnitude (or parts of them) and partial sums below 2^-126 are lost,
- *    an absolute error under 2^-125 (sum_k |W_nk| + 3 K) per output (~1e-34
- *    at V2-Lite sizes with |W| <= 1), far below the fp32 rounding of any
- *    output above ~1e-28.
+ *    denormals as zero and flushes denormal results: activation parts and
+ *    weights below 2^-126 in magnitude, and the ~3.2 K partial sums of an
+ *    output when they fall below 2^-126, are lost: an absolute error under
+ *    2^-125 (sum_k |W_nk| + sum_k |x_k| + 2 K) per output, ~5e-33 at V2-Lite
+ *    sizes (K = 2048, |x| ~ 100), far below the fp32 rounding of any output
+ *    above ~1e-25.
  *    (Rounding to nearest for b1, as the vdpbf16ps mode does, would give the
  *    same exactness but overflows to inf for |x| > 3.39e38; truncation cannot.)
  *  - bf16 compute (dsv2_bf16dp_use, gemm_bf16dp.h): activations rounded to
