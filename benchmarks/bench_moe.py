@@ -18,34 +18,15 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
-import time
-from typing import Callable, Dict, List
+import sys
+from typing import Dict
 
 import numpy as np
 
-
-def _interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, List[float]]:
-    """Time each function `reps` times, alternating between them (fair under drifting load)."""
-    try:
-        import torch
-
-        ctx = torch.no_grad()
-    except ImportError:
-        ctx = contextlib.nullcontext()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    with ctx:
-        for _ in range(warmup):
-            for f in fns.values():
-                f()
-        for _ in range(reps):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    return times
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import time_interleaved  # noqa: E402
 
 
 def main() -> None:
@@ -155,7 +136,7 @@ def main() -> None:
                     m = hf.get((dn, impl))
                     if m is not None:
                         fns[impl] = (lambda m=m: m(xt))
-                times = _interleaved(fns, reps)
+                times = time_interleaved(fns, reps)
                 t0 = times["ours"]
                 line = f"{dn:8s} {T:6d} {statistics.median(t0) * 1e3:9.2f} ({min(t0) * 1e3:6.2f})"
                 for impl in impls:

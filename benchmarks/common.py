@@ -1,16 +1,18 @@
 """Shared by the benchmark driver and its per-engine worker processes."""
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 import os
 import resource
 import sys
-from typing import Any, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
 __all__ = ["prompt_ids", "peak_rss_bytes", "read_json", "write_json", "top2", "Workload",
-           "QUICK", "FULL"]
+           "QUICK", "FULL", "time_interleaved"]
 
 
 def prompt_ids(n: int, seed: int, vocab: int = 100000) -> List[int]:
@@ -116,3 +118,24 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int:
         if x != y:
             return i
     return min(len(a), len(b))
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Dict[str, List[float]]:
+    """Time each function `reps` times, alternating between them (fair under drifting load)."""
+    try:
+        import torch
+
+        ctx = torch.no_grad()
+    except ImportError:
+        ctx = contextlib.nullcontext()
+    times: Dict[str, List[float]] = {k: [] for k in fns}
+    with ctx:
+        for _ in range(warmup):
+            for f in fns.values():
+                f()
+        for _ in range(reps):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return times

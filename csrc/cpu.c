@@ -1,11 +1,15 @@
 /* cpu.c - detect the CPU's vector extensions once and pick a kernel level. */
 #include "cpu.h"
+#include "amx_tiles.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int g_isa = -1;
+static atomic_int g_cap = -1; /* the requested cap; -1: DSV2EXT_ISA not read yet */
+static atomic_int g_emu = -1; /* AMX kernels on emulated tiles; -1: DSV2EXT_AMX_EMULATION not read yet */
 static int g_hw = -1;
+static int g_amx = -1;
 
 static int hw_level(void) {
     if (g_hw >= 0) return g_hw;
@@ -20,6 +24,40 @@ static int hw_level(void) {
     return lvl;
 }
 
+static int emu(void) {
+    int e = atomic_load(&g_emu);
+    if (e >= 0) return e;
+    const char *env = getenv("DSV2EXT_AMX_EMULATION");
+    e = env && !strcmp(env, "1");
+    int expected = -1;
+    atomic_compare_exchange_strong(&g_emu, &expected, e);
+    return atomic_load(&g_emu);
+}
+
+/* the best level: AVX-512 plus AMX where the CPU and OS provide it (or the emulation is on) */
+static int best_level(void) {
+    const int v = hw_level();
+    if (v < DSV2_ISA_AVX512) return v;
+    if (emu()) return DSV2_ISA_AMX;
+    if (g_amx < 0) g_amx = dsv2_amx_hw_supported();
+    return g_amx ? DSV2_ISA_AMX : v;
+}
+
+static int cap(void) {
+    int c = atomic_load(&g_cap);
+    if (c >= 0) return c;
+    c = DSV2_ISA_AMX;
+    const char *env = getenv("DSV2EXT_ISA");
+    if (env) {
+        if (!strcmp(env, "portable")) c = DSV2_ISA_PORTABLE;
+        else if (!strcmp(env, "avx2")) c = DSV2_ISA_AVX2;
+        else if (!strcmp(env, "avx512")) c = DSV2_ISA_AVX512;
+    }
+    int expected = -1;
+    atomic_compare_exchange_strong(&g_cap, &expected, c);
+    return atomic_load(&g_cap);
+}
+
 int dsv2_cpu_has_avx512bf16(void) {
     __builtin_cpu_init();
     return hw_level() == DSV2_ISA_AVX512 && __builtin_cpu_supports("avx512bf16");
@@ -30,27 +68,35 @@ int dsv2_cpu_has_avx512vnni(void) {
     return hw_level() == DSV2_ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
 }
 
-int dsv2_set_isa(int level) {
-    int hw = hw_level();
-    if (level < DSV2_ISA_PORTABLE) level = DSV2_ISA_PORTABLE;
-    g_isa = level < hw ? level : hw;
-    return g_isa;
+int dsv2_isa_level(void) {
+    const int b = best_level(), c = cap();
+    return c < b ? c : b;
 }
 
 int dsv2_isa(void) {
-    if (g_isa >= 0) return g_isa;
-    int lvl = hw_level();
-    const char *env = getenv("DSV2EXT_ISA");
-    if (env) {
-        if (!strcmp(env, "portable")) lvl = DSV2_ISA_PORTABLE;
-        else if (!strcmp(env, "avx2") && lvl > DSV2_ISA_AVX2) lvl = DSV2_ISA_AVX2;
-    }
-    g_isa = lvl;
-    return lvl;
+    const int l = dsv2_isa_level();
+    return l > DSV2_ISA_AVX512 ? DSV2_ISA_AVX512 : l;
 }
+
+int dsv2_set_isa(int level) {
+    if (level < DSV2_ISA_PORTABLE) level = DSV2_ISA_PORTABLE;
+    if (level > DSV2_ISA_AMX) level = DSV2_ISA_AMX;
+    atomic_store(&g_cap, level);
+    return dsv2_isa_level();
+}
+
+int dsv2_amx_mode(void) {
+    if (dsv2_isa_level() != DSV2_ISA_AMX) return DSV2_AMX_OFF;
+    return emu() ? DSV2_AMX_EMU : DSV2_AMX_HW;
+}
+
+void dsv2_set_amx_emulation(int on) { atomic_store(&g_emu, on ? 1 : 0); }
+
+int dsv2_get_amx_emulation(void) { return emu(); }
 
 const char *dsv2_isa_name(int level) {
     switch (level) {
+    case DSV2_ISA_AMX: return "amx";
     case DSV2_ISA_AVX512: return "avx512";
     case DSV2_ISA_AVX2: return "avx2";
     default: return "portable";

@@ -2,14 +2,19 @@
 #ifndef DSV2_CPU_H
 #define DSV2_CPU_H
 
-enum { DSV2_ISA_PORTABLE = 0, DSV2_ISA_AVX2 = 1, DSV2_ISA_AVX512 = 2 };
+/* Levels, each including the ones below.  DSV2_ISA_AMX is AVX-512 plus the AMX
+ * tiles (AMX-TILE + AMX-BF16, tile state granted by the OS; see amx_tiles.h). */
+enum { DSV2_ISA_PORTABLE = 0, DSV2_ISA_AVX2 = 1, DSV2_ISA_AVX512 = 2, DSV2_ISA_AMX = 3 };
 
-/* The instruction set the kernels use: the best the CPU supports, capped by
- * the environment variable DSV2EXT_ISA=portable|avx2|avx512 (read once) or
- * by dsv2_set_isa(). */
+/* The vector instruction set the kernels use (portable, avx2 or avx512; never
+ * DSV2_ISA_AMX): the best the CPU supports, capped by the environment variable
+ * DSV2EXT_ISA=portable|avx2|avx512|amx (read once) or by dsv2_set_isa(). */
 int dsv2_isa(void);
-/* Cap the instruction set (tests use this to run every code path); returns
- * the level in force, never above what the CPU supports. */
+/* The level in force including the tiles: DSV2_ISA_AMX where the AMX kernels
+ * run, else dsv2_isa(). */
+int dsv2_isa_level(void);
+/* Cap the level (tests use this to run every code path; DSV2_ISA_AVX512 turns
+ * AMX off); returns the level in force, never above what the CPU supports. */
 int dsv2_set_isa(int level);
 /* 1 when the CPU has AVX-512 BF16 (vdpbf16ps). */
 int dsv2_cpu_has_avx512bf16(void);
@@ -34,6 +39,17 @@ void dsv2_set_prefetch_bytes(int bytes);
             for (int64_t pf_ = 0; pf_ < (int64_t)(n); pf_ += 64)                              \
                 __builtin_prefetch((const char *)(p) + (dist) + pf_, 0, 3);                   \
     } while (0)
+
+/* How the AMX kernels run: off (level below DSV2_ISA_AMX), on the tiles, or on
+ * the C emulation of the tiles (amx_tiles.h).  The emulation is a test vehicle:
+ * dsv2_set_amx_emulation(1) makes an AVX-512 CPU without AMX (or with it) run
+ * the AMX kernels on emulated tiles, so that tests exercise their packing,
+ * blocking and tails anywhere; the environment variable DSV2EXT_AMX_EMULATION=1
+ * (read once) starts the process with it on. */
+enum { DSV2_AMX_OFF = 0, DSV2_AMX_HW = 1, DSV2_AMX_EMU = 2 };
+int dsv2_amx_mode(void);
+void dsv2_set_amx_emulation(int on);
+int dsv2_get_amx_emulation(void);
 
 #define DSV2_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,f16c")))
 #define DSV2_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))

@@ -1,6 +1,7 @@
 /* expert_mlp.c - SwiGLU MLP: fused gate/up row-dot path and sgemm path. */
 #include "expert_mlp.h"
 #include "cpu.h"
+#include "gemm_amx.h"
 #include "gemm_bf16dp.h"
 #include "gemv_eo.h"
 #include "gemv.h"
@@ -247,6 +248,11 @@ int64_t dsv2_mlp_rowdot_max_t(const dsv2_mlp *m) {
     /* the bf16 compute mode lives in the matrix-product kernels (dsv2_linear_ex), which round
      * each activation matrix once; the row-dot path keeps fp32 activations */
     if (dsv2_bf16dp_use(&m->gate, 2) && dsv2_bf16dp_use(&m->up, 2) && dsv2_bf16dp_use(&m->down, 2)) return 1;
+    /* AMX (bf16, or int8 in groups of 32k columns): products of DSV2_AMX_MIN_T or more tokens
+     * go to the tiles (gemm_amx.h, through dsv2_linear_ex), fewer to the row-dot kernels */
+    if (dsv2_amx_use(&m->gate, DSV2_AMX_MIN_T) && dsv2_amx_use(&m->up, DSV2_AMX_MIN_T) &&
+        dsv2_amx_use(&m->down, DSV2_AMX_MIN_T))
+        return DSV2_AMX_MIN_T - 1;
     /* bf16 on AVX-512: the even|odd row-dot kernels beat sgemm on widened panels at every
      * token count (gemv_eo.h) */
     if (dsv2_mlp_eo_x(m, DSV2_EO_MIN_T) && dsv2_mlp_eo_h(m, DSV2_EO_MIN_T)) return DSV2_MLP_ROWDOT_ALL;

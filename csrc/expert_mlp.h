@@ -12,9 +12,10 @@
  *    so the intermediate for one token (I floats) stays in cache; then down.
  *    Used for T <= dsv2_mlp_rowdot_max_t (DSV2_MLP_GEMV_MAX_T, or every T
  *    for bf16 weights on AVX-512: the even|odd kernels of gemv_eo.h run
- *    512-token products at ~205 GFLOP/s on Zen 4 against ~187 for sgemm).
- *  - matrix-product path for many tokens (OpenBLAS sgemm through
- *    dsv2_linear_ex; bf16 weights widened one panel at a time). */
+ *    512-token products at ~205 GFLOP/s on Zen 4 against ~187 for sgemm;
+ *    DSV2_AMX_MIN_T - 1 for bf16 / int8 weights where the CPU has AMX tiles).
+ *  - matrix-product path for many tokens (through dsv2_linear_ex: OpenBLAS
+ *    sgemm, bf16 weights widened one panel at a time, or the AMX tiles). */
 #ifndef DSV2_EXPERT_MLP_H
 #define DSV2_EXPERT_MLP_H
 
@@ -45,6 +46,7 @@ typedef struct {
 } dsv2_mlp;
 
 /* Most tokens an MLP call sends through the row-dot path: DSV2_MLP_GEMV_MAX_T;
+ * DSV2_AMX_MIN_T - 1 for weights on AMX tiles (gemm_amx.h: bf16, int8 in groups of 32k);
  * DSV2_MLP_ROWDOT_ALL for bf16 weights on the even|odd kernels (gemv_eo.h); 1 when
  * its weights take the opt-in bf16 compute mode (gemm_bf16dp.h), whose kernels are
  * matrix products that round each activation matrix once. */

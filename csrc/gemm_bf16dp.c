@@ -1,5 +1,6 @@
 /* gemm_bf16dp.c - bf16 weights x bf16-rounded activations on vdpbf16ps (opt-in mode). */
 #include "gemm_bf16dp.h"
+#include "bf16_vec.h"
 #include "cpu.h"
 #include "threadpool.h"
 
@@ -44,14 +45,9 @@ static inline uint16_t round_bf16(float f) {
 }
 
 DSV2_TARGET_AVX512 static void round_row_avx512(uint16_t *out, const float *in, int64_t n) {
-    const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-    const __m512i absmask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        __m512i u = _mm512_loadu_si512((const void *)(in + i));
-        __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absmask), inf);
-        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-        r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
+        const __m512i r = dsv2_bf16_rne_hi_avx512(_mm512_loadu_si512((const void *)(in + i)));
         _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
     }
     for (; i < n; i++) out[i] = round_bf16(in[i]);

@@ -1,6 +1,7 @@
 /* linear.c - y = x W^T: row-dot kernels for few rows, sgemm for many. */
 #include "linear.h"
 #include "blas.h"
+#include "gemm_amx.h"
 #include "gemm_bf16dp.h"
 #include "gemv.h"
 #include "gemv_eo.h"
@@ -111,6 +112,7 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
     const int64_t N = W->rows, K = W->cols;
     if (T < 0 || N <= 0 || K <= 0 || ldx < K || ldy < N) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
+    if (dsv2_amx_use(W, T)) return dsv2_linear_amx(y, ldy, x, ldx, W, T);       /* tiles: exact or bf16 compute */
     if (dsv2_bf16dp_use(W, T)) return dsv2_linear_bf16dp(y, ldy, x, ldx, W, T); /* opt-in bf16 compute */
     if (T <= DSV2_LINEAR_GEMV_MAX_T) {
         const dsv2_act_kinds k = dsv2_act_kinds_of(W, NULL);

@@ -9,7 +9,10 @@
  * widened (int8 weights dequantized) one panel of rows at a time (never the
  * whole matrix; int4 weights dequantized likewise).  int8 weights with few
  * rows use int16-quantized activations, int4 weights int8-quantized ones
- * (quantized once per call; see gemv.h). */
+ * (quantized once per call; see gemv.h) where the CPU allows.  bf16 (and int8, groups
+ * of 32k columns) weights with DSV2_AMX_MIN_T rows or more run on AMX tiles where the
+ * CPU has them (gemm_amx.h); else bf16 takes the even|odd row-dot kernels (AVX-512,
+ * gemv_eo.h) from DSV2_EO_MIN_T rows. */
 #define DSV2_LINEAR_GEMV_MAX_T 8
 
 // x [T, K] (rows ldx apart) , W [N, K] -> y [T, N] (rows ldy apart)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ._native import _C
 
-__all__ = ["set_num_threads", "get_num_threads", "get_isa", "set_isa", "get_prefetch", "set_prefetch"]
+__all__ = ["set_num_threads", "get_num_threads", "get_isa", "set_isa", "get_prefetch", "set_prefetch",
+           "amx_available"]
 
 
 def set_num_threads(n: int) -> int:
@@ -36,16 +37,24 @@ def get_num_threads() -> int:
 
 
 def get_isa() -> str:
-    """The vector instruction set the kernels use: 'avx512', 'avx2' or 'portable'."""
+    """The instruction set the kernels use: 'amx', 'avx512', 'avx2' or 'portable'.
+
+    'amx' is AVX-512 plus Intel AMX tiles: products of bfloat16 weights with 16
+    or more activation rows (prefill) run on the tiles, with the same numerics
+    as the AVX-512 kernels (see README, "AMX").
+    """
     return _C.get_isa()
 
 
 def set_isa(name: str) -> str:
-    """Cap the instruction set ('portable', 'avx2', 'avx512'); returns the level in force.
+    """Cap the instruction set ('portable', 'avx2', 'avx512', 'amx'); returns the level in force.
 
-    The level never exceeds what the CPU supports.  The environment variable
-    ``DSV2EXT_ISA`` does the same at start-up.  Mainly for tests of every code path.
+    The level never exceeds what the CPU supports; 'avx512' turns AMX off.  The
+    environment variable ``DSV2EXT_ISA`` does the same at start-up.  Mainly for
+    tests of every code path.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
     return _C.set_isa(name)
 
 
@@ -65,3 +74,9 @@ def set_prefetch(nbytes: int) -> int:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int):
         raise TypeError(f"nbytes: expected an int, got {type(nbytes).__name__}")
     return _C.set_prefetch(nbytes)
+
+
+def amx_available() -> bool:
+    """Whether this CPU has AMX tiles (AMX-TILE + AMX-BF16) and the OS granted this process
+    the tile state; the kernels use them while :func:`get_isa` is 'amx'."""
+    return bool(_C.amx_available())

@@ -1,7 +1,9 @@
-/* bind_core.c - bindings of the basic kernels: RMSNorm, linear, threads, ISA. */
+/* bind_core.c - bindings of the basic kernels: RMSNorm, linear, threads, ISA, AMX. */
 #include "bind_util.h"
 
+#include "../csrc/amx_tiles.h"
 #include "../csrc/cpu.h"
+#include "../csrc/gemm_amx.h"
 #include "../csrc/linear.h"
 #include "../csrc/rmsnorm.h"
 #include "../csrc/threadpool.h"
@@ -77,7 +79,7 @@ static PyObject *py_get_num_threads(PyObject *self, PyObject *noargs) {
 }
 
 static PyObject *py_get_isa(PyObject *self, PyObject *noargs) {
-    return PyUnicode_FromString(dsv2_isa_name(dsv2_isa()));
+    return PyUnicode_FromString(dsv2_isa_name(dsv2_isa_level()));
 }
 
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
@@ -87,7 +89,8 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     if (!strcmp(name, "portable")) lvl = DSV2_ISA_PORTABLE;
     else if (!strcmp(name, "avx2")) lvl = DSV2_ISA_AVX2;
     else if (!strcmp(name, "avx512")) lvl = DSV2_ISA_AVX512;
-    else return PyErr_Format(PyExc_ValueError, "isa: expected 'portable', 'avx2' or 'avx512', got '%s'", name);
+    else if (!strcmp(name, "amx")) lvl = DSV2_ISA_AMX;
+    else return PyErr_Format(PyExc_ValueError, "isa: expected 'portable', 'avx2', 'avx512' or 'amx', got '%s'", name);
     return PyUnicode_FromString(dsv2_isa_name(dsv2_set_isa(lvl)));
 }
 
@@ -103,13 +106,89 @@ static PyObject *py_set_prefetch(PyObject *self, PyObject *args) {
     return PyLong_FromLong(dsv2_prefetch_bytes());
 }
 
+static PyObject *py_amx_available(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(dsv2_amx_hw_supported());
+}
+
+static PyObject *py_amx_min_rows(PyObject *self, PyObject *noargs) {
+    return PyLong_FromLong(DSV2_AMX_MIN_T);
+}
+
+/* test vehicle: the AMX kernels on emulated tiles (amx_tiles.h) */
+static PyObject *py_set_amx_emulation(PyObject *self, PyObject *args) {
+    int on;
+    if (!PyArg_ParseTuple(args, "p:set_amx_emulation", &on)) return NULL;
+    dsv2_set_amx_emulation(on);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_amx_emulation(PyObject *self, PyObject *noargs) {
+    return PyBool_FromLong(dsv2_get_amx_emulation());
+}
+
+static PyObject *py_amx_emu_stats(PyObject *self, PyObject *noargs) {
+    long products, faults;
+    dsv2_amx_emu_stats(&products, &faults);
+    return Py_BuildValue("(ll)", products, faults);
+}
+
+/* amx_split3(parts [3, n] uint16, x [n] f32) -> None: the exact mode's bf16 parts of x */
+static PyObject *py_amx_split3(PyObject *self, PyObject *args) {
+    PyObject *o_p, *o_x;
+    if (!PyArg_ParseTuple(args, "OO:amx_split3", &o_p, &o_x)) return NULL;
+    PyArrayObject *x = dsv2py_array(o_x, "x", NPY_FLOAT32, 1, NULL, 0);
+    if (!x) return NULL;
+    int64_t n = dsv2py_dim(x, 0), pshape[2] = {3, n};
+    PyArrayObject *p = dsv2py_array(o_p, "parts", NPY_UINT16, 2, pshape, 1);
+    if (!p) return NULL;
+    uint16_t *pd = (uint16_t *)dsv2py_data(p);
+    if (dsv2_amx_split3(pd, pd + n, pd + 2 * n, (const float *)dsv2py_data(x), n))
+        return PyErr_Format(PyExc_ValueError, "amx_split3: needs AVX-512 (the level in force is '%s')",
+                            dsv2_isa_name(dsv2_isa_level()));
+    Py_RETURN_NONE;
+}
+
+/* amx_tile_dot(c [16, 16] f32, a [16, 32] uint16 (bf16), b [16, 32] uint16 (bf16 pairs), hw: bool) -> None:
+ * one TDPBF16PS, c += a . b, on the CPU's tiles or on the emulation */
+static PyObject *py_amx_tile_dot(PyObject *self, PyObject *args) {
+    PyObject *o_c, *o_a, *o_b;
+    int hw;
+    if (!PyArg_ParseTuple(args, "OOOp:amx_tile_dot", &o_c, &o_a, &o_b, &hw)) return NULL;
+    const int64_t cs[2] = {16, 16}, as[2] = {16, 32};
+    PyArrayObject *c = dsv2py_array(o_c, "c", NPY_FLOAT32, 2, cs, 1);
+    if (!c) return NULL;
+    PyArrayObject *a = dsv2py_array(o_a, "a", NPY_UINT16, 2, as, 0);
+    if (!a) return NULL;
+    PyArrayObject *b = dsv2py_array(o_b, "b", NPY_UINT16, 2, as, 0);
+    if (!b) return NULL;
+    if (hw && !dsv2_amx_hw_supported()) return PyErr_Format(PyExc_ValueError, "hw: this CPU has no AMX tiles");
+    if (dsv2py_no_overlap(c, "c", a, "a") < 0 || dsv2py_no_overlap(c, "c", b, "b") < 0) return NULL;
+    int rc = dsv2_amx_tdpbf16ps_tile((float *)dsv2py_data(c), (const uint16_t *)dsv2py_data(a),
+                                     (const uint16_t *)dsv2py_data(b), hw);
+    if (rc) return dsv2py_raise(rc, "amx_tile_dot");
+    Py_RETURN_NONE;
+}
+
 PyMethodDef dsv2py_core_methods[] = {
     {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(out, x, weight, eps): out [T, d] = RMSNorm(x [T, d]) * weight [d]"},
     {"linear", py_linear, METH_VARARGS, "linear(out, x, weight): out [T, N] = x [T, K] @ weight [N, K]^T"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n) -> n in force"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
-    {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> 'avx512' | 'avx2' | 'portable'"},
+    {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> 'amx' | 'avx512' | 'avx2' | 'portable'"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name) -> level in force (capped by the CPU)"},
     {"get_prefetch", py_get_prefetch, METH_NOARGS, "get_prefetch() -> bytes (0: off)"},
     {"set_prefetch", py_set_prefetch, METH_VARARGS, "set_prefetch(nbytes) -> bytes in force (multiple of 64)"},
+    {"amx_available", py_amx_available, METH_NOARGS,
+     "amx_available() -> bool: the CPU has AMX-TILE + AMX-BF16 and the OS granted the tile state"},
+    {"amx_min_rows", py_amx_min_rows, METH_NOARGS,
+     "amx_min_rows() -> int: fewest activation rows of a product on the AMX tiles (bf16; int8 in groups of 32k)"},
+    {"set_amx_emulation", py_set_amx_emulation, METH_VARARGS,
+     "set_amx_emulation(on): (tests) run the AMX kernels on emulated tiles, on any AVX-512 CPU"},
+    {"get_amx_emulation", py_get_amx_emulation, METH_NOARGS, "get_amx_emulation() -> bool"},
+    {"amx_emu_stats", py_amx_emu_stats, METH_NOARGS,
+     "amx_emu_stats() -> (products, faults): emulated TDPBF16PS run, and emulated tile instructions that "
+     "would have faulted on the CPU (skipped)"},
+    {"amx_split3", py_amx_split3, METH_VARARGS, "amx_split3(parts [3, n] uint16, x [n] f32): x = p0 + p1 + p2 (bf16)"},
+    {"amx_tile_dot", py_amx_tile_dot, METH_VARARGS,
+     "amx_tile_dot(c [16, 16] f32, a [16, 32] bf16, b [16, 32] bf16 pairs, hw): one TDPBF16PS, c += a . b"},
     {NULL, NULL, 0, NULL}};

@@ -31,4 +31,4 @@ def isa(request):
         dsv2ext.set_isa(prev)
         pytest.skip(f"CPU lacks {request.param}")
     yield got
-    dsv2ext.set_isa("avx512")
+    dsv2ext.set_isa(prev)

@@ -216,7 +216,14 @@ def raw_calls(seed: int = 0, T: int = 3) -> List[RawCall]:
                                 mo["shared"]]),
         RawCall("moe_block", [np.empty((T, D), np.float32), x, mo["router"], None, mo["experts"], None, None,
                               mo["shared"], K, 1, 1, "greedy", "softmax", False, 1.0, None, None]),
+        RawCall("amx_available", []),
+        RawCall("get_amx_emulation", []),
+        RawCall("amx_emu_stats", []),
+        RawCall("amx_tile_dot", [f32(rng, 16, 16), np.full((16, 32), 0x3F80, np.uint16),
+                                 np.full((16, 32), 0x4000, np.uint16), False]),
     ]
+    if isa in ("avx512", "amx"):  # the split is AVX-512 code
+        calls.append(RawCall("amx_split3", [np.empty((3, D), np.uint16), f32(rng, D)]))
     return calls
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import dsv2ext
-from dsv2ext import ops
+from dsv2ext import _C, ops
 from dsv2ext.dtypes import BF16
 from dsv2ext.model import DeepseekV2
 from dsv2ext.quant import (Int8Weight, dequantize, get_int8_activations, linear_int8_reference, load_quantized_tensor,
@@ -54,6 +54,14 @@ def act(request):
 
 def act16_on(mode: str, group: int, isa_name: str) -> bool:
     return mode == "int16" and group % 16 == 0 and isa_name != "portable"
+
+
+def mlp_row_dot_max(g: Int8Weight, u: Int8Weight, dn: Int8Weight) -> int:
+    """Most tokens an int8 MLP sends through the row-dot kernels: MLP_MAX_T, or below the AMX
+    threshold where the tiles take all three matrices (groups of a multiple of 32)."""
+    if dsv2ext.get_isa() == "amx" and all(w.group % 32 == 0 for w in (g, u, dn)):
+        return _C.amx_min_rows() - 1
+    return MLP_MAX_T
 
 
 def rand_w(shape, seed, scale=0.05):
@@ -231,7 +239,7 @@ def test_swiglu_mlp_int8(isa, act, T):
     d, I = 256, 1408
     g, u, dn = (quantize_int8(rand_w(s, i), 32) for i, s in enumerate([(I, d), (I, d), (d, I)]))
     x = np.random.default_rng(T).standard_normal((T, d)).astype(np.float32)
-    on = T <= MLP_MAX_T and act16_on(act, 32, isa)  # the row-dot path serves up to MLP_MAX_T tokens
+    on = T <= mlp_row_dot_max(g, u, dn) and act16_on(act, 32, isa)  # the row-dot path's tokens
     got = ops.swiglu_mlp(x, g, u, dn)
     assert max_rel_err(got, swiglu_reference(x, g, u, dn, on)) <= KTOL
     assert max_rel_err(got, swiglu_reference(x, g, u, dn, False)) <= (2e-4 if on else KTOL)
@@ -287,12 +295,13 @@ def test_moe_block_int8(bundled_int8, act, T):
     count = np.bincount(ids.reshape(-1), minlength=16)
     if T == 400:
         assert count.max() > MLP_MAX_T  # the sgemm path is exercised
+    lim_e, lim_s = mlp_row_dot_max(*trip(m.experts[0])), mlp_row_dot_max(*trip(m.shared))
     ref = np.zeros((T, 256))
     for t in range(T):
         xt = x[t:t + 1]
         for e, wt in zip(ids[t], wts[t]):
-            ref[t] += wt * swiglu_reference(xt, *trip(m.experts[e]), on and count[e] <= MLP_MAX_T)[0]
-        ref[t] += swiglu_reference(xt, *trip(m.shared), on and T <= MLP_MAX_T)[0]
+            ref[t] += wt * swiglu_reference(xt, *trip(m.experts[e]), on and count[e] <= lim_e)[0]
+        ref[t] += swiglu_reference(xt, *trip(m.shared), on and T <= lim_s)[0]
     assert max_rel_err(out, ref) <= KTOL
     assert max_rel_err(stacked, ref) <= KTOL
     fp = ops.moe_block(x, m.gate, [tuple(map(dequantize, trip(e))) for e in m.experts],
