@@ -263,7 +263,7 @@ def render_markdown(all_geoms: Dict[str, Any]) -> str:
         lines += [f"## {g}", "",
                   f"{res['date']}, {m['cpu_model']} ({m['logical_cpus']} logical CPUs, "
                   f"{(m['memory_bytes'] or 0) / 2 ** 30:.0f} GiB; ISA {', '.join(m['isa'])}); "
-                  f"llama.cpp: {res.get('llama_build', '?')}.", ""]
+                  f"llama.cpp: {res.get('llama_build', '?')}; dsv2ext: {res.get('dsv2ext_settings', '?')}.", ""]
         pk = res["peaks"]
         lines += ["| threads | read GB/s | fp32 FMA GFLOP/s | bf16 dot GFLOP/s | int8 dot GOP/s |", "|---|---|---|---|---|"]
         for t in sorted(pk["read_GBps"], key=int):
@@ -373,7 +373,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             s.close()
 
     rows = summarize(raw, hello, peaks, cfg, prefill, steps)
+    import dsv2ext
+
+    settings = {"isa": dsv2ext.get_isa(), "prefetch_bytes": dsv2ext.get_prefetch(),
+                "env": {k: v for k, v in os.environ.items() if k.startswith("DSV2EXT_")}}
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": info,
+           "dsv2ext_settings": settings,
            "llama_build": llama_build_info() if ggufs else None, "peaks": peaks, "contexts": contexts,
            "prefill_tokens": prefill, "decode_steps": steps, "threads": threads_list, "raw": raw, "rows": rows}
     res["targets"] = targets(rows, peaks, contexts)
