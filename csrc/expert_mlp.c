@@ -20,10 +20,12 @@ int dsv2_mlp_check(const dsv2_mlp *m, int64_t *d, int64_t *I) {
     const dsv2_mat *w[3] = {&m->gate, &m->up, &m->down};
     for (int i = 0; i < 3; i++) {
         if (!w[i]->data) return DSV2_ERR_ARG;
-        if (w[i]->dtype != DSV2_F32 && w[i]->dtype != DSV2_BF16 && w[i]->dtype != DSV2_I8 && w[i]->dtype != DSV2_I4)
+        if (w[i]->dtype != DSV2_F32 && w[i]->dtype != DSV2_BF16 && w[i]->dtype != DSV2_I8 && w[i]->dtype != DSV2_I4 &&
+            w[i]->dtype != DSV2_F8E4M3)
             return DSV2_ERR_DTYPE;
         if (w[i]->dtype == DSV2_I8 && (!w[i]->scale || w[i]->group <= 0 || w[i]->cols % w[i]->group))
             return DSV2_ERR_ARG;
+        if (w[i]->dtype == DSV2_F8E4M3 && dsv2_f8_check(w[i])) return DSV2_ERR_ARG;
     }
     int64_t II = m->gate.rows, dd = m->gate.cols;
     if (II < 1 || dd < 1 || m->up.rows != II || m->up.cols != dd || m->down.rows != dd || m->down.cols != II)
@@ -290,6 +292,12 @@ static int gate_up_adjacent(const dsv2_mlp *m, dsv2_mat *both) {
     if (g->dtype == DSV2_I8 && (g->group != u->group || g->scale + g->rows * (g->cols / g->group) != u->scale)) return 0;
     *both = *g;
     both->rows = g->rows + u->rows;
+    /* fp8: up must be rows [I, 2I) of one block-scaled matrix with gate (a stacked gate_up_proj) */
+    if (g->dtype == DSV2_F8E4M3) {
+        const dsv2_mat v = dsv2_mat_rows(both, g->rows, u->rows);
+        if (u->group != g->group || u->block_rows != g->block_rows || v.scale != u->scale || v.row_off != u->row_off)
+            return 0;
+    }
     return 1;
 }
 

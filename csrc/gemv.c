@@ -1,7 +1,8 @@
-/* gemv.c - row-dot kernels (portable, AVX2, AVX-512), fp32, bf16 and int8 weights. */
+/* gemv.c - row-dot kernels (portable, AVX2, AVX-512), fp32, bf16, int8 and fp8 weights. */
 #include "gemv.h"
 #include "cpu.h"
 #include "int4.h"
+#include "gemv_f8.h"
 #include "quant.h"
 
 #include <immintrin.h>
@@ -163,6 +164,10 @@ void dsv2_gemv_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
         dsv2_gemv_i4_rows(y, ldy, x, ldx, T, W, r0, r1);
         return;
     }
+    if (W->dtype == DSV2_F8E4M3) {
+        dsv2_gemv_f8_rows(y, ldy, x, ldx, T, W, r0, r1);
+        return;
+    }
     int isa = dsv2_isa();
     if (W->dtype == DSV2_F32 || W->dtype == DSV2_BF16) {
         if (isa == DSV2_ISA_AVX512) {
@@ -220,6 +225,8 @@ void dsv2_mat_rows_to_f32(float *out, const dsv2_mat *W, int64_t r0, int64_t r1)
         dsv2_dequant_i8_rows(out, W, r0, r1);
     } else if (W->dtype == DSV2_I4) {
         dsv2_dequant_i4_rows(out, W, r0, r1);
+    } else if (W->dtype == DSV2_F8E4M3) {
+        dsv2_dequant_f8_rows(out, W, r0, r1);
     } else {
         for (int64_t r = r0; r < r1; r++)
             for (int64_t k = 0; k < K; k++) out[(r - r0) * K + k] = dsv2_mat_get(W, r, k);

@@ -2,13 +2,13 @@
  * rows, with the instruction set picked at run time.
  *
  * y[t * ldy + r] = sum_k x[t * ldx + k] * W[r, k]   for r in [r0, r1), t < T
- * x [T, K] fp32 (rows ldx apart) , W [rows, K] fp32, bf16 or int8 -> y [T, ldy]
+ * x [T, K] fp32 (rows ldx apart) , W [rows, K] fp32, bf16, int8 or fp8 -> y [T, ldy]
  * T <= DSV2_GEMV_MAX_T.  bf16 weights are widened to fp32 exactly in
  * registers and accumulated in fp32 (same values as an fp32 model with the
  * bf16 weights upcast, up to summation order).  int8 weights are dequantized
  * in registers (q * scale, the exact fp32 product) and accumulated in fp32:
  * the same values as an fp32 model with the dequantized weights; activations
- * stay fp32. */
+ * stay fp32.  fp8 (e4m3fn with 2-D block scales) likewise: gemv_f8.h. */
 #ifndef DSV2_GEMV_H
 #define DSV2_GEMV_H
 
