@@ -12,9 +12,21 @@
 #ifndef DSV2_GEMV_H
 #define DSV2_GEMV_H
 
+#include "cpu.h"
 #include "dsv2.h"
 
+#include <immintrin.h>
+
 #define DSV2_GEMV_MAX_T 4
+
+/* horizontal sum of 8 fp32 lanes (the AVX2 row-dot kernels) */
+DSV2_TARGET_AVX2 static inline float dsv2_hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
 
 /* Access order of the AVX-512 row-dot kernels: while the activation rows
  * (T x K values in the kernel's format: fp32, or int16 for the int8 fast

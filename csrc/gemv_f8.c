@@ -57,14 +57,6 @@ DSV2_TARGET_AVX2 static inline __m256 f8w8_avx2(const uint8_t *q, __m256 s256) {
     return _mm256_or_ps(_mm256_mul_ps(dsv2_e4m3x8_div256_avx2(b), s256), dsv2_e4m3x8_nan_avx2(b));
 }
 
-DSV2_TARGET_AVX2 static inline float hsum256_f8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
 DSV2_TARGET_AVX2 static void f8_avx2(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
                                      int64_t r0, int64_t r1) {
     const int64_t K = W->cols, g = W->group, K8 = K & ~(int64_t)7;
@@ -83,7 +75,7 @@ DSV2_TARGET_AVX2 static void f8_avx2(float *y, int64_t ldy, const float *x, int6
             }
         }
         for (int t = 0; t < T; t++) {
-            float v = hsum256_f8(_mm256_add_ps(acc[t][0], acc[t][1]));
+            float v = dsv2_hsum256(_mm256_add_ps(acc[t][0], acc[t][1]));
             for (int64_t k = K8; k < K; k++) v += x[t * ldx + k] * (dsv2_e4m3_to_f32(q[k]) * s[k / g]);
             y[t * ldy + r] = v;
         }
@@ -182,14 +174,29 @@ f8_tile_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, 
         const int64_t k1 = k0 + g < K ? k0 + g : K;
         __m512 sv[4];
         for (int i = 0; i < 4; i++) sv[i] = _mm512_set1_ps(s[i][b] * 256.0f);
-        for (int64_t k = k0; k < k1; k += 16) {
+        int64_t k = k0;
+        for (; k + 64 <= k1; k += 64) { /* one NaN test of 64 codes per row, then 16 columns at a time */
+            __mmask64 nan[4];
+            for (int i = 0; i < 4; i++) nan[i] = dsv2_e4m3x64_nan_avx512(_mm512_loadu_si512((const void *)(q[i] + k)));
+            const int any = (nan[0] | nan[1] | nan[2] | nan[3]) != 0;
+            for (int j = 0; j < 4; j++) {
+                __m512 w[4];
+                for (int i = 0; i < 4; i++) {
+                    w[i] = f8w16(_mm_loadu_si128((const __m128i *)(q[i] + k + 16 * j)), sv[i]);
+                    if (__builtin_expect(any, 0)) w[i] = nan_lanes(w[i], (__mmask16)(nan[i] >> (16 * j)));
+                }
+                for (int t = 0; t < T; t++) {
+                    const __m512 xv = _mm512_loadu_ps(x + t * ldx + k + 16 * j);
+                    for (int i = 0; i < 4; i++) acc[t][i] = _mm512_fmadd_ps(w[i], xv, acc[t][i]);
+                }
+            }
+        }
+        for (; k < k1; k += 16) {
             const __mmask16 m = tail16(K - k);
             __m512 w[4];
             for (int i = 0; i < 4; i++) {
                 const __m128i c = _mm_maskz_loadu_epi8(m, q[i] + k);
-                w[i] = f8w16(c, sv[i]);
-                const __mmask16 nan = dsv2_e4m3x16_nan_avx512(c);
-                if (__builtin_expect(nan != 0, 0)) w[i] = nan_lanes(w[i], nan);
+                w[i] = nan_lanes(f8w16(c, sv[i]), dsv2_e4m3x16_nan_avx512(c));
             }
             for (int t = 0; t < T; t++) {
                 const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + k);

@@ -42,7 +42,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._native import _C
-from .dtypes import BF16
+from .dtypes import BF16, TaggedArray
 from .safetensors import FP8E4M3, CheckpointError, fp8_e4m3_to_float32
 
 __all__ = ["Fp8Weight", "DEFAULT_BLOCK", "quantization_config", "SCALE_SUFFIX", "e4m3_encode", "e4m3_decode",
@@ -71,7 +71,7 @@ def _scale_shape(shape: Sequence[int], block: Tuple[int, int]) -> Tuple[int, ...
     return tuple(shape[:-2]) + (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
 
 
-class Fp8Weight:
+class Fp8Weight(TaggedArray):
     """A float8 e4m3fn weight with 2-D block scales (the DeepSeek-V3 layout).
 
     ``W[..., i, j] = e4m3(data[..., i, j]) * scale_inv[..., i // block[0], j // block[1]]``
@@ -92,7 +92,7 @@ class Fp8Weight:
     ``[E, rows, cols]`` indexes by its leading dimension (``w[e]``).
     """
 
-    __slots__ = ("data", "scale_inv", "block")
+    __slots__ = ("scale_inv", "block")
     __dsv2_dtype__ = "fp8"
 
     def __init__(self, data: Any, scale_inv: np.ndarray, block: Sequence[int] = DEFAULT_BLOCK) -> None:
@@ -116,28 +116,12 @@ class Fp8Weight:
         self.block = b
 
     @property
-    def shape(self) -> tuple:
-        return self.data.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.data.ndim
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
-
-    @property
     def scales_nbytes(self) -> int:
         return self.scale_inv.nbytes
 
     @property
     def total_nbytes(self) -> int:
         return self.data.nbytes + self.scale_inv.nbytes
-
-    @property
-    def dtype_name(self) -> str:
-        return "fp8"
 
     def to_float32(self) -> np.ndarray:
         """The dequantized weight (float32, a new array; the values the kernels use)."""
@@ -166,9 +150,6 @@ class Fp8Weight:
         if not isinstance(idx, (int, np.integer, slice)):
             raise IndexError("Fp8Weight: index the first dimension with an int or a slice")
         return Fp8Weight(self.data[idx], self.scale_inv[idx], self.block)
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     def __repr__(self) -> str:
         return f"Fp8Weight(shape={self.data.shape}, block={self.block})"
