@@ -535,23 +535,3 @@ def test_quantization_config_helper():
                                      "weight_block_size": [128, 128]}
     assert set(FP8_KEPT) >= {"lm_head", "embed_tokens"}
 
-
-def test_torch_fp8_weight_view():
-    """transformers' fine-grained FP8 Linear (float8_e4m3fn + float32 weight_scale_inv) to the kernels without a copy."""
-    import dsv2ext.torch as dt
-    from transformers.integrations.finegrained_fp8 import FP8Linear
-    q = rand_fp8((300, 200), 70)
-    lin = FP8Linear(200, 300, block_size=(128, 128))
-    with torch.no_grad():
-        lin.weight.copy_(torch.from_numpy(q.data).view(torch.float8_e4m3fn))
-        lin.weight_scale_inv.copy_(torch.from_numpy(q.scale_inv))
-    v = dt.fp8_weight_view(lin.weight, lin.weight_scale_inv, lin.block_size)
-    assert np.shares_memory(v.data, lin.weight.detach().view(torch.uint8).numpy())
-    x = np.random.default_rng(0).standard_normal((3, 200)).astype(np.float32)
-    assert max_rel_err(ops.linear(x, v), ref_linear(x, q)) <= KTOL
-    with pytest.raises(TypeError, match="fp8_weight_view"):
-        dt.linear(torch.from_numpy(x), lin.weight)
-    with pytest.raises(TypeError, match="float32 block scales"):
-        dt.fp8_weight_view(lin.weight, lin.weight_scale_inv.to(torch.bfloat16))
-    with pytest.raises(ValueError, match="scale_inv"):
-        dt.fp8_weight_view(lin.weight, torch.ones(2, 1), (128, 128))
