@@ -535,3 +535,46 @@ def test_quantization_config_helper():
                                      "weight_block_size": [128, 128]}
     assert set(FP8_KEPT) >= {"lm_head", "embed_tokens"}
 
+
+
+MEM_SCRIPT = r"""
+import json, sys, psutil
+import dsv2ext
+p = psutil.Process()
+before = p.memory_info().rss
+m = dsv2ext.load(sys.argv[1], dtype="fp8")
+info = m.info()
+print(json.dumps({"grew": p.memory_info().rss - before, "bytes": info["weight_bytes"], "dtype": info["dtype"]}))
+"""
+
+
+def test_quantize_at_load_streams(tmp_path):
+    """dtype="fp8" on a ~150 MB bf16 checkpoint: each source matrix's mapped pages are dropped once it is
+    quantized, so resident memory grows by about the FP8 model (half the file), not file + model."""
+    import subprocess
+    import sys
+    from dsv2ext.config import ModelConfig
+    from dsv2ext.weights import expected_tensors
+    d, F = 1024, 24576
+    cfg = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", vocab_size=1000, hidden_size=d,
+               intermediate_size=F, moe_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+               q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+               n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None, first_k_dense_replace=1,
+               max_position_embeddings=256, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=1, eos_token_id=2,
+               tie_word_embeddings=False)
+    rng = np.random.default_rng(0)
+    tensors = {n: BF16.from_float32(np.ones(s, np.float32) if "norm" in n else
+                                    rng.standard_normal(s, dtype=np.float32) * 0.02)
+               for n, s in expected_tensors(ModelConfig.from_dict(cfg)).items()}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    del tensors
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    size = os.path.getsize(tmp_path / "model.safetensors")
+    assert size >= 150e6
+    r = subprocess.run([sys.executable, "-c", MEM_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["dtype"] == "fp8" and m["bytes"] <= 0.52 * size
+    assert m["grew"] <= m["bytes"] + 0.2 * size, m   # not the bf16 source (~2x the FP8 bytes) on top
