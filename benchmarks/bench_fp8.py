@@ -4,8 +4,8 @@
     python benchmarks/bench_fp8.py --threads 1 --rounds 3 --set-mib 256
 
 Decode (T = 1): ``dsv2ext.ops`` products of one activation row with V2-Lite-shaped
-weights (expert gate/up 1408x2048, expert down 2048x1408, kv_b 4096x512, q_b
-3072x1536, o_proj 2048x2048) in fp8 (e4m3 + 128x128 fp32 scales), bf16 and int8
+weights (``--shapes``: gate_up = expert gate / up 1408x2048, down = expert down_proj
+2048x1408, kv_b 4096x512, q_b 3072x1536, o_proj 2048x2048) in fp8 (e4m3 + 128x128 fp32 scales), bf16 and int8
 (+ per-32 scales).  Each dtype cycles through enough copies of the matrix
 (``--set-mib``) that every call reads its weights from memory, not from the
 caches; GB/s = bytes of the weights (scales included) / time.  Each round first
@@ -40,8 +40,8 @@ from dsv2ext.fp8 import quantize_fp8  # noqa: E402
 from dsv2ext.quant import quantize_int8  # noqa: E402
 from machine import BandwidthProbe, machine_info  # noqa: E402
 
-SHAPES = {"expert gate/up": (1408, 2048), "expert down": (2048, 1408), "kv_b": (4096, 512),
-          "q_b": (3072, 1536), "o_proj": (2048, 2048)}
+SHAPES = {"gate_up": (1408, 2048), "down": (2048, 1408), "kv_b": (4096, 512), "q_b": (3072, 1536),
+          "o_proj": (2048, 2048)}  # expert gate / up, expert down_proj, attention projections
 
 
 def nbytes(w: Any) -> int:
@@ -90,7 +90,8 @@ def decode(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|")
     probes_all: List[float] = []
     with BandwidthProbe(cache, args.threads) as probe:
-        for name, (rows, cols) in SHAPES.items():
+        for name in args.shapes:
+            rows, cols = SHAPES[name]
             base = make_weights(rows, cols, 1)
             sets = {dt: copies(w, max(2, (args.set_mib << 20) // nbytes(w))) for dt, w in base.items()}
             x = np.random.default_rng(2).standard_normal((1, cols), dtype=np.float32)
@@ -117,7 +118,8 @@ def prefill(args: argparse.Namespace) -> None:
     print(f"\n## prefill, T = {args.prefill_t}, {args.threads} thread(s): GFLOP/s (best of {args.reps})")
     print("| matrix | fp8 | bf16 | int8 | fp8 / bf16 |")
     print("|---|---|---|---|---|")
-    for name, (rows, cols) in SHAPES.items():
+    for name in args.shapes:
+        rows, cols = SHAPES[name]
         ws = make_weights(rows, cols, 3)
         x = np.random.default_rng(4).standard_normal((args.prefill_t, cols), dtype=np.float32)
         out = np.empty((args.prefill_t, rows), np.float32)
@@ -157,6 +159,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--set-mib", type=int, default=256, help="bytes of copies cycled through per dtype (decode)")
     ap.add_argument("--prefill-t", type=int, default=512)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     args = ap.parse_args()
