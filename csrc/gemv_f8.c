@@ -6,7 +6,8 @@
  * one multiply gives the correctly rounded fp32 product e4m3(q) * scale; NaN codes
  * are found 64 (AVX-512) or 8 (AVX2) codes at a time and their lanes set to NaN.
  * Weight rows are streamed one after the other (one sequential stream per thread,
- * as in gemv.c); long activation rows use 4-row tiles (DSV2_GEMV_TILE_XBYTES).
+ * as in gemv.c, with the same optional software prefetch, cpu.h); long activation
+ * rows use 4-row tiles (DSV2_GEMV_TILE_XBYTES).
  * AVX-512 needs group % 16 == 0, AVX2 group % 8 == 0, and scales whose fold by 256
  * is exact (dsv2_e4m3_scale_foldable: every scale below FLT_MAX / 256, e.g. all
  * scales amax / 448 of a quantizer); other matrices take the portable loop (the
@@ -116,6 +117,7 @@ f8_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, c
     const int64_t K = W->cols, g = W->group;
     const uint8_t *q = (const uint8_t *)W->data + r * K;
     const float *s = dsv2_f8_scale_row(W, r);
+    const int pf = dsv2_prefetch_bytes();
     __m512 acc[DSV2_GEMV_MAX_T][4];
     for (int t = 0; t < T; t++)
         for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
@@ -124,6 +126,7 @@ f8_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, c
         const __m512 sv = _mm512_set1_ps(s[b] * 256.0f);
         int64_t k = k0;
         for (; k + 64 <= k1; k += 64) {
+            DSV2_PREFETCH_AHEAD(q + k, 64, pf);
             const __mmask64 nan = dsv2_e4m3x64_nan_avx512(_mm512_loadu_si512((const void *)(q + k)));
             __m512 w0 = f8w16(_mm_loadu_si128((const __m128i *)(q + k)), sv);
             __m512 w1 = f8w16(_mm_loadu_si128((const __m128i *)(q + k + 16)), sv);
@@ -163,6 +166,7 @@ f8_tile_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, 
     const int64_t K = W->cols, g = W->group;
     const uint8_t *q[4];
     const float *s[4];
+    const int pf = dsv2_prefetch_bytes();
     for (int i = 0; i < 4; i++) {
         q[i] = (const uint8_t *)W->data + (r + i) * K;
         s[i] = dsv2_f8_scale_row(W, r + i);
@@ -177,7 +181,10 @@ f8_tile_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, 
         int64_t k = k0;
         for (; k + 64 <= k1; k += 64) { /* one NaN test of 64 codes per row, then 16 columns at a time */
             __mmask64 nan[4];
-            for (int i = 0; i < 4; i++) nan[i] = dsv2_e4m3x64_nan_avx512(_mm512_loadu_si512((const void *)(q[i] + k)));
+            for (int i = 0; i < 4; i++) {
+                DSV2_PREFETCH_AHEAD(q[i] + k, 64, pf);
+                nan[i] = dsv2_e4m3x64_nan_avx512(_mm512_loadu_si512((const void *)(q[i] + k)));
+            }
             const int any = (nan[0] | nan[1] | nan[2] | nan[3]) != 0;
             for (int j = 0; j < 4; j++) {
                 __m512 w[4];

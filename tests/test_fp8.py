@@ -455,12 +455,21 @@ def test_quantize_at_load(tmp_path):
     assert count >= 10
     assert isinstance(q.weights.lm_head, BF16) and isinstance(q.weights.embed_tokens, BF16)
     assert q.info()["dtype"] == "fp8"
-    # the same model with every FP8 weight dequantized
+    # the same model with every FP8 weight dequantized (both with the exact fp32 latent cache)
     from dsv2ext.model import DeepseekV2
-    from dsv2ext.quant import map_linear_weights
-    deq = DeepseekV2(q.config, map_linear_weights(q.weights, lambda w: deq_np(w) if isinstance(w, Fp8Weight) else w))
+
+    def deq(obj):
+        if isinstance(obj, Fp8Weight):
+            return deq_np(obj)
+        if isinstance(obj, list):
+            return [deq(o) for o in obj]
+        if hasattr(obj, "__dataclass_fields__"):
+            return type(obj)(**{k: deq(v) for k, v in vars(obj).items()})
+        return obj
+    exact = DeepseekV2(q.config, q.weights, kv_dtype="f32")
+    ref = DeepseekV2(q.config, deq(q.weights), kv_dtype="f32")
     ids = _prompt(25, 2)
-    assert max_rel_err(q.logits(ids), deq.logits(ids)) <= LOGIT_TOL
+    assert max_rel_err(exact.logits(ids), ref.logits(ids)) <= LOGIT_TOL
     # an FP8 checkpoint stays as it is with dtype="fp8"; int8 from FP8 goes through the exact values
     d = save_quantized(q, tmp_path / "fp8")
     again = dsv2ext.load(d, dtype="fp8")
