@@ -1,13 +1,13 @@
 """Decode speed of dsv2ext against the memory-bandwidth roofline, per weight dtype.
 
     python benchmarks/bench_decode.py                      # lite-L4 checkpoint, bf16 and int8
-    python benchmarks/bench_decode.py --ckpt DIR --dtypes int8 int4 --context 128 4096 --tokens 32
+    python benchmarks/bench_decode.py --ckpt DIR --dtypes int8 int4 fp8 --context 128 4096 --tokens 32
     python benchmarks/bench_decode.py --synthetic --layers 2 --experts 16   # small random model, no files
 
 Per dtype and context: the prompt (random token ids) is prefilled, then
 ``--tokens`` greedy one-token steps are timed one by one (median and mean
 reported).  Roofline tokens/s = streaming read bandwidth / (active weight
-bytes per token in the engine's own format, int8 scales included, + latent
+bytes per token in the engine's own format, int8 and fp8 scales included, + latent
 cache bytes read at that context).  Active bytes: every weight except the
 routed experts (top-k of E of them) and the embedding (one row).  The time
 of a step is split by the ``dsv2ext._C`` kernel it spends in: attention
@@ -129,7 +129,7 @@ def synthetic_model(layers: int, experts: int, dtype: str, seed: int = 0) -> Any
                                    shared=MLPWeights(w(2816, d), w(2816, d), w(d, 2816)))
         lw.append(layer)
     weights = ModelWeights(embed_tokens=w(102400, d), norm=ones(d), lm_head=w(102400, d), layers=lw)
-    if dtype in ("int8", "int4", "int4-mixed"):
+    if dtype in ("int8", "int4", "int4-mixed", "fp8"):
         from dsv2ext.quant import quantize_model_weights
         weights = quantize_model_weights(weights, recipe=dtype)
     return DeepseekV2(cfg, weights)
@@ -190,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--layers", type=int, default=4, help="layers of the synthetic model (1 dense + MoE)")
     ap.add_argument("--experts", type=int, default=64, help="routed experts of the synthetic model")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "int8"],
-                    choices=["bf16", "int8", "f32", "int4", "int4-mixed"])
+                    choices=["bf16", "int8", "f32", "int4", "int4-mixed", "fp8"])
     ap.add_argument("--context", nargs="+", type=int, default=[128])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)

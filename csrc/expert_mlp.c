@@ -6,6 +6,7 @@
 #include "gemv_eo.h"
 #include "gemv.h"
 #include "linear.h"
+#include "scratch.h"
 #include "threadpool.h"
 
 #include <immintrin.h>
@@ -20,10 +21,12 @@ int dsv2_mlp_check(const dsv2_mlp *m, int64_t *d, int64_t *I) {
     const dsv2_mat *w[3] = {&m->gate, &m->up, &m->down};
     for (int i = 0; i < 3; i++) {
         if (!w[i]->data) return DSV2_ERR_ARG;
-        if (w[i]->dtype != DSV2_F32 && w[i]->dtype != DSV2_BF16 && w[i]->dtype != DSV2_I8 && w[i]->dtype != DSV2_I4)
+        if (w[i]->dtype != DSV2_F32 && w[i]->dtype != DSV2_BF16 && w[i]->dtype != DSV2_I8 && w[i]->dtype != DSV2_I4 &&
+            w[i]->dtype != DSV2_F8E4M3)
             return DSV2_ERR_DTYPE;
         if (w[i]->dtype == DSV2_I8 && (!w[i]->scale || w[i]->group <= 0 || w[i]->cols % w[i]->group))
             return DSV2_ERR_ARG;
+        if (w[i]->dtype == DSV2_F8E4M3 && dsv2_f8_check(w[i])) return DSV2_ERR_ARG;
     }
     int64_t II = m->gate.rows, dd = m->gate.cols;
     if (II < 1 || dd < 1 || m->up.rows != II || m->up.cols != dd || m->down.rows != dd || m->down.cols != II)
@@ -175,9 +178,59 @@ typedef void (*dot_fn)(float *, int64_t, const float *, int64_t, const dsv2_mat 
 static const dot_fn dot_avx512[DOT_MAXC + 1] = {NULL, dot_avx512_c1, dot_avx512_c2, dot_avx512_c3,
                                                 dot_avx512_c4, dot_avx512_c5};
 
+/* fp8 weights with more tokens than one pass of the row-dot kernels: rows widened to fp32
+ * once (exact values, dsv2_mat_rows_to_f32) and multiplied as fp32 weights, instead of
+ * decoding every weight again for each pass of 4 tokens */
+static int f8_widen(const dsv2_mat *W, int64_t T) {
+    return W->dtype == DSV2_F8E4M3 && T > DSV2_GEMV_MAX_T;
+}
+
+/* W as fp32 in buf (rows x cols floats) when f8_widen holds, else W itself */
+static dsv2_mat widened(float *buf, const dsv2_mat *W, int64_t T) {
+    if (!f8_widen(W, T)) return *W;
+    dsv2_mat f;
+    memset(&f, 0, sizeof f);
+    f.dtype = DSV2_F32;
+    f.data = buf;
+    f.rows = W->rows;
+    f.cols = W->cols;
+    dsv2_mat_rows_to_f32(buf, W, 0, W->rows);
+    return f;
+}
+
+/* rows of widened weights per block: ~128 KiB of fp32 (L2), at least 8 */
+static int64_t widen_rows(int64_t K) {
+    const int64_t n = ((int64_t)128 << 10) / (4 * K);
+    return n < 8 ? 8 : n;
+}
+
+static void dot_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T, const dsv2_mat *W,
+                     int64_t r0, int64_t r1);
+
+static void dot_rows_widened(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T, const dsv2_mat *W,
+                             int64_t r0, int64_t r1) {
+    const int64_t rb = widen_rows(W->cols);
+    float *buf = (float *)dsv2_scratch_alloc((size_t)rb * (size_t)W->cols * sizeof(float));
+    if (!buf) { /* no memory for the buffer: decode in registers, pass by pass */
+        for (int64_t t0 = 0; t0 < T; t0 += 16)
+            dsv2_gemv_rows(y + t0 * ldy, ldy, x + t0 * ldx, ldx, (int)(T - t0 < 16 ? T - t0 : 16), W, r0, r1);
+        return;
+    }
+    for (int64_t b = r0; b < r1; b += rb) {
+        const dsv2_mat blk = dsv2_mat_rows(W, b, r1 - b < rb ? r1 - b : rb);
+        const dsv2_mat f = widened(buf, &blk, T);
+        dot_rows(y + b, ldy, x, ldx, T, &f, 0, f.rows);
+    }
+    dsv2_scratch_free(buf);
+}
+
 static void dot_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int64_t T, const dsv2_mat *W,
                      int64_t r0, int64_t r1) {
     if (T <= 0 || r0 >= r1) return;
+    if (f8_widen(W, T)) {
+        dot_rows_widened(y, ldy, x, ldx, T, W, r0, r1);
+        return;
+    }
     /* one token (decode): dsv2_gemv_rows streams the weight rows one after the other
      * (measured on Zen 4, lite-L4 MoE layers, 2 threads, bf16: 26.5 GB/s vs 24.6 with
      * 8-row tiles) */
@@ -208,9 +261,17 @@ void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, 
     float g[16 * MLP_ROWBLK], u[16 * MLP_ROWBLK];
     const int64_t K = m->gate.cols;
     const int eo = xq && xq->p; /* set only where dsv2_mlp_eo_x holds */
+    /* fp8 with many tokens: each block of gate / up rows widened once for all the tokens */
+    float *wb = f8_widen(&m->gate, T) || f8_widen(&m->up, T)
+                    ? (float *)dsv2_scratch_alloc((size_t)2 * MLP_ROWBLK * (size_t)K * sizeof(float))
+                    : NULL;
     for (int64_t ib = i0; ib < i1; ib += MLP_ROWBLK) {
         int64_t n = i1 - ib < MLP_ROWBLK ? i1 - ib : MLP_ROWBLK;
         dsv2_mat sg = dsv2_mat_rows(&m->gate, ib, n), su = dsv2_mat_rows(&m->up, ib, n);
+        if (wb) {
+            sg = widened(wb, &sg, T);
+            su = widened(wb + MLP_ROWBLK * K, &su, T);
+        }
         for (int64_t t0 = 0; t0 < T; t0 += 16) {
             int64_t tt = T - t0 < 16 ? T - t0 : 16;
             if (eo) {
@@ -225,6 +286,7 @@ void dsv2_mlp_gateup_rows_q(float *h, int64_t ldh, const float *x, int64_t ldx, 
             for (int64_t t = 0; t < tt; t++) dsv2_silu_mul(h + (t0 + t) * ldh + ib, g + t * n, u + t * n, n);
         }
     }
+    dsv2_scratch_free(wb);
 }
 
 void dsv2_mlp_down_rows_q(float *y, int64_t ldy, const float *h, int64_t ldh, const dsv2_xq *hq, int64_t T,
@@ -290,6 +352,12 @@ static int gate_up_adjacent(const dsv2_mlp *m, dsv2_mat *both) {
     if (g->dtype == DSV2_I8 && (g->group != u->group || g->scale + g->rows * (g->cols / g->group) != u->scale)) return 0;
     *both = *g;
     both->rows = g->rows + u->rows;
+    /* fp8: up must be rows [I, 2I) of one block-scaled matrix with gate (a stacked gate_up_proj) */
+    if (g->dtype == DSV2_F8E4M3) {
+        const dsv2_mat v = dsv2_mat_rows(both, g->rows, u->rows);
+        if (u->group != g->group || u->block_rows != g->block_rows || v.scale != u->scale || v.row_off != u->row_off)
+            return 0;
+    }
     return 1;
 }
 

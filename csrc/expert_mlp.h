@@ -1,7 +1,7 @@
 /* expert_mlp.h - the SwiGLU MLP of DeepSeek's experts, shared experts and
  * dense layers:  y = down( silu(x gate^T) * (x up^T) ).
  *
- * Weights are three dsv2_mat (fp32, bf16, int8 or int4, any mix):
+ * Weights are three dsv2_mat (fp32, bf16, int8, int4 or fp8, any mix):
  *   gate [I, d], up [I, d], down [d, I]   (torch Linear layout [out, in]).
  * The stacked transformers-5 layout gate_up_proj [E, 2I, d] gives gate and
  * up as rows [0, I) and [I, 2I) of one expert's matrix (no copy).
@@ -14,6 +14,8 @@
  *    for bf16 weights on AVX-512: the even|odd kernels of gemv_eo.h run
  *    512-token products at ~205 GFLOP/s on Zen 4 against ~187 for sgemm;
  *    DSV2_AMX_MIN_T - 1 for bf16 / int8 weights where the CPU has AMX tiles).
+ *    fp8 weights with more than 4 tokens: blocks of rows widened to fp32 once
+ *    per call, then the fp32 row-dot tiles.
  *  - matrix-product path for many tokens (through dsv2_linear_ex: OpenBLAS
  *    sgemm, bf16 weights widened one panel at a time, or the AMX tiles). */
 #ifndef DSV2_EXPERT_MLP_H

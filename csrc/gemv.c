@@ -1,7 +1,8 @@
-/* gemv.c - row-dot kernels (portable, AVX2, AVX-512), fp32, bf16 and int8 weights. */
+/* gemv.c - row-dot kernels (portable, AVX2, AVX-512), fp32, bf16, int8 and fp8 weights. */
 #include "gemv.h"
 #include "cpu.h"
 #include "int4.h"
+#include "gemv_f8.h"
 #include "quant.h"
 
 #include <immintrin.h>
@@ -40,14 +41,6 @@ DSV2_TARGET_AVX2 static inline __m256 load8_w_avx2(const dsv2_mat *W, int64_t r,
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-DSV2_TARGET_AVX2 static inline float hsum256(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
 DSV2_TARGET_AVX2 static void gemv_avx2(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
                                        const dsv2_mat *W, int64_t r0, int64_t r1) {
     const int64_t K = W->cols, K8 = K & ~(int64_t)7;
@@ -59,7 +52,7 @@ DSV2_TARGET_AVX2 static void gemv_avx2(float *y, int64_t ldy, const float *x, in
             for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + k), acc[t]);
         }
         for (int t = 0; t < T; t++) {
-            float s = hsum256(acc[t]);
+            float s = dsv2_hsum256(acc[t]);
             for (int64_t k = K8; k < K; k++) s += x[t * ldx + k] * dsv2_mat_get(W, r, k);
             y[t * ldy + r] = s;
         }
@@ -163,6 +156,10 @@ void dsv2_gemv_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T,
         dsv2_gemv_i4_rows(y, ldy, x, ldx, T, W, r0, r1);
         return;
     }
+    if (W->dtype == DSV2_F8E4M3) {
+        dsv2_gemv_f8_rows(y, ldy, x, ldx, T, W, r0, r1);
+        return;
+    }
     int isa = dsv2_isa();
     if (W->dtype == DSV2_F32 || W->dtype == DSV2_BF16) {
         if (isa == DSV2_ISA_AVX512) {
@@ -220,6 +217,8 @@ void dsv2_mat_rows_to_f32(float *out, const dsv2_mat *W, int64_t r0, int64_t r1)
         dsv2_dequant_i8_rows(out, W, r0, r1);
     } else if (W->dtype == DSV2_I4) {
         dsv2_dequant_i4_rows(out, W, r0, r1);
+    } else if (W->dtype == DSV2_F8E4M3) {
+        dsv2_dequant_f8_rows(out, W, r0, r1);
     } else {
         for (int64_t r = r0; r < r1; r++)
             for (int64_t k = 0; k < K; k++) out[(r - r0) * K + k] = dsv2_mat_get(W, r, k);

@@ -2,19 +2,31 @@
  * rows, with the instruction set picked at run time.
  *
  * y[t * ldy + r] = sum_k x[t * ldx + k] * W[r, k]   for r in [r0, r1), t < T
- * x [T, K] fp32 (rows ldx apart) , W [rows, K] fp32, bf16 or int8 -> y [T, ldy]
+ * x [T, K] fp32 (rows ldx apart) , W [rows, K] fp32, bf16, int8 or fp8 -> y [T, ldy]
  * T <= DSV2_GEMV_MAX_T.  bf16 weights are widened to fp32 exactly in
  * registers and accumulated in fp32 (same values as an fp32 model with the
  * bf16 weights upcast, up to summation order).  int8 weights are dequantized
  * in registers (q * scale, the exact fp32 product) and accumulated in fp32:
  * the same values as an fp32 model with the dequantized weights; activations
- * stay fp32. */
+ * stay fp32.  fp8 (e4m3fn with 2-D block scales) likewise: gemv_f8.h. */
 #ifndef DSV2_GEMV_H
 #define DSV2_GEMV_H
 
+#include "cpu.h"
 #include "dsv2.h"
 
+#include <immintrin.h>
+
 #define DSV2_GEMV_MAX_T 4
+
+/* horizontal sum of 8 fp32 lanes (the AVX2 row-dot kernels) */
+DSV2_TARGET_AVX2 static inline float dsv2_hsum256(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
 
 /* Access order of the AVX-512 row-dot kernels: while the activation rows
  * (T x K values in the kernel's format: fp32, or int16 for the int8 fast

@@ -203,14 +203,6 @@ static void i4q_portable(float *y, int64_t ldy, const dsv2_xq *xq, int T, const 
 
 /* ---------------- AVX2: one weight row x T activation rows, 32-byte units ---------------- */
 
-DSV2_TARGET_AVX2 static inline float hsum256_i4(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
 DSV2_TARGET_AVX2 static inline __attribute__((always_inline)) void
 i4q_row_avx2(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2_mat *W, int64_t r) {
     const int64_t K = W->cols, Kp = dsv2_i4_kp(K), nsb = dsv2_i4_nsb(K);
@@ -255,7 +247,7 @@ i4q_row_avx2(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2_m
     for (int t = 0; t < T; t++) {
         __m128 m = _mm_add_ps(accm[t], _mm_movehl_ps(accm[t], accm[t]));
         m = _mm_add_ss(m, _mm_movehdup_ps(m));
-        y[t * ldy + r] = hsum256_i4(accf[t]) - _mm_cvtss_f32(m);
+        y[t * ldy + r] = dsv2_hsum256(accf[t]) - _mm_cvtss_f32(m);
     }
 }
 

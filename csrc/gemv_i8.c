@@ -36,14 +36,6 @@ static void i8_portable(float *y, int64_t ldy, const float *x, int64_t ldx, int 
 }
 
 /* ---------------- AVX2 (group % 8 == 0) ---------------- */
-DSV2_TARGET_AVX2 static inline float hsum256_i8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
 DSV2_TARGET_AVX2 static void i8_avx2(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
                                      int64_t r0, int64_t r1) {
     const int64_t K = W->cols, g = W->group, ng = K / g;
@@ -60,7 +52,7 @@ DSV2_TARGET_AVX2 static void i8_avx2(float *y, int64_t ldy, const float *x, int6
                 for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + k), acc[t]);
             }
         }
-        for (int t = 0; t < T; t++) y[t * ldy + r] = hsum256_i8(acc[t]);
+        for (int t = 0; t < T; t++) y[t * ldy + r] = dsv2_hsum256(acc[t]);
     }
 }
 
@@ -283,7 +275,7 @@ DSV2_TARGET_AVX2 static void i8q_avx2(float *y, int64_t ldy, const dsv2_xq *xq, 
             for (int t = 0; t < T; t++)
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p[t]), _mm256_set1_ps(sw[b] * xq->s[t * ng + b]), acc[t]);
         }
-        for (int t = 0; t < T; t++) y[t * ldy + r] = hsum256_i8(acc[t]);
+        for (int t = 0; t < T; t++) y[t * ldy + r] = dsv2_hsum256(acc[t]);
     }
 }
 

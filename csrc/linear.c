@@ -111,6 +111,7 @@ static void panel_task(void *ctx, int64_t pb, int64_t pe, int tid) {
 int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {
     const int64_t N = W->rows, K = W->cols;
     if (T < 0 || N <= 0 || K <= 0 || ldx < K || ldy < N) return DSV2_ERR_ARG;
+    if (W->dtype == DSV2_F8E4M3 && dsv2_f8_check(W)) return DSV2_ERR_ARG;
     if (T == 0) return DSV2_OK;
     if (dsv2_amx_use(W, T)) return dsv2_linear_amx(y, ldy, x, ldx, W, T);       /* tiles: exact or bf16 compute */
     if (dsv2_bf16dp_use(W, T)) return dsv2_linear_bf16dp(y, ldy, x, ldx, W, T); /* opt-in bf16 compute */
@@ -133,7 +134,7 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
         dsv2_sgemm_nt((int)T, (int)N, (int)K, x, (int)ldx, (const float *)W->data, (int)K, 0.0f, y, (int)ldy);
         return DSV2_OK;
     }
-    /* bf16 / int8: each thread widens (dequantizes) its own rows of W one panel at a time
+    /* bf16 / int8 / fp8: each thread widens (dequantizes) its own rows of W one panel at a time
      * (never the whole matrix) */
     panel_job pj;
     pj.y = y;

@@ -1,4 +1,4 @@
-/* linear.h - y = x W^T for fp32 activations and fp32 / bf16 / int8 / int4 weights. */
+/* linear.h - y = x W^T for fp32 activations and fp32 / bf16 / int8 / int4 / fp8 weights. */
 #ifndef DSV2_LINEAR_H
 #define DSV2_LINEAR_H
 
@@ -6,8 +6,8 @@
 
 /* Up to this many activation rows use the row-dot kernels (the weight is
  * streamed once per 4 rows); more rows use OpenBLAS sgemm, with bf16 weights
- * widened (int8 weights dequantized) one panel of rows at a time (never the
- * whole matrix; int4 weights dequantized likewise).  int8 weights with few
+ * widened (int8 / fp8 weights dequantized) one panel of rows at a time (never
+ * the whole matrix; int4 weights dequantized likewise).  int8 weights with few
  * rows use int16-quantized activations, int4 weights int8-quantized ones
  * (quantized once per call; see gemv.h) where the CPU allows.  bf16 (and int8, groups
  * of 32k columns) weights with DSV2_AMX_MIN_T rows or more run on AMX tiles where the

@@ -5,7 +5,7 @@
  *
  * Work split (one pool, no nested regions):
  *  - experts with more tokens of a chunk than the row-dot path takes
- *    (dsv2_mlp_rowdot_max_t: 64 for fp32 / int8 weights, every count for bf16
+ *    (dsv2_mlp_rowdot_max_t: 64 for fp32 / int8 / fp8 weights, every count for bf16
  *    weights on AVX-512, whose even|odd kernels beat sgemm, see gemv_eo.h;
  *    15 for bf16 and int8 weights on AMX tiles, see gemm_amx.h),
  *    and the shared expert likewise, run one after the other as matrix

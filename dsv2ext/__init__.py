@@ -40,6 +40,7 @@ from ._native import _C  # noqa: E402
 from . import ops  # noqa: E402
 from .config import ConfigError, ModelConfig
 from .dtypes import BF16
+from .fp8 import Fp8Weight
 from .model import DeepseekV2, default_model_path, load
 from .safetensors import CheckpointError
 from .stats import stats
@@ -60,7 +61,7 @@ def generate(prompt: Any, max_new_tokens: int = 64, **kwargs: Any):
     return _default_model.generate(prompt, max_new_tokens, **kwargs)
 
 
-__all__ = ["BF16", "ops", "load", "generate", "DeepseekV2", "ModelConfig", "ConfigError", "CheckpointError",
+__all__ = ["BF16", "Fp8Weight", "ops", "load", "generate", "DeepseekV2", "ModelConfig", "ConfigError", "CheckpointError",
            "TokenizerError", "stats", "default_model_path", "set_num_threads", "get_num_threads", "get_isa",
            "set_isa", "get_prefetch", "set_prefetch", "amx_available", "bf16_compute", "bf16_compute_available",
            "get_bf16_compute", "set_bf16_compute", "__version__"]

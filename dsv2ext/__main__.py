@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     g.add_argument("--repetition-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--dtype", choices=["bf16", "f32", "int8", "int4", "int4-mixed"], default=None)
+    g.add_argument("--dtype", choices=["bf16", "f32", "int8", "int4", "int4-mixed", "fp8"], default=None)
     g.add_argument("--kv-dtype", choices=["f32", "bf16", "fp8"], default=None,
                    help="latent cache format (default: f32 for fp32 checkpoints, bf16 otherwise)")
     g.add_argument("--no-stream", action="store_true", help="print the text at the end")
@@ -119,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     q.add_argument("files", nargs="+")
     q.add_argument("--model", default=None)
     q.add_argument("--window", type=int, default=512)
-    q.add_argument("--dtype", choices=["bf16", "f32", "int8", "int4", "int4-mixed"], default=None)
+    q.add_argument("--dtype", choices=["bf16", "f32", "int8", "int4", "int4-mixed", "fp8"], default=None)
     q.add_argument("--kv-dtype", choices=["f32", "bf16", "fp8"], default=None, help="latent cache format")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_perplexity)

@@ -18,6 +18,7 @@ from . import ops
 from .cache import KV_DTYPES, LatentCache, kv_row_bytes
 from .config import ModelConfig
 from .dtypes import BF16, bf16_to_float32
+from .fp8 import Fp8Weight, read_fp8_block
 from .generation import GenerationOutput, IncrementalDecoder, TextStream
 from .safetensors import CheckpointReader
 from .sampling import SamplingParams, select_token
@@ -120,14 +121,17 @@ class DeepseekV2:
         path : str, optional
             Directory with config.json and safetensors (single file or sharded
             with model.safetensors.index.json).  Default: the bundled model.
-        dtype : {None, "bf16", "f32", "int8", "int4", "int4-mixed"}
-            None keeps the checkpoint's dtype (weights stay memory-mapped);
+        dtype : {None, "bf16", "f32", "int8", "int4", "int4-mixed", "fp8"}
+            None keeps the checkpoint's dtype (weights stay memory-mapped; FP8
+            checkpoints in the DeepSeek-V3 format stay FP8, dsv2ext.fp8);
             "f32"/"bf16" convert (a copy); "int8" quantizes every Linear
             weight (dsv2ext.quant: per-32-column absmax scales); "int4" the
             Linear weights to the 4-bit format of dsv2ext.int4, but kv_b_proj
             and the down_proj of dense MLPs and shared experts (int8);
             "int4-mixed" the routed experts to int4 and the other Linear
-            weights to int8 (see dsv2ext.quant).  Quantizing streams tensor by tensor
+            weights to int8; "fp8" every Linear weight but lm_head to the
+            DeepSeek-V3 FP8 format (e4m3 with 128x128 block scales; FP8
+            weights of the checkpoint are kept) (see dsv2ext.quant).  Quantizing streams tensor by tensor
             (threaded C) and releases the source pages.  A checkpoint saved by
             dsv2ext.quant.save_quantized loads as it is stored (memory-mapped)
             with dtype None or its own recipe.
@@ -143,7 +147,8 @@ class DeepseekV2:
             path = default_model_path()
         path = os.fspath(path)
         if dtype not in (None, "bf16", "f32") + RECIPES:
-            raise ValueError(f"dtype: expected None, 'bf16', 'f32', 'int8', 'int4' or 'int4-mixed', got {dtype!r}")
+            raise ValueError(f"dtype: expected None, 'bf16', 'f32', 'int8', 'int4', 'int4-mixed' or 'fp8', "
+                             f"got {dtype!r}")
         if kv_dtype not in (None,) + KV_DTYPES:
             raise ValueError(f"kv_dtype: expected None or one of {KV_DTYPES}, got {kv_dtype!r}")
         if not os.path.isdir(path):
@@ -159,7 +164,7 @@ class DeepseekV2:
         reader = CheckpointReader(path)
         try:
             weights = load_weights(reader, config, dtype=None if dtype in RECIPES else dtype, progress=progress,
-                                   quant=quant)
+                                   quant=quant, fp8_block=read_fp8_block(path))
             if dtype in RECIPES and quant is None:
                 weights = quantize_model_weights(weights, release_source=True, recipe=dtype)
         except BaseException:
@@ -204,6 +209,8 @@ class DeepseekV2:
         emb = self.weights.embed_tokens
         if isinstance(emb, BF16):
             return bf16_to_float32(emb.data[ids])
+        if isinstance(emb, Fp8Weight):
+            return emb.take_rows(ids)
         return np.array(emb[ids], dtype=np.float32)
 
     def _check_ids(self, ids: np.ndarray, name: str) -> None:

@@ -55,6 +55,10 @@ Recipes (``dtype=`` of :func:`dsv2ext.load`, ``recipe=`` here)
   read per token).
 * ``"int4-mixed"``: the routed experts int4 (most of the bytes of a MoE
   model), attention, shared experts, dense MLPs and ``lm_head`` int8.
+* ``"fp8"``: the DeepSeek-V3 format of :mod:`dsv2ext.fp8` (float8 e4m3 with
+  128x128 block scales) for every Linear weight but ``lm_head``, which keeps its
+  dtype as in DeepSeek-V3's files; :func:`save_quantized` writes such a model in
+  DeepSeek-V3's layout.
 
 The router, the norms and the embeddings always keep their dtype.
 int4 checkpoints (``quant_method = "dsv2ext-int4"``, both int4 recipes) store
@@ -78,6 +82,7 @@ import numpy as np
 
 from ._native import _C
 from .dtypes import BF16, TaggedArray, float32_to_bf16_bits
+from .fp8 import Fp8Weight, quantize_fp8
 from .int4 import Int4Weight, int4_row_bytes, quantize_int4
 
 __all__ = ["Int8Weight", "Int4Weight", "QUANT_METHOD", "QUANT_METHOD_INT4", "RECIPES", "DEFAULT_GROUP", "quantize_int8", "quantize_int8_reference",
@@ -87,7 +92,7 @@ __all__ = ["Int8Weight", "Int4Weight", "QUANT_METHOD", "QUANT_METHOD_INT4", "REC
 
 QUANT_METHOD = "dsv2ext-int8"
 QUANT_METHOD_INT4 = "dsv2ext-int4"
-RECIPES = ("int8", "int4", "int4-mixed")
+RECIPES = ("int8", "int4", "int4-mixed", "fp8")
 DEFAULT_GROUP = 32
 SCALES_SUFFIX = ".scales"
 
@@ -251,11 +256,12 @@ def quantize_int8(w: Any, group: int = DEFAULT_GROUP) -> Int8Weight:
 def dequantize(w: Any) -> np.ndarray:
     """float32 values of a weight: ``data * scales`` of an :class:`Int8Weight` (exact
     float32 products, the values the kernels use), an :class:`Int4Weight` dequantized
-    (:mod:`dsv2ext.int4`), a BF16 widened, a float32 array copied.
+    (:mod:`dsv2ext.int4`), an :class:`dsv2ext.fp8.Fp8Weight` likewise, a BF16 widened,
+    a float32 array copied.
 
     Parameters
     ----------
-    w : Int8Weight, Int4Weight, BF16 or np.ndarray float32, shape [..., rows, cols]
+    w : Int8Weight, Int4Weight, Fp8Weight, BF16 or np.ndarray float32, shape [..., rows, cols]
 
     Returns
     -------
@@ -268,11 +274,11 @@ def dequantize(w: Any) -> np.ndarray:
                          np.ascontiguousarray(w.scales).reshape(-1, w.scales.shape[-1]))
         _C.dequantize(out.reshape(-1, shape[-1]), src)
         return out
-    if isinstance(w, (Int4Weight, BF16)):
+    if isinstance(w, (Int4Weight, Fp8Weight, BF16)):
         return w.to_float32()
     if isinstance(w, np.ndarray):
         return np.array(w, dtype=np.float32)
-    raise TypeError(f"w: expected an Int8Weight, Int4Weight, BF16 or numpy array, got {type(w).__name__}")
+    raise TypeError(f"w: expected an Int8Weight, Int4Weight, Fp8Weight, BF16 or numpy array, got {type(w).__name__}")
 
 
 def _release_mapped_pages(arr: Any) -> None:
@@ -282,8 +288,8 @@ def _release_mapped_pages(arr: Any) -> None:
     the file); the process's resident set no longer counts it.  Anything that
     is not a read-only view of an ``mmap.mmap`` is left alone.
     """
-    if isinstance(arr, BF16):
-        arr = arr.data
+    if isinstance(arr, TaggedArray):
+        arr = arr.data  # BF16, or the codes of a quantized weight
     if not isinstance(arr, np.ndarray) or arr.flags.writeable or arr.nbytes == 0:
         return
     base: Any = arr
@@ -422,12 +428,18 @@ def _float_src(w: Any) -> Any:
 
 
 def _quant(w: Any, group: int, release: bool, kind: str = "int8") -> Any:
-    """One weight to ``kind`` ("int8" / "int4"); quantized weights are kept as they are."""
-    if w is None or isinstance(w, (Int8Weight, Int4Weight)):
+    """One weight to ``kind`` ("int8" / "int4" / "fp8"; "keep": as it is); int8 / int4 weights
+    are kept as they are, FP8 ones too for "fp8" (for int8 / int4: from their exact values)."""
+    if w is None or kind == "keep" or isinstance(w, (Int8Weight, Int4Weight)) or (
+            kind == "fp8" and isinstance(w, Fp8Weight)):
         return w
-    if not _is_float_weight(w):
+    src = w.to_float32() if isinstance(w, Fp8Weight) else w
+    if not _is_float_weight(src):
         raise TypeError(f"cannot quantize a weight of type {type(w).__name__}")
-    q = quantize_int4(w) if kind == "int4" else quantize_int8(w, _group_for(w.shape[-1], group))
+    if kind == "fp8":
+        q = quantize_fp8(src)
+    else:
+        q = quantize_int4(src) if kind == "int4" else quantize_int8(src, _group_for(w.shape[-1], group))
     if release:
         _release_mapped_pages(w)
     return q
@@ -440,8 +452,9 @@ def _quant_experts(experts: List[Any], group: int, release: bool, kind: str = "i
     before the next one is read."""
     from .weights import MLPWeights
 
-    if not experts or not all(_is_float_weight(e.gate_proj) and _is_float_weight(e.up_proj)
-                              and _is_float_weight(e.down_proj) for e in experts):
+    if kind == "fp8" or not experts or not all(_is_float_weight(e.gate_proj) and _is_float_weight(e.up_proj)
+                                               and _is_float_weight(e.down_proj) for e in experts):
+        # FP8 experts keep one matrix per tensor (the V3 layout: each has its own block scales)
         return [dataclasses.replace(e, gate_proj=_quant(e.gate_proj, group, release, kind),
                                     up_proj=_quant(e.up_proj, group, release, kind),
                                     down_proj=_quant(e.down_proj, group, release, kind)) for e in experts]
@@ -485,6 +498,9 @@ def _recipe_kinds(recipe: str) -> Dict[str, str]:
     """The dtype of each class of Linear weights under a recipe."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe: expected one of {', '.join(repr(r) for r in RECIPES)}, got {recipe!r}")
+    if recipe == "fp8":  # DeepSeek-V3's FP8 files: every Linear but lm_head
+        return dict(attn="fp8", kv_b="fp8", dense="fp8", experts="fp8", shared="fp8", lm_head="keep",
+                    dense_down="fp8", shared_down="fp8")
     if recipe == "int8":
         kinds = dict(attn="int8", kv_b="int8", dense="int8", experts="int8", shared="int8", lm_head="int8")
     elif recipe == "int4":
@@ -505,7 +521,9 @@ def quantize_model_weights(weights: Any, group: int = DEFAULT_GROUP, *, release_
     experts, ``lm_head``, to the dtypes of ``recipe`` (see the module docs).
     Kept as they are: ``embed_tokens``, every RMSNorm weight, the MoE router
     ``gate`` (routing must not change) and the correction bias.  Weights that
-    are already quantized (:class:`Int8Weight` / :class:`Int4Weight`) are kept.
+    are already quantized (:class:`Int8Weight` / :class:`Int4Weight`) are kept;
+    FP8 weights (a DeepSeek-V3 checkpoint) are kept by the "fp8" recipe and
+    requantized from their exact values by the others.
     Tensor by tensor (one routed expert at a time): no more than one
     tensor is widened to float32 at any time.
 
@@ -519,12 +537,13 @@ def quantize_model_weights(weights: Any, group: int = DEFAULT_GROUP, *, release_
         After quantizing a weight that is a read-only view of a memory-mapped
         checkpoint, drop its pages from this process's resident set (keeps the
         peak memory of quantize-at-load near the size of the quantized model).
-    recipe : {"int8", "int4", "int4-mixed"}
+    recipe : {"int8", "int4", "int4-mixed", "fp8"}
 
     Returns
     -------
-    ModelWeights whose Linear weights are :class:`Int8Weight` / :class:`Int4Weight`.  The
-    routed experts of a layer share two stacked buffers (see :func:`stacked_experts`).
+    ModelWeights whose Linear weights are :class:`Int8Weight` / :class:`Int4Weight` (the
+    routed experts of a layer share two stacked buffers, see :func:`stacked_experts`) or
+    :class:`dsv2ext.fp8.Fp8Weight` (one per tensor).
     """
     from .weights import ModelWeights, MLPWeights, MoEWeights
 
@@ -638,7 +657,12 @@ def _recipe_of(weights: Any) -> str:
 def save_quantized(model_or_weights: Any, directory: Union[str, "os.PathLike[str]"], *,
                    config: Any = None, group: int = DEFAULT_GROUP, recipe: Optional[str] = None,
                    max_shard_bytes: int = 5 * 10 ** 9) -> str:
-    """Write an int8 / int4 checkpoint that :func:`dsv2ext.load` reloads without re-quantizing.
+    """Write an int8 / int4 / FP8 checkpoint that :func:`dsv2ext.load` reloads without re-quantizing.
+
+    A model holding FP8 weights (:class:`dsv2ext.fp8.Fp8Weight`: loaded from a DeepSeek-V3
+    checkpoint, or with ``dtype="fp8"``), or ``recipe="fp8"``, is written in DeepSeek-V3's
+    layout (``<name>`` F8_E4M3 + ``<name>_scale_inv`` F32 and V3's ``quantization_config``,
+    see :mod:`dsv2ext.fp8`); other models as dsv2ext-int8 / dsv2ext-int4.
 
     Parameters
     ----------
@@ -653,8 +677,9 @@ def save_quantized(model_or_weights: Any, directory: Union[str, "os.PathLike[str
         Required when passing bare ModelWeights (the model's own otherwise).
     group : int
         int8 block size for weights that still need quantizing (default 32).
-    recipe : {None, "int8", "int4", "int4-mixed"}
-        For weights that still need quantizing (None: "int8").  A checkpoint
+    recipe : {None, "int8", "int4", "int4-mixed", "fp8"}
+        For weights that still need quantizing (None: "fp8" when the model holds FP8
+        weights, else "int8").  A checkpoint
         holding int4 weights gets ``quant_method = "dsv2ext-int4"``.
     max_shard_bytes : int
         Larger checkpoints are written as shards with model.safetensors.index.json.
@@ -664,7 +689,6 @@ def save_quantized(model_or_weights: Any, directory: Union[str, "os.PathLike[str
     str: the directory.
     """
     from .config import ModelConfig
-    from .safetensors import save_file, save_sharded
     from .weights import ModelWeights
 
     src_dir = None
@@ -698,7 +722,17 @@ def save_quantized(model_or_weights: Any, directory: Union[str, "os.PathLike[str
     if src_dir and os.path.isdir(src_dir) and os.path.samefile(src_dir, directory):
         raise ValueError(f"directory: {directory!r} is the directory the model was loaded from; "
                          "write the quantized checkpoint elsewhere")
-    qw = quantize_model_weights(weights, group, recipe=recipe or "int8")
+    holds_fp8 = any(isinstance(w, Fp8Weight) for _, w in _named_tensors(weights, cfg))
+    qw = quantize_model_weights(weights, group, recipe=recipe or ("fp8" if holds_fp8 else "int8"))
+    stored = {type(w) for _, w in _named_tensors(qw, cfg)}
+    if Fp8Weight in stored and stored & {Int8Weight, Int4Weight}:
+        raise ValueError("model_or_weights: holds both FP8 and int8 / int4 weights; a checkpoint takes one format")
+    if Fp8Weight in stored:  # the DeepSeek-V3 layout (dsv2ext.fp8)
+        from .fp8 import fp8_checkpoint_tensors
+        tensors, qconf = fp8_checkpoint_tensors(qw, cfg)
+        raw = dict(raw, quantization_config=qconf)
+        _write_checkpoint(directory, tensors, raw, "fp8", src_dir, max_shard_bytes)
+        return directory
 
     tensors: Dict[str, Any] = {}
     groups = set()
@@ -736,6 +770,15 @@ def save_quantized(model_or_weights: Any, directory: Union[str, "os.PathLike[str
         raw["quantization_config"] = {
             "quant_method": method, "group_size": q_group, "bits": 8, "symmetric": True,
             "scales": int8_scales, "modules_not_converted": not_converted}
+    _write_checkpoint(directory, tensors, raw, method, src_dir, max_shard_bytes)
+    return directory
+
+
+def _write_checkpoint(directory: str, tensors: Dict[str, Any], raw: Dict[str, Any], method: str,
+                      src_dir: Optional[str], max_shard_bytes: int) -> None:
+    """safetensors (sharded above max_shard_bytes), config.json and the source's tokenizer files."""
+    from .safetensors import save_file, save_sharded
+
     total = sum(t.nbytes for t in tensors.values())
     meta = {"format": "pt", "quant_method": method}
     for old in os.listdir(directory):
@@ -753,7 +796,6 @@ def save_quantized(model_or_weights: Any, directory: Union[str, "os.PathLike[str
             p = os.path.join(src_dir, fn)
             if os.path.isfile(p):
                 shutil.copyfile(p, os.path.join(directory, fn))
-    return directory
 
 
 def read_quantization_config(path: Union[str, "os.PathLike[str]"]) -> Optional[Dict[str, Any]]:

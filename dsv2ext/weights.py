@@ -5,8 +5,10 @@ Tensor names follow Hugging Face (``model.layers.N.self_attn.q_proj.weight``
 does not use are reported, except the ones inference never needs (V3's MTP
 layers, rotary buffers).  Weights keep the checkpoint's dtype and stay
 memory-mapped: F32 and BF16 tensors are zero-copy views of the file; F16 is
-widened to F32 (no fp16 kernels); FP8 e4m3 with 128x128 ``weight_scale_inv``
-blocks is dequantized to BF16 (or F32 with ``dtype="f32"``).
+widened to F32 (no fp16 kernels); FP8 e4m3 weights with their
+``<name>_scale_inv`` block scales (DeepSeek-V3) become
+:class:`dsv2ext.fp8.Fp8Weight` views of the file (``dtype="bf16"`` / ``"f32"``
+dequantize them instead: a converted copy).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .dtypes import BF16, float32_to_bf16_bits
+from .fp8 import DEFAULT_BLOCK, SCALE_SUFFIX, Fp8Weight, load_fp8_tensor
 from .int4 import int4_row_bytes
 from .quant import is_scales_tensor, load_quantized_tensor
 from .safetensors import FP8E4M3, CheckpointError, CheckpointReader
@@ -132,8 +135,12 @@ _IGNORED = re.compile(r"(\.rotary_emb\.inv_freq$)")
 
 
 def _ignorable(name: str, cfg: ModelConfig, reader: Optional[CheckpointReader] = None) -> bool:
-    if _IGNORED.search(name) or name.endswith("_scale_inv"):
+    if _IGNORED.search(name):
         return True
+    if name.endswith(SCALE_SUFFIX) and reader is not None:  # FP8 block scales, read with their weight
+        base = name[: -len(SCALE_SUFFIX)]
+        if base in reader and reader.info(base)[0] == "F8_E4M3":
+            return True
     if reader is not None and is_scales_tensor(name, reader):  # int8 block scales (dsv2ext.quant)
         return True
     m = re.match(r"model\.layers\.(\d+)\.", name)
@@ -141,10 +148,16 @@ def _ignorable(name: str, cfg: ModelConfig, reader: Optional[CheckpointReader] =
     return bool(m and int(m.group(1)) >= cfg.num_hidden_layers and cfg.num_nextn_predict_layers > 0)
 
 
-def _convert(t: Any, name: str, reader: CheckpointReader, dtype: Optional[str]) -> Weight:
+def _convert(t: Any, name: str, reader: CheckpointReader, dtype: Optional[str],
+             fp8_block: Tuple[int, int] = DEFAULT_BLOCK) -> Weight:
     """Bring one tensor to a dtype the kernels take, copying only when needed."""
     if isinstance(t, FP8E4M3):
-        return reader.get_dequantized(name, "f32" if dtype == "f32" else "bf16")
+        w = load_fp8_tensor(reader, name, fp8_block)
+        if dtype == "f32":
+            return w.to_float32()
+        if dtype == "bf16":  # an explicit, rounding conversion
+            return BF16(float32_to_bf16_bits(w.to_float32()))
+        return w
     if isinstance(t, BF16):
         if dtype == "f32":
             return t.to_float32()
@@ -165,6 +178,11 @@ def _convert(t: Any, name: str, reader: CheckpointReader, dtype: Optional[str]) 
 def _norm_f32(w: Weight) -> np.ndarray:
     """Norm weights and biases are tiny: keep them in fp32."""
     return w.to_float32() if isinstance(w, BF16) else np.ascontiguousarray(w, dtype=np.float32)
+
+
+def _router(w: Weight) -> Weight:
+    """The MoE router runs in fp32 on f32 / bf16 weights: an FP8 one (not in DeepSeek's files) is dequantized."""
+    return w.to_float32() if isinstance(w, Fp8Weight) else w
 
 
 def _check_counts(cfg: ModelConfig, have: set, reader: CheckpointReader) -> None:
@@ -189,7 +207,8 @@ def _check_counts(cfg: ModelConfig, have: set, reader: CheckpointReader) -> None
 
 
 def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str] = None,
-                 progress: Optional[bool] = None, quant: Optional[Dict[str, Any]] = None) -> ModelWeights:
+                 progress: Optional[bool] = None, quant: Optional[Dict[str, Any]] = None,
+                 fp8_block: Tuple[int, int] = DEFAULT_BLOCK) -> ModelWeights:
     """Read and check every tensor of the causal LM.
 
     Parameters
@@ -197,7 +216,8 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
     reader : CheckpointReader
     cfg : ModelConfig
     dtype : {None, "bf16", "f32"}
-        None keeps each tensor's dtype (F16 -> F32, FP8 -> BF16, I8 with
+        None keeps each tensor's dtype (F16 -> F32, F8_E4M3 with
+        ``<name>_scale_inv`` -> :class:`dsv2ext.fp8.Fp8Weight`, I8 with
         ``<name>.scales`` -> :class:`dsv2ext.quant.Int8Weight`, U8 of a
         ``dsv2ext-int4`` checkpoint -> :class:`dsv2ext.int4.Int4Weight`).
     progress : bool, optional
@@ -206,6 +226,9 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
         The checkpoint's dsv2ext ``quantization_config``
         (:func:`dsv2ext.quant.read_quantization_config`); U8 tensors are read
         as packed int4 weights only when its method is ``dsv2ext-int4``.
+    fp8_block : (int, int)
+        Scale block of FP8 weights (config.json's
+        ``quantization_config.weight_block_size``, see :func:`dsv2ext.fp8.read_fp8_block`).
 
     Raises
     ------
@@ -252,7 +275,7 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
     def get(n: str) -> Weight:
         w = load_quantized_tensor(reader, n, dtype, shape=want[n])  # int8 + <n>.scales, int4, else None
         if w is None:
-            w = _convert(reader.get(n, aligned=True), n, reader, dtype)
+            w = _convert(reader.get(n, aligned=True), n, reader, dtype, fp8_block)
         if bar is not None:
             bar.update(1)
         return w
@@ -295,7 +318,7 @@ def load_weights(reader: CheckpointReader, cfg: ModelConfig, dtype: Optional[str
                 bias = None
                 if cfg.topk_method == "noaux_tc":
                     bias = _norm_f32(get(m + "gate.e_score_correction_bias"))
-                layer.moe = MoEWeights(gate=get(m + "gate.weight"), experts=experts, shared=shared,
+                layer.moe = MoEWeights(gate=_router(get(m + "gate.weight")), experts=experts, shared=shared,
                                        correction_bias=bias)
             else:
                 layer.mlp = MLPWeights(get(m + "gate_proj.weight"), get(m + "up_proj.weight"),

@@ -36,7 +36,7 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* linear(out [T, N] f32, x [T, K] f32, weight [N, K] f32|BF16|int8|int4) -> None */
+/* linear(out [T, N] f32, x [T, K] f32, weight [N, K] f32|BF16|int8|int4|fp8) -> None */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     PyObject *o_out, *o_x, *o_w;
     if (!PyArg_ParseTuple(args, "OOO:linear", &o_out, &o_x, &o_w)) return NULL;

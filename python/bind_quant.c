@@ -18,7 +18,7 @@ static PyObject *py_quantize_int8(PyObject *self, PyObject *args) {
     dsv2py_tensor w;
     if (dsv2py_weight(o_w, "w", 2, any2, &w) < 0) return NULL;
     if (w.dtype != DSV2_F32 && w.dtype != DSV2_BF16)
-        return PyErr_Format(PyExc_TypeError, "w: expected float32 or BF16 values to quantize, got an int8 weight");
+        return PyErr_Format(PyExc_TypeError, "w: expected float32 or BF16 values to quantize, got a quantized weight");
     const int64_t rows = w.shape[0], cols = w.shape[1];
     if (group < 1 || cols % group)
         return PyErr_Format(PyExc_ValueError, "group: expected a block size >= 1 dividing the %lld columns of w, got %lld",
@@ -84,7 +84,7 @@ static void widen_task(void *ctx, int64_t b, int64_t e, int tid) {
     dsv2_mat_rows_to_f32(j->out + b * j->W->cols, j->W, b, e);
 }
 
-/* dequantize(out [rows, cols] f32, w [rows, cols] int8 / int4-tagged | BF16 | f32): out = the fp32 values of w */
+/* dequantize(out [rows, cols] f32, w [rows, cols] int8 | int4 | fp8 | BF16 | f32): out = the fp32 values of w */
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     PyObject *o_out, *o_w;
     if (!PyArg_ParseTuple(args, "OO:dequantize", &o_out, &o_w)) return NULL;

@@ -110,6 +110,7 @@ static int fill_tensor(PyArrayObject *a, dsv2_dtype dt, dsv2py_tensor *out) {
     out->data = PyArray_DATA(a);
     out->scale = NULL;
     out->group = 0;
+    out->block_rows = 0;
     out->ndim = PyArray_NDIM(a);
     for (int i = 0; i < out->ndim; i++) out->shape[i] = (int64_t)PyArray_DIM(a, i);
     return 0;
@@ -165,6 +166,71 @@ static int int4_weight(PyObject *obj, PyObject *data, const char *name, int ndim
     out->shape[ndim - 1] = cols;
     out->group = 32;
     return 0;
+}
+
+/* fp8: `.block` (B0, B1) and `.scale_inv` float32 [..., ceil(rows / B0), ceil(cols / B1)] of a
+ * weight whose codes are parsed into `out`.  Returns 0, or -1 with an exception set. */
+static int parse_fp8_scales(PyObject *obj, const char *name, int ndim, dsv2py_tensor *out) {
+    char buf[256], want[128];
+    long long blk[2] = {0, 0};
+    PyObject *bo = PyObject_GetAttrString(obj, "block");
+    if (!bo) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: an fp8 weight needs a .block = (rows, cols) of its scale blocks", name);
+        }
+        return -1;
+    }
+    PyObject *bt = PySequence_Check(bo) ? PySequence_Tuple(bo) : NULL;
+    Py_DECREF(bo);
+    int ok = bt && PyTuple_GET_SIZE(bt) == 2;
+    for (int i = 0; ok && i < 2; i++) {
+        PyObject *v = PyTuple_GET_ITEM(bt, i);
+        ok = PyLong_Check(v) && !PyBool_Check(v);
+        if (ok) blk[i] = PyLong_AsLongLong(v);
+        if (ok && PyErr_Occurred()) {
+            PyErr_Clear();
+            ok = 0;
+        }
+        ok = ok && blk[i] >= 1 && blk[i] <= ((long long)1 << 40);
+    }
+    Py_XDECREF(bt);
+    if (!ok) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s.block: expected two positive ints (rows, cols) of a scale block", name);
+        return -1;
+    }
+    PyObject *sc = PyObject_GetAttrString(obj, "scale_inv");
+    if (!sc) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: an fp8 weight needs a .scale_inv array (float32 block scales)", name);
+        }
+        return -1;
+    }
+    int64_t sshape[4];
+    for (int i = 0; i < ndim; i++) sshape[i] = out->shape[i];
+    sshape[ndim - 2] = (out->shape[ndim - 2] + blk[0] - 1) / blk[0];
+    sshape[ndim - 1] = (out->shape[ndim - 1] + blk[1] - 1) / blk[1];
+    snprintf(buf, sizeof buf, "%s.scale_inv", name);
+    PyArrayObject *s = check_array(sc, buf, NPY_FLOAT32, ndim, NULL, 0, NULL);
+    int rc = -1;
+    if (s) {
+        ok = 1;
+        for (int i = 0; i < ndim; i++) ok = ok && (int64_t)PyArray_DIM(s, i) == sshape[i];
+        if (!ok) {
+            dsv2py_fmt_shape(want, sizeof want, ndim, sshape);
+            PyErr_Format(PyExc_ValueError, "%s: expected shape %s (ceil of the weight's shape / block (%lld, %lld))",
+                         buf, want, blk[0], blk[1]);
+        } else if (hold(sc, name, "scale_inv") == 0) {
+            out->scale = (const float *)PyArray_DATA(s);
+            out->block_rows = (int64_t)blk[0];
+            out->group = (int64_t)blk[1];
+            rc = 0;
+        }
+    }
+    Py_DECREF(sc);
+    return rc;
 }
 
 int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shape, dsv2py_tensor *out) {
@@ -257,8 +323,23 @@ int dsv2py_weight(PyObject *obj, const char *name, int ndim, const int64_t *shap
         Py_DECREF(sc);
     } else if (!strcmp(t, "int4")) {
         rc = int4_weight(obj, data, name, ndim, shape, out);
+    } else if (!strcmp(t, "fp8")) {
+        if (ndim < 2) {
+            PyErr_Format(PyExc_TypeError, "%s: fp8 weights are matrices; this argument takes a vector (float32 or BF16)",
+                         name);
+            goto done;
+        }
+        snprintf(buf, sizeof buf, "%s.data", name);
+        PyArrayObject *a = check_array(data, buf, NPY_UINT8, ndim, shape, 0, "uint8 (float8 e4m3fn codes)");
+        if (!a || hold(data, name, "data") < 0) goto done;
+        fill_tensor(a, DSV2_F8E4M3, out);
+        rc = parse_fp8_scales(obj, name, ndim, out);
+    } else if (!strcmp(t, "f8_e4m3")) {
+        PyErr_Format(PyExc_TypeError,
+                     "%s: float8 e4m3 codes without their block scales; wrap them as "
+                     "dsv2ext.Fp8Weight(codes, scale_inv, block)", name);
     } else {
-        PyErr_Format(PyExc_TypeError, "%s: unsupported weight dtype tag '%s' (expected 'bf16', 'int8' or 'int4')",
+        PyErr_Format(PyExc_TypeError, "%s: unsupported weight dtype tag '%s' (expected 'bf16', 'int8', 'int4' or 'fp8')",
                      name, t);
     }
 done:
@@ -279,7 +360,9 @@ size_t dsv2py_tensor_bytes(const dsv2py_tensor *t) {
 
 dsv2_mat dsv2py_mat(const dsv2py_tensor *t) {
     dsv2_mat m;
+    memset(&m, 0, sizeof m);
     m.dtype = t->dtype;
+    m.block_rows = t->block_rows; /* fp8 (row_off 0); a stacked fp8 weight as one matrix needs rows % B0 == 0 */
     m.data = t->data;
     m.scale = t->scale;
     m.group = t->group;
@@ -291,13 +374,17 @@ dsv2_mat dsv2py_mat(const dsv2py_tensor *t) {
 
 dsv2_mat dsv2py_mat_at(const dsv2py_tensor *t, int64_t e) {
     dsv2_mat m;
+    memset(&m, 0, sizeof m);
     m.dtype = t->dtype;
     m.group = t->group;
+    m.block_rows = t->block_rows;
     m.rows = t->shape[t->ndim - 2];
     m.cols = t->shape[t->ndim - 1];
-    size_t per = (size_t)m.rows * (size_t)m.cols;
     m.data = (const char *)t->data + (size_t)e * (size_t)m.rows * dsv2_mat_row_bytes(&m);
-    m.scale = t->scale ? t->scale + (size_t)e * (size_t)m.rows * (size_t)(m.cols / (t->group ? t->group : 1)) : NULL;
+    if (t->dtype == DSV2_F8E4M3)
+        m.scale = t->scale + (size_t)e * (size_t)((m.rows + m.block_rows - 1) / m.block_rows) * (size_t)dsv2_f8_scale_cols(&m);
+    else
+        m.scale = t->scale ? t->scale + (size_t)e * (size_t)m.rows * (size_t)(m.cols / (t->group ? t->group : 1)) : NULL;
     return m;
 }
 

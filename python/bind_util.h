@@ -36,7 +36,9 @@ PyArrayObject *dsv2py_array_opt(PyObject *obj, const char *name, int typenum, in
 /* A weight tensor: a float32 ndarray, or a dtype-tagged wrapper object with
  * `__dsv2_dtype__` ("bf16": `.data` uint16 ndarray; "int8": `.data` int8
  * ndarray and `.scales` float32 [..., rows, cols / group]; "int4": `.data`
- * uint8 [..., rows, dsv2_i4_row_bytes(cols)] and `.cols`, see csrc/int4.h).
+ * uint8 [..., rows, dsv2_i4_row_bytes(cols)] and `.cols`, see csrc/int4.h; "fp8": `.data`
+ * uint8 ndarray of float8 e4m3fn codes [..., rows, cols], `.scale_inv` float32
+ * [..., ceil(rows / B0), ceil(cols / B1)] and `.block` = (B0, B1)).
  * `shape` is the logical shape [..., rows, cols]. */
 typedef struct {
     dsv2_dtype dtype;
@@ -44,7 +46,8 @@ typedef struct {
     const float *scale;
     int ndim;
     int64_t shape[4];
-    int64_t group;
+    int64_t group;      /* int8: columns per scale; fp8: B1 */
+    int64_t block_rows; /* fp8: B0 (rows per scale block) */
 } dsv2py_tensor;
 
 /* Parse and check a weight of rank `ndim` and given shape (DSV2PY_ANY allowed).

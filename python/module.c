@@ -9,6 +9,7 @@ extern PyMethodDef dsv2py_mla_methods[] __attribute__((weak));
 extern PyMethodDef dsv2py_moe_methods[] __attribute__((weak));
 extern PyMethodDef dsv2py_quant_methods[] __attribute__((weak));
 extern PyMethodDef dsv2py_model_methods[] __attribute__((weak));
+extern PyMethodDef dsv2py_fp8_methods[] __attribute__((weak));
 
 /* ---- per-call keep-alive list ----
  * Every METH_VARARGS function of _C runs through a trampoline that gives the
@@ -66,7 +67,7 @@ static size_t count(const PyMethodDef *t) {
 PyMODINIT_FUNC PyInit__C(void) {
     import_array();
     PyMethodDef *tables[] = {dsv2py_core_methods, dsv2py_mla_methods, dsv2py_moe_methods,
-                             dsv2py_quant_methods, dsv2py_model_methods};
+                             dsv2py_quant_methods, dsv2py_model_methods, dsv2py_fp8_methods};
     size_t n = 0, ntab = sizeof tables / sizeof tables[0];
     for (size_t i = 0; i < ntab; i++) n += count(tables[i]);
     if (!all_methods) {

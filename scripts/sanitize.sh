@@ -23,7 +23,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-TESTS=${SANITIZE_TESTS:-"tests/test_core.py tests/test_mla.py tests/test_kv_cache.py tests/test_moe.py tests/test_int4.py tests/test_safetensors.py tests/test_loading.py tests/test_hardening.py tests/test_fuzz.py tests/test_amx.py"}
+TESTS=${SANITIZE_TESTS:-"tests/test_core.py tests/test_mla.py tests/test_kv_cache.py tests/test_moe.py tests/test_int4.py tests/test_safetensors.py tests/test_loading.py tests/test_hardening.py tests/test_fuzz.py tests/test_amx.py tests/test_fp8.py"}
 PORTABLE_TESTS=${SANITIZE_PORTABLE_TESTS-"tests/test_hardening.py tests/test_fuzz.py"}
 
 LIBASAN=$(gcc -print-file-name=libasan.so)

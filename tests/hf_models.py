@@ -156,3 +156,45 @@ def make_tokenizer(path: str, vocab_size: int) -> int:
                    "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": DEEPSEEK_CHAT_TEMPLATE,
                    "model_max_length": 512}, f)
     return n
+
+
+# names of the tensors DeepSeek-V3's FP8 files keep unquantized
+FP8_KEPT = ("embed_tokens", "lm_head", "norm", "mlp.gate.weight", "e_score_correction_bias")
+
+
+def save_fp8(model, path: str, ref_path: str, block=(128, 128)) -> None:
+    """Write ``model`` as a DeepSeek-V3-format FP8 checkpoint (made with torch, not dsv2ext):
+    each Linear weight as float8_e4m3fn with ``<name>_scale_inv`` = block amax / 448, the rest
+    in fp32, config.json with V3's quantization_config.  ``ref_path`` gets the same model with
+    the exactly dequantized weights (``float(W8) * scale_inv`` in fp32), for transformers."""
+    from safetensors.torch import load_file, save_file as st_save
+
+    save(model, ref_path)  # the checkpoint layout (per-expert tensors), fp32
+    sd = load_file(os.path.join(ref_path, "model.safetensors"))
+    fp8, deq = {}, {}
+    b0, b1 = block
+    for name, w in sd.items():
+        if "rotary_emb" in name:
+            continue
+        if w.ndim != 2 or any(k in name for k in FP8_KEPT):
+            fp8[name] = deq[name] = w
+            continue
+        rows, cols = w.shape
+        rb, cb = -(-rows // b0), -(-cols // b1)
+        pad = torch.zeros(rb * b0, cb * b1)
+        pad[:rows, :cols] = w.abs()
+        s = pad.reshape(rb, b0, cb, b1).amax(dim=(1, 3)) / 448.0
+        s[s == 0] = 1.0
+        full = s.repeat_interleave(b0, 0).repeat_interleave(b1, 1)[:rows, :cols]
+        q = (w / full).to(torch.float8_e4m3fn)
+        fp8[name], fp8[name + "_scale_inv"] = q, s.contiguous()
+        deq[name] = q.to(torch.float32) * full
+    os.makedirs(path, exist_ok=True)
+    st_save(fp8, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    st_save(deq, os.path.join(ref_path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(ref_path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": [b0, b1]}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)

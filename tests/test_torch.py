@@ -666,3 +666,25 @@ def test_bf16_latent_cache():
     np.testing.assert_array_equal(got.numpy(), want)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         dt.mla_attention(q, cache.to(torch.float16), seq, pos, kvb, 0.2)
+
+
+def test_torch_fp8_weight_view():
+    """transformers' fine-grained FP8 Linear (float8_e4m3fn + float32 weight_scale_inv) to the kernels without a copy."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+    from dsv2ext.fp8 import quantize_fp8
+    q = quantize_fp8(np.random.default_rng(70).standard_normal((300, 200)).astype(np.float32))
+    lin = FP8Linear(200, 300, block_size=(128, 128))
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(q.data).view(torch.float8_e4m3fn))
+        lin.weight_scale_inv.copy_(torch.from_numpy(q.scale_inv))
+    v = dt.fp8_weight_view(lin.weight, lin.weight_scale_inv, lin.block_size)
+    assert np.shares_memory(v.data, lin.weight.detach().view(torch.uint8).numpy())
+    x = np.random.default_rng(0).standard_normal((3, 200)).astype(np.float32)
+    ref = x.astype(np.float64) @ q.to_float32().astype(np.float64).T
+    assert np.abs(dsv2ext.ops.linear(x, v) - ref).max() <= 1e-5 * np.abs(ref).max()
+    with pytest.raises(TypeError, match="fp8_weight_view"):
+        dt.linear(torch.from_numpy(x), lin.weight)
+    with pytest.raises(TypeError, match="float32 block scales"):
+        dt.fp8_weight_view(lin.weight, lin.weight_scale_inv.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="scale_inv"):
+        dt.fp8_weight_view(lin.weight, torch.ones(2, 1), (128, 128))

@@ -58,7 +58,7 @@ def linear(x: np.ndarray, weight: Weight, *, out: Optional[np.ndarray] = None) -
     Parameters
     ----------
     x : np.ndarray, float32, shape [T, K]
-    weight : np.ndarray float32 or BF16, shape [N, K]
+    weight : np.ndarray float32, BF16, Int8Weight or Fp8Weight, shape [N, K]
     out : np.ndarray, float32, shape [T, N], optional
 
     Returns

@@ -39,8 +39,8 @@ product).  ``interleaved=False`` selects the rotate-half pairing ``(i, i + dim/2
 ``DeepseekV3`` with ``rope_interleave=False``.
 
 All arrays are NumPy, float32 activations (C-contiguous, aligned, never converted silently);
-weights are float32 arrays or :class:`dsv2ext.BF16` (``kv_b_proj`` may also be an int8- or
-int4-tagged weight).  Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument before any
+weights are float32 arrays or :class:`dsv2ext.BF16` (the projections may also be int8, int4 or FP8
+weights: ``dsv2ext.quant.Int8Weight``, ``dsv2ext.int4.Int4Weight``, :class:`dsv2ext.Fp8Weight`).  Bad arguments raise ``TypeError`` / ``ValueError`` naming the argument before any
 kernel runs.  The GIL is released while kernels run.
 
 NaN / Inf policy: the activations (``hidden``, ``q``, the cache rows) and weights are not
@@ -523,8 +523,8 @@ _WEIGHT_FIELDS = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_
 class MLAWeights:
     """Weights of one MLA layer (HF names, Linear weights ``[out, in]``).
 
-    Each is a float32 ndarray or a :class:`dsv2ext.BF16` (projections may also be int8- or
-    int4-tagged weights: ``dsv2ext.quant.Int8Weight``, ``dsv2ext.int4.Int4Weight``).  Give ``q_proj`` (no q compression, V2-Lite) or ``q_a_proj`` + ``q_a_layernorm`` +
+    Each is a float32 ndarray or a :class:`dsv2ext.BF16` (projections may also be int8, int4 or FP8
+    weights: ``dsv2ext.quant.Int8Weight``, ``dsv2ext.int4.Int4Weight``, :class:`dsv2ext.Fp8Weight`).  Give ``q_proj`` (no q compression, V2-Lite) or ``q_a_proj`` + ``q_a_layernorm`` +
     ``q_b_proj``.
 
     Attributes

@@ -9,7 +9,8 @@ with the routing ``(ids, w)`` given by :func:`moe_route` (see
 :class:`MoEConfig` for the three routing rules of the family).
 
 Conventions: activations are float32, C-contiguous, aligned NumPy arrays;
-weights are float32 arrays or :class:`dsv2ext.BF16` (bfloat16 bits), in the
+weights are float32 arrays, :class:`dsv2ext.BF16` (bfloat16 bits), int8 or FP8 weights
+(``dsv2ext.quant.Int8Weight``, :class:`dsv2ext.Fp8Weight`; not for the router), in the
 ``torch.nn.Linear`` layout ``[out, in]``; they are never copied or converted.
 Expert weights come either per expert (``gate_proj [I, d]``, ``up_proj [I, d]``,
 ``down_proj [d, I]``, e.g. memory-mapped checkpoint tensors) or stacked in the
@@ -496,7 +497,8 @@ def moe_block(x: np.ndarray, router_weight: Weight, experts: ExpertWeights,
         ``(gate_proj [I, d], up_proj [I, d], down_proj [d, I])`` tuples (or
         mappings with those keys), or an :class:`ExpertTable` of either
         (parsed once: the cheap way to call this per decoded token).
-        float32, BF16, int8 (``dsv2ext.quant.Int8Weight``) or int4 (``dsv2ext.int4.Int4Weight``), never copied.
+        float32, BF16, int8 (``dsv2ext.quant.Int8Weight``), int4 (``dsv2ext.int4.Int4Weight``) or FP8
+        (:class:`dsv2ext.Fp8Weight`), never copied.
     shared : (gate_proj [Is, d], up_proj [Is, d], down_proj [d, Is]), optional
         The shared experts as one MLP (``Is = n_shared_experts * I``).
     cfg : MoEConfig

@@ -10,7 +10,10 @@ Three levels:
    an int16 view wrapped as :class:`dsv2ext.BF16`).  Python wrappers: :func:`rms_norm`,
    :func:`linear`, :func:`swiglu_mlp`, :func:`apply_rope`, :func:`moe_route`,
    :func:`moe_block`, :func:`mla_attention`, :func:`mla_compress_kv`,
-   :func:`mla_attention_block`.
+   :func:`mla_attention_block`.  FP8 weights (float8_e4m3fn + block scales, as transformers'
+   fine-grained FP8 modules hold them) go to the ``dsv2ext.ops`` kernels as
+   :func:`fp8_weight_view` (zero-copy :class:`dsv2ext.Fp8Weight`); the torch operators and
+   modules take float32 / bfloat16 weights.
 2. Drop-in modules built from transformers' DeepSeek-V2 / V3 modules:
    :class:`MLAAttention` (latent 576-wide cache kept inside transformers' ``DynamicCache``),
    :class:`MoE` (fused 3-D experts of transformers 5), :class:`SwiGLUMLP`.
@@ -33,6 +36,7 @@ try:
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError("dsv2ext.torch needs PyTorch: pip install 'dsv2ext[torch]' (or torch>=2.4)") from _e
 
+from ._convert import fp8_weight_view
 from ._grad import GRAD_MODES, get_grad_mode, grad_mode, set_grad_mode
 from .ops import (apply_rope, linear, mla_attention, mla_attention_block, mla_compress_kv, moe_block, moe_route,
                   rms_norm, swiglu_mlp)
@@ -41,7 +45,8 @@ from .patch import PatchReport, is_patched, patch, unpatch
 
 __all__ = ["GRAD_MODES", "set_grad_mode", "get_grad_mode", "grad_mode", "rms_norm", "linear", "swiglu_mlp",
            "apply_rope", "moe_route", "moe_block", "mla_attention", "mla_compress_kv", "mla_attention_block",
-           "MLAAttention", "MoE", "SwiGLUMLP", "LatentCacheLayer", "PatchReport", "patch", "unpatch", "is_patched"]
+           "MLAAttention", "MoE", "SwiGLUMLP", "LatentCacheLayer", "PatchReport", "patch", "unpatch", "is_patched",
+           "fp8_weight_view"]
 
 
 def __getattr__(name: str):

@@ -3,19 +3,24 @@
 * float32 tensors -> ``tensor.numpy()`` (same memory);
 * bfloat16 weights -> ``tensor.view(torch.int16).numpy().view(np.uint16)`` wrapped as
   :class:`dsv2ext.BF16` (same memory; bfloat16 is never guessed from a bare uint16 array);
+* float8_e4m3fn weights with their block scales (transformers' fine-grained FP8 /
+  DeepSeek-V3 layout) -> :func:`fp8_weight_view`, a :class:`dsv2ext.Fp8Weight` on the same
+  memory for the ``dsv2ext.ops`` kernels;
 * activations in another floating dtype (bfloat16, float16) are widened to float32 (a copy:
   the kernels compute in fp32); outputs are returned in the activation's dtype.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..dtypes import BF16
+from ..fp8 import Fp8Weight
 
-__all__ = ["weight_view", "opt_weight_view", "f32_view", "i64_view", "ACT_DTYPES", "WEIGHT_DTYPES"]
+__all__ = ["weight_view", "opt_weight_view", "fp8_weight_view", "f32_view", "i64_view", "ACT_DTYPES",
+           "WEIGHT_DTYPES"]
 
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
@@ -42,6 +47,10 @@ def weight_view(t: torch.Tensor, name: str) -> Union[np.ndarray, BF16]:
         Not on the CPU, or not contiguous (a weight is never copied silently).
     """
     t = _check_tensor(t, name).detach()
+    if t.dtype == torch.float8_e4m3fn:
+        raise TypeError(f"{name}: a float8_e4m3fn weight needs its block scales: pass "
+                        "dsv2ext.torch.fp8_weight_view(weight, weight_scale_inv, block_size) to the dsv2ext.ops "
+                        "kernels (the torch operators take float32 / bfloat16 weights)")
     if t.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"{name}: expected a float32 or bfloat16 weight, got {t.dtype}")
     if not t.is_contiguous():
@@ -50,6 +59,43 @@ def weight_view(t: torch.Tensor, name: str) -> Union[np.ndarray, BF16]:
     if t.dtype == torch.float32:
         return t.numpy()
     return BF16(t.view(torch.int16).numpy().view(np.uint16))
+
+
+def fp8_weight_view(weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                    block_size: Sequence[int] = (128, 128), name: str = "weight") -> Fp8Weight:
+    """A :class:`dsv2ext.Fp8Weight` sharing the memory of a float8_e4m3fn weight and its scales.
+
+    Parameters
+    ----------
+    weight : Tensor float8_e4m3fn [..., out, in], contiguous, on the CPU
+    weight_scale_inv : Tensor float32 [..., ceil(out / B0), ceil(in / B1)], contiguous
+        (transformers' fused ``gate_up_proj_scale_inv`` may carry extra rows; they are not used)
+    block_size : (B0, B1)
+
+    Raises
+    ------
+    TypeError / ValueError
+        Other dtypes (e.g. UE8M0 scales), non-contiguous tensors, scales of the wrong shape.
+    """
+    w = _check_tensor(weight, name).detach()
+    s = _check_tensor(weight_scale_inv, f"{name}_scale_inv").detach()
+    if w.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"{name}: expected a float8_e4m3fn weight, got {w.dtype}")
+    if s.dtype != torch.float32:
+        raise TypeError(f"{name}_scale_inv: expected float32 block scales, got {s.dtype}")
+    for t, n in ((w, name), (s, f"{name}_scale_inv")):
+        if not t.is_contiguous():
+            raise ValueError(f"{n}: expected a contiguous tensor (weights are never copied)")
+    if w.dim() < 2 or s.dim() != w.dim():
+        raise ValueError(f"{name}: expected weight [..., out, in] and scales of the same rank, got shapes "
+                         f"{tuple(w.shape)} and {tuple(s.shape)}")
+    b0, b1 = int(block_size[0]), int(block_size[1])
+    rows = -(-w.shape[-2] // max(b0, 1))
+    if s.shape[-2] > rows:  # extra scale rows allocated for a fused projection
+        s = s[..., :rows, :]
+    codes = w.view(torch.uint8).numpy()
+    scales = s.numpy() if s.is_contiguous() else np.ascontiguousarray(s.numpy())
+    return Fp8Weight(codes, scales, (b0, b1))
 
 
 def opt_weight_view(t: Optional[torch.Tensor], name: str) -> Union[np.ndarray, BF16, None]:

@@ -1,0 +1,286 @@
+/* gemv_f8.c - row dots and widening of float8 e4m3fn weights with 2-D block
+ * scales (portable, AVX2, AVX-512).
+ *
+ * In registers a weight is (value / 256) * (scale * 256): the codes widen through
+ * their fp16 bit pattern (fp8.h) and the factor 256 rides on the block's scale, so
+ * one multiply gives the correctly rounded fp32 product e4m3(q) * scale; NaN codes
+ * are found 64 (AVX-512) or 8 (AVX2) codes at a time and their lanes set to NaN.
+ * Weight rows are streamed one after the other (one sequential stream per thread,
+ * as in gemv.c, with the same optional software prefetch, cpu.h); long activation
+ * rows use 4-row tiles (DSV2_GEMV_TILE_XBYTES).
+ * AVX-512 needs group % 16 == 0, AVX2 group % 8 == 0, and scales whose fold by 256
+ * is exact (dsv2_e4m3_scale_foldable: every scale below FLT_MAX / 256, e.g. all
+ * scales amax / 448 of a quantizer); other matrices take the portable loop (the
+ * 256-entry table times the scale). */
+#include "gemv_f8.h"
+#include "gemv.h"
+#include "cpu.h"
+#include "fp8.h"
+
+#include <immintrin.h>
+#include <math.h>
+
+int dsv2_f8_scales_foldable(const dsv2_mat *W, int64_t r0, int64_t r1) {
+    const float *s = dsv2_f8_scale_row(W, r0), *e = dsv2_f8_scale_row(W, r1 - 1) + dsv2_f8_scale_cols(W);
+    for (; s < e; s++)
+        if (!dsv2_e4m3_scale_foldable(*s)) return 0;
+    return 1;
+}
+
+/* ---------------- portable ---------------- */
+static void f8_portable(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W, int64_t r0,
+                        int64_t r1) {
+    const int64_t K = W->cols, g = W->group;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *q = (const uint8_t *)W->data + r * K;
+        const float *s = dsv2_f8_scale_row(W, r);
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + t * ldx;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t k0 = 0, b = 0; k0 < K; k0 += g, b++)
+                for (int64_t k = k0; k < k0 + g && k < K; k++) acc[k & 7] += xt[k] * (dsv2_e4m3_to_f32(q[k]) * s[b]);
+            y[t * ldy + r] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        }
+    }
+}
+
+static void dequant_portable(float *out, const dsv2_mat *W, int64_t r) {
+    const int64_t K = W->cols, g = W->group;
+    const uint8_t *q = (const uint8_t *)W->data + r * K;
+    const float *s = dsv2_f8_scale_row(W, r);
+    for (int64_t k = 0; k < K; k++) out[k] = dsv2_e4m3_to_f32(q[k]) * s[k / g];
+}
+
+/* ---------------- AVX2 (group % 8 == 0) ---------------- */
+/* 8 weights at q (scale * 256 in s256) */
+DSV2_TARGET_AVX2 static inline __m256 f8w8_avx2(const uint8_t *q, __m256 s256) {
+    const __m128i b = _mm_loadl_epi64((const __m128i *)q);
+    return _mm256_or_ps(_mm256_mul_ps(dsv2_e4m3x8_div256_avx2(b), s256), dsv2_e4m3x8_nan_avx2(b));
+}
+
+DSV2_TARGET_AVX2 static void f8_avx2(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
+                                     int64_t r0, int64_t r1) {
+    const int64_t K = W->cols, g = W->group, K8 = K & ~(int64_t)7;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *q = (const uint8_t *)W->data + r * K;
+        const float *s = dsv2_f8_scale_row(W, r);
+        __m256 acc[DSV2_GEMV_MAX_T][2];
+        for (int t = 0; t < T; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+        int j = 0;
+        for (int64_t k0 = 0, b = 0; k0 < K8; k0 += g, b++) {
+            const __m256 sv = _mm256_set1_ps(s[b] * 256.0f);
+            const int64_t k1 = k0 + g < K8 ? k0 + g : K8;
+            for (int64_t k = k0; k < k1; k += 8, j ^= 1) {
+                const __m256 w = f8w8_avx2(q + k, sv);
+                for (int t = 0; t < T; t++) acc[t][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * ldx + k), acc[t][j]);
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            float v = dsv2_hsum256(_mm256_add_ps(acc[t][0], acc[t][1]));
+            for (int64_t k = K8; k < K; k++) v += x[t * ldx + k] * (dsv2_e4m3_to_f32(q[k]) * s[k / g]);
+            y[t * ldy + r] = v;
+        }
+    }
+}
+
+DSV2_TARGET_AVX2 static void dequant_avx2(float *out, const dsv2_mat *W, int64_t r) {
+    const int64_t K = W->cols, g = W->group, K8 = K & ~(int64_t)7;
+    const uint8_t *q = (const uint8_t *)W->data + r * K;
+    const float *s = dsv2_f8_scale_row(W, r);
+    for (int64_t k0 = 0, b = 0; k0 < K8; k0 += g, b++) {
+        const __m256 sv = _mm256_set1_ps(s[b] * 256.0f);
+        for (int64_t k = k0; k < k0 + g && k < K8; k += 8) _mm256_storeu_ps(out + k, f8w8_avx2(q + k, sv));
+    }
+    for (int64_t k = K8; k < K; k++) out[k] = dsv2_e4m3_to_f32(q[k]) * s[k / g];
+}
+
+/* ---------------- AVX-512 (group % 16 == 0) ---------------- */
+/* 16 weights from 16 codes (scale * 256 in s256), NaN lanes not yet set */
+DSV2_TARGET_AVX512 static inline __m512 f8w16(__m128i b, __m512 s256) {
+    return _mm512_mul_ps(dsv2_e4m3x16_div256_avx512(b), s256);
+}
+
+DSV2_TARGET_AVX512 static inline __m512 nan_lanes(__m512 w, __mmask16 m) {
+    return _mm512_mask_mov_ps(w, m, _mm512_set1_ps(NAN));
+}
+
+static inline __mmask16 tail16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+
+/* One weight row x T activation rows (T a compile-time constant after inlining),
+ * scale block by scale block; within a block 64 columns a step (one NaN test of the
+ * 64 codes, four partial sums per activation row), then 16 (block widths that are not
+ * multiples of 64, and the matrix's last, possibly partial, 16 columns). */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+f8_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, const dsv2_mat *W, int64_t r) {
+    const int64_t K = W->cols, g = W->group;
+    const uint8_t *q = (const uint8_t *)W->data + r * K;
+    const float *s = dsv2_f8_scale_row(W, r);
+    const int pf = dsv2_prefetch_bytes();
+    __m512 acc[DSV2_GEMV_MAX_T][4];
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, b = 0; k0 < K; k0 += g, b++) {
+        const int64_t k1 = k0 + g < K ? k0 + g : K;
+        const __m512 sv = _mm512_set1_ps(s[b] * 256.0f);
+        int64_t k = k0;
+        for (; k + 64 <= k1; k += 64) {
+            DSV2_PREFETCH_AHEAD(q + k, 64, pf);
+            const __mmask64 nan = dsv2_e4m3x64_nan_avx512(_mm512_loadu_si512((const void *)(q + k)));
+            __m512 w0 = f8w16(_mm_loadu_si128((const __m128i *)(q + k)), sv);
+            __m512 w1 = f8w16(_mm_loadu_si128((const __m128i *)(q + k + 16)), sv);
+            __m512 w2 = f8w16(_mm_loadu_si128((const __m128i *)(q + k + 32)), sv);
+            __m512 w3 = f8w16(_mm_loadu_si128((const __m128i *)(q + k + 48)), sv);
+            if (__builtin_expect(nan != 0, 0)) {
+                w0 = nan_lanes(w0, (__mmask16)nan);
+                w1 = nan_lanes(w1, (__mmask16)(nan >> 16));
+                w2 = nan_lanes(w2, (__mmask16)(nan >> 32));
+                w3 = nan_lanes(w3, (__mmask16)(nan >> 48));
+            }
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + t * ldx + k;
+                acc[t][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xt), acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xt + 16), acc[t][1]);
+                acc[t][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xt + 32), acc[t][2]);
+                acc[t][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xt + 48), acc[t][3]);
+            }
+        }
+        for (; k < k1; k += 16) {
+            const __mmask16 m = tail16(K - k);
+            const __m128i c = _mm_maskz_loadu_epi8(m, q + k);
+            const __m512 w = nan_lanes(f8w16(c, sv), dsv2_e4m3x16_nan_avx512(c));
+            for (int t = 0; t < T; t++) acc[t][0] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + t * ldx + k), acc[t][0]);
+        }
+    }
+    for (int t = 0; t < T; t++)
+        y[t * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]),
+                                                            _mm512_add_ps(acc[t][2], acc[t][3])));
+}
+
+/* 4 weight rows x T activation rows (long activation rows, see gemv.h): every
+ * activation vector loaded serves four weight rows; each row has its own scales
+ * (the four rows may straddle a block of rows). */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+f8_tile_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, const dsv2_mat *W, int64_t r) {
+    const int64_t K = W->cols, g = W->group;
+    const uint8_t *q[4];
+    const float *s[4];
+    const int pf = dsv2_prefetch_bytes();
+    for (int i = 0; i < 4; i++) {
+        q[i] = (const uint8_t *)W->data + (r + i) * K;
+        s[i] = dsv2_f8_scale_row(W, r + i);
+    }
+    __m512 acc[DSV2_GEMV_MAX_T][4];
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < 4; i++) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, b = 0; k0 < K; k0 += g, b++) {
+        const int64_t k1 = k0 + g < K ? k0 + g : K;
+        __m512 sv[4];
+        for (int i = 0; i < 4; i++) sv[i] = _mm512_set1_ps(s[i][b] * 256.0f);
+        int64_t k = k0;
+        for (; k + 64 <= k1; k += 64) { /* one NaN test of 64 codes per row, then 16 columns at a time */
+            __mmask64 nan[4];
+            for (int i = 0; i < 4; i++) {
+                DSV2_PREFETCH_AHEAD(q[i] + k, 64, pf);
+                nan[i] = dsv2_e4m3x64_nan_avx512(_mm512_loadu_si512((const void *)(q[i] + k)));
+            }
+            const int any = (nan[0] | nan[1] | nan[2] | nan[3]) != 0;
+            for (int j = 0; j < 4; j++) {
+                __m512 w[4];
+                for (int i = 0; i < 4; i++) {
+                    w[i] = f8w16(_mm_loadu_si128((const __m128i *)(q[i] + k + 16 * j)), sv[i]);
+                    if (__builtin_expect(any, 0)) w[i] = nan_lanes(w[i], (__mmask16)(nan[i] >> (16 * j)));
+                }
+                for (int t = 0; t < T; t++) {
+                    const __m512 xv = _mm512_loadu_ps(x + t * ldx + k + 16 * j);
+                    for (int i = 0; i < 4; i++) acc[t][i] = _mm512_fmadd_ps(w[i], xv, acc[t][i]);
+                }
+            }
+        }
+        for (; k < k1; k += 16) {
+            const __mmask16 m = tail16(K - k);
+            __m512 w[4];
+            for (int i = 0; i < 4; i++) {
+                const __m128i c = _mm_maskz_loadu_epi8(m, q[i] + k);
+                w[i] = nan_lanes(f8w16(c, sv[i]), dsv2_e4m3x16_nan_avx512(c));
+            }
+            for (int t = 0; t < T; t++) {
+                const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * ldx + k);
+                for (int i = 0; i < 4; i++) acc[t][i] = _mm512_fmadd_ps(w[i], xv, acc[t][i]);
+            }
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < 4; i++) y[t * ldy + r + i] = _mm512_reduce_add_ps(acc[t][i]);
+}
+
+#define F8_512_T(TT)                                                                              \
+    DSV2_TARGET_AVX512 static void f8_avx512_t##TT(float *y, int64_t ldy, const float *x, int64_t ldx, \
+                                                   const dsv2_mat *W, int64_t r0, int64_t r1) {   \
+        int64_t r = r0;                                                                           \
+        if ((TT) * W->cols * 4 > DSV2_GEMV_TILE_XBYTES)                                           \
+            for (; r + 4 <= r1; r += 4) f8_tile_avx512(y, ldy, x, ldx, TT, W, r);                 \
+        for (; r < r1; r++) f8_row_avx512(y, ldy, x, ldx, TT, W, r);                              \
+    }
+F8_512_T(1)
+F8_512_T(2)
+F8_512_T(3)
+F8_512_T(4)
+
+DSV2_TARGET_AVX512 static void dequant_avx512(float *out, const dsv2_mat *W, int64_t r) {
+    const int64_t K = W->cols, g = W->group;
+    const uint8_t *q = (const uint8_t *)W->data + r * K;
+    const float *s = dsv2_f8_scale_row(W, r);
+    for (int64_t k0 = 0, b = 0; k0 < K; k0 += g, b++) {
+        const __m512 sv = _mm512_set1_ps(s[b] * 256.0f);
+        for (int64_t k = k0; k < k0 + g && k < K; k += 16) {
+            const __mmask16 m = tail16(K - k);
+            const __m128i c = _mm_maskz_loadu_epi8(m, q + k);
+            _mm512_mask_storeu_ps(out + k, m, nan_lanes(f8w16(c, sv), dsv2_e4m3x16_nan_avx512(c)));
+        }
+    }
+}
+
+/* ---------------- dispatch ---------------- */
+
+static int f8_isa(const dsv2_mat *W, int64_t r0, int64_t r1) {
+    const int isa = dsv2_isa();
+    if (isa == DSV2_ISA_AVX512 && W->group % 16 == 0 && dsv2_f8_scales_foldable(W, r0, r1)) return DSV2_ISA_AVX512;
+    if (isa >= DSV2_ISA_AVX2 && W->group % 8 == 0 && dsv2_f8_scales_foldable(W, r0, r1)) return DSV2_ISA_AVX2;
+    return DSV2_ISA_PORTABLE;
+}
+
+void dsv2_gemv_f8_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T, const dsv2_mat *W,
+                       int64_t r0, int64_t r1) {
+    if (T <= 0 || r0 >= r1) return;
+    const int isa = f8_isa(W, r0, r1);
+    for (int t0 = 0; t0 < T; t0 += DSV2_GEMV_MAX_T) {
+        const int tt = T - t0 < DSV2_GEMV_MAX_T ? T - t0 : DSV2_GEMV_MAX_T;
+        const float *xs = x + t0 * ldx;
+        float *ys = y + t0 * ldy;
+        if (isa == DSV2_ISA_AVX512) {
+            switch (tt) {
+            case 1: f8_avx512_t1(ys, ldy, xs, ldx, W, r0, r1); break;
+            case 2: f8_avx512_t2(ys, ldy, xs, ldx, W, r0, r1); break;
+            case 3: f8_avx512_t3(ys, ldy, xs, ldx, W, r0, r1); break;
+            default: f8_avx512_t4(ys, ldy, xs, ldx, W, r0, r1); break;
+            }
+        } else if (isa == DSV2_ISA_AVX2) {
+            f8_avx2(ys, ldy, xs, ldx, tt, W, r0, r1);
+        } else {
+            f8_portable(ys, ldy, xs, ldx, tt, W, r0, r1);
+        }
+    }
+}
+
+void dsv2_dequant_f8_rows(float *out, const dsv2_mat *W, int64_t r0, int64_t r1) {
+    if (r0 >= r1) return;
+    const int isa = f8_isa(W, r0, r1);
+    for (int64_t r = r0; r < r1; r++) {
+        float *o = out + (r - r0) * W->cols;
+        if (isa == DSV2_ISA_AVX512) dequant_avx512(o, W, r);
+        else if (isa == DSV2_ISA_AVX2) dequant_avx2(o, W, r);
+        else dequant_portable(o, W, r);
+    }
+}
