@@ -3,23 +3,28 @@
 
     python benchmarks/run.py                      # lite-L4, 2 threads, everything
     python benchmarks/run.py --quick              # smoke run (a few minutes), results under cache/quick
-    python benchmarks/run.py --geometry lite-full # 27-layer V2-Lite: dsv2ext int8 vs llama.cpp Q8_0
+    python benchmarks/run.py --geometry lite-full # 27-layer V2-Lite: dsv2ext int8 / int4 vs llama.cpp Q8_0
+    python benchmarks/run.py --long              # also prefill and decode at 4K-32K tokens of context
 
 Steps:
 
 1. measure the machine (streaming-read bandwidth over a 2 GiB buffer and the
    fp32 FMA / bf16 / int8 dot-product peaks, 1 and N threads; ``machine.py``);
 2. build (once, cached under ``benchmarks/cache``) the synthetic checkpoint in
-   the HF layout and the same weights as deepseek2 GGUF files (BF16, Q8_0);
+   the HF layout and the same weights as deepseek2 GGUF files (BF16, Q8_0, and
+   Q4_0 / Q4_K_M by llama.cpp's own quantizer);
 3. check that the engines compute the same model: dsv2ext vs transformers
    logits in fp32 (relative error <= 1e-4), dsv2ext vs llama.cpp BF16
    (cosine >= 0.99, same argmax wherever the top-two margin is clear, greedy
    tokens equal until the first near-tie);
-4. measure each engine in its own time-boxed process: prefill tokens/s
+4. measure each engine in its own time-boxed process (dsv2ext f32, bf16, int8,
+   fp8, int4, int4-mixed; llama.cpp BF16, Q8_0, Q4_0, Q4_K_M): prefill tokens/s
    (512-token prompt), decode tokens/s (64 tokens after 128 and after 4096
    tokens of context), peak RSS, KV cache bytes per token, decode as a
    fraction of the bandwidth roofline, and dsv2ext's per-token time split;
-5. print one table (with ratios dsv2ext / each anchor) and the issue-8
+   decode once more side by side in alternating rounds, group by group
+   (bf16 / int8 / BF16 / Q8_0, then fp8 / int4 / int4-mixed / Q4_0 / Q4_K_M);
+5. print one table (with ratios dsv2ext / each anchor) and the issue-8 and issue-14
    targets, and write ``RESULTS.md``, ``results.json`` and a PNG chart.
 """
 from __future__ import annotations
@@ -75,8 +80,13 @@ class Run:
 
 ENGINE_LABEL = {"dsv2ext": "dsv2ext", "transformers": "transformers", "llama": "llama.cpp"}
 
-#: engines whose decode is measured again in interleaved rounds (they fit in memory side by side)
-INTERLEAVED = {("dsv2ext", "bf16"), ("dsv2ext", "int8"), ("llama", "BF16"), ("llama", "Q8_0")}
+#: engines whose decode is measured again in interleaved rounds, group by group (the engines of a
+#: group are resident side by side: 8-bit-and-up, then the 4-bit formats with FP8)
+INTERLEAVE_GROUPS = [
+    {("dsv2ext", "bf16"), ("dsv2ext", "int8"), ("llama", "BF16"), ("llama", "Q8_0")},
+    {("dsv2ext", "fp8"), ("dsv2ext", "int4"), ("dsv2ext", "int4-mixed"), ("llama", "Q4_0"), ("llama", "Q4_K_M")},
+]
+INTERLEAVED = set().union(*INTERLEAVE_GROUPS)
 #: lite-full's int8 and Q8_0 models (16-17 GiB each) cannot be resident together in 24 GiB
 INTERLEAVE_GEOMETRIES = {"lite-L4"}
 #: engines of the long-context rounds (--long): dsv2ext with its default (bf16) and FP8 latent caches,
@@ -84,6 +94,11 @@ INTERLEAVE_GEOMETRIES = {"lite-L4"}
 LONG_ENGINES = [("dsv2ext", "bf16"), ("dsv2ext", "bf16-kvfp8"), ("llama", "BF16")]
 #: decode steps per context in the long-context rounds (4 rounds)
 LONG_STEPS = 32
+
+
+#: llama.cpp GGUFs of each geometry (BF16 / Q8_0 written by gguf_export, the 4-bit ones by llama.cpp's
+#: own quantizer from the BF16 file; lite-full's 29 GiB BF16 file is not made)
+LLAMA_TYPES = {"lite-L4": ["BF16", "Q8_0", "Q4_0", "Q4_K_M"], "lite-full": ["Q8_0"]}
 
 
 def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool, all_contexts: bool,
@@ -107,13 +122,16 @@ def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool, all_c
             runs.append(Run("llama", "BF16", "check", t_ll))
         runs.append(Run("dsv2ext", "bf16", "speed", t_ds))
         runs.append(Run("dsv2ext", "int8", "speed", t_ds))
+        # fewer bytes per weight (issue 14): FP8 (V3 format), 4-bit, 4-bit experts with int8 elsewhere
+        for v in ("fp8", "int4", "int4-mixed"):
+            runs.append(Run("dsv2ext", v, "speed", t_ds))
         # its decode of one token is the bf16 path: only the first context
         runs.append(Run("dsv2ext", "bf16-compute", "speed", t_ds, contexts[:1]))
         if not quick:
             runs.append(Run("dsv2ext", "f32", "speed", t_ds, short))
         if not skip_llama:
-            runs.append(Run("llama", "BF16", "speed", t_ll))
-            runs.append(Run("llama", "Q8_0", "speed", t_ll))
+            for q in LLAMA_TYPES["lite-L4"]:
+                runs.append(Run("llama", q, "speed", t_ll))
         if not skip_hf:
             hf = ["bf16-eager"] if quick else ["fp32-eager", "bf16-eager", "fp32-grouped_mm", "bf16-grouped_mm"]
             for v in hf:
@@ -123,6 +141,7 @@ def plan_runs(geometry: str, quick: bool, skip_llama: bool, skip_hf: bool, all_c
         if not skip_llama:
             runs.append(Run("llama", "Q8_0", "check", t_ll * 2))
         runs.append(Run("dsv2ext", "int8", "speed", t_ds * 2))
+        runs.append(Run("dsv2ext", "int4", "speed", t_ds * 2))  # ~9-10 GiB
         if not skip_llama:
             runs.append(Run("llama", "Q8_0", "speed", t_ll * 2))
     else:
@@ -456,8 +475,8 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
         _, eng, var = key.split(":", 2)
         row: Dict[str, Any] = {"key": key, "engine": ENGINE_LABEL[eng], "variant": var, "ok": bool(r.get("ok")),
                                "cpu_busy_before": r.get("cpu_busy_before"), "reused": bool(r.get("reused"))}
-        row["dtype"] = {"f32": "fp32", "bf16": "bf16", "int8": "int8", "BF16": "bf16", "Q8_0": "q8_0"}.get(
-            var, var.split("-")[0])
+        row["dtype"] = {"f32": "fp32", "bf16": "bf16", "int8": "int8", "BF16": "bf16", "Q8_0": "q8_0",
+                        "Q4_0": "q4_0", "Q4_K_M": "q4_k_m", "int4-mixed": "int4-mixed"}.get(var, var.split("-")[0])
         if not r.get("ok"):
             row["error"] = str(r.get("error", "?")).splitlines()[0][:300]
             rows.append(row)
@@ -487,7 +506,8 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
             read = wbytes + (c + workload["decode_tokens"] / 2.0) * kvb
             bw_c = bw
             if key in inter:
-                bw_c = float(np.median(interleaved["bandwidth_GBps"][ctx])) * 1e9
+                bws = inter[key].get("bandwidth_GBps") or interleaved["bandwidth_GBps"]  # older files: one group
+                bw_c = float(np.median(bws[ctx])) * 1e9
             roof = bw_c / read
             row["decode"][ctx] = {"tps": d["tokens_per_s"], "tps_mean": d.get("tokens_per_s_mean"),
                                   "roofline_tps": roof,
@@ -508,8 +528,8 @@ def engine_rows(results: Dict[str, Dict[str, Any]], peaks: Dict[str, Any], threa
 
 
 def _anchor_of(row: Dict[str, Any], rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The dsv2ext row to compare an anchor with: same dtype class (q8_0 -> int8)."""
-    want = {"q8_0": "int8"}.get(row["dtype"], row["dtype"])
+    """The dsv2ext row to compare an anchor with: same dtype class (q8_0 -> int8, 4-bit -> int4)."""
+    want = {"q8_0": "int8", "q4_0": "int4", "q4_k_m": "int4"}.get(row["dtype"], row["dtype"])
     for r in rows:
         if r["engine"] == "dsv2ext" and r["dtype"] == want and r["ok"]:
             return r
@@ -574,7 +594,7 @@ def table_lines(rows: List[Dict[str, Any]], contexts: List[int], prefill: int) -
 
 
 def targets(rows: List[Dict[str, Any]], geometry: str, contexts: List[int]) -> List[Dict[str, Any]]:
-    """Issue-8 targets that this run measures, with the measured values."""
+    """The speed targets (issues 8 and 14) that this run measures, with the measured values."""
     by = {(r["engine"], r["variant"]): r for r in rows if r["ok"]}
     ds_b, ds_i = by.get(("dsv2ext", "bf16")), by.get(("dsv2ext", "int8"))
     ll_b, ll_q = by.get(("llama.cpp", "BF16")), by.get(("llama.cpp", "Q8_0"))
@@ -612,6 +632,15 @@ def targets(rows: List[Dict[str, Any]], geometry: str, contexts: List[int]) -> L
         if ds_c and ds_c.get("prefill_bf16dot_fraction") is not None:
             add("prefill bf16, bf16 compute mode: fraction of the bf16 dot peak (whole prefill)",
                 ds_c["prefill_bf16dot_fraction"], 0.60)
+        # fewer bytes per weight (issue 14)
+        ds_f, ds_4 = by.get(("dsv2ext", "fp8")), by.get(("dsv2ext", "int4"))
+        ll_4k = by.get(("llama.cpp", "Q4_K_M"))
+        for name, r in (("fp8", ds_f), ("int4", ds_4)):
+            if r:
+                add(f"decode {name} @{c0}: fraction of roofline", dec(r, c0, "roofline_fraction"), 0.90)
+        if ds_4 and ll_4k:
+            for c, goal in zip([str(c) for c in contexts], (1.0, 1.4)):
+                add(f"decode int4 @{c}: dsv2ext / llama.cpp Q4_K_M", ratio(dec(ds_4, c), dec(ll_4k, c)), goal, "x")
         for dt, hf in (("fp32", "fp32-eager"), ("bf16", "bf16-eager")):
             ds = by.get(("dsv2ext", "f32" if dt == "fp32" else dt))
             h = by.get(("transformers", hf))
@@ -787,16 +816,18 @@ def render_markdown(all_runs: Dict[str, Any]) -> str:
                    "Roofline = read bandwidth / (active weight bytes per token in the engine's own format + "
                    "KV cache bytes read per token at that context).")
         il = r.get("interleaved")
-        if il:
-            names = ", ".join(k.split(":", 1)[1].replace(":", " ") for k in il.get("engines", {}))
+        for g in (il.get("groups", [il]) if il else []):  # older files hold one group at the top level
+            names = ", ".join(k.split(":", 1)[1].replace(":", " ") for k in g.get("engines", {}))
             bws = "; ".join(f"@{c}: median {_fmt(float(np.median(v)))} GB/s (min {_fmt(min(v))}, max {_fmt(max(v))})"
-                            for c, v in il["bandwidth_GBps"].items())
-            out += ["", f"Decode of {names} was measured side by side: all four stay loaded, and {il['rounds']} "
-                    f"rounds alternate {il['steps_per_round']} steps of each (the first engine rotating), each round "
-                    f"after a short streaming-read probe; their roofline uses those probes ({bws}). On this shared "
-                    "host the read bandwidth drifts by tens of percent within minutes, so engines measured minutes "
-                    "apart are not comparable; rounds are. The other rows' roofline uses the median of the probes "
-                    "taken between workers "
+                            for c, v in g["bandwidth_GBps"].items())
+            out += ["", f"Decode of {names} was measured side by side: they stay loaded together, and "
+                    f"{g['rounds']} rounds alternate {g['steps_per_round']} steps of each (the first engine "
+                    f"rotating), each round after a short streaming-read probe; their roofline uses those probes "
+                    f"({bws})."]
+        if il:
+            out += ["", "On this shared host the read bandwidth drifts by tens of percent within minutes, so "
+                    "engines measured minutes apart are not comparable; engines of the same rounds are. The other "
+                    "rows' roofline uses the median of the probes taken between workers "
                     f"({', '.join(_fmt(x) for x in pk.get('read_samples', {}).get(t, []))} GB/s)."]
         busy = [(x["engine"] + " " + x["variant"], x.get("cpu_busy_before")) for x in r["rows"]]
         loud = [f"{n} {100 * b:.0f}%" for n, b in busy if b is not None and b >= 0.15]
@@ -808,7 +839,7 @@ def render_markdown(all_runs: Dict[str, Any]) -> str:
         for c in r["checks"]:
             out.append(f"- {'PASS' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}")
         if r.get("targets"):
-            out += ["", "### Issue-8 targets", "", "| target | measured | goal | met |", "|---|---|---|---|"]
+            out += ["", "### Targets (issues 8 and 14)", "", "| target | measured | goal | met |", "|---|---|---|---|"]
             for tg in r["targets"]:
                 out.append(f"| {tg['target']} | {_fmt(tg['value'], 2)}{tg['unit']} | {tg['goal']}{tg['unit']} | "
                            f"{'yes' if tg['met'] else 'no' if tg['met'] is not None else '-'} |")
@@ -904,8 +935,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ggufs: Dict[str, str] = {}
     if not args.skip_llama:
         from gguf_export import export_gguf
-        for q in (["BF16", "Q8_0"] if geometry == "lite-L4" else ["Q8_0"]):
-            ggufs[q] = export_gguf(ckpt, cfg, q, log=log)
+        for q in LLAMA_TYPES[geometry]:
+            ggufs[q] = export_gguf(ckpt, cfg, q, log=log, threads=args.threads)
     specs = tensor_specs(cfg)
     params = sum(s.numel for s in specs)
     economics: Dict[str, Any] = {}
@@ -970,19 +1001,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # decode of dsv2ext and llama.cpp once more, side by side in alternating rounds (see interleaved_decode)
     inter_path = os.path.join(work, "interleaved.json")
-    inter_runs = [r for r in runs if r.task == "speed" and (r.engine, r.variant) in INTERLEAVED]
     interleaved: Optional[Dict[str, Any]] = None
-    if len(inter_runs) >= 2 and not args.no_interleave and geometry in INTERLEAVE_GEOMETRIES:
+    groups = [[r for r in runs if r.task == "speed" and (r.engine, r.variant) in g] for g in INTERLEAVE_GROUPS]
+    groups = [g for g in groups if len(g) >= 2]
+    if groups and not args.no_interleave and geometry in INTERLEAVE_GEOMETRIES:
         if os.path.exists(inter_path):
             os.unlink(inter_path)
-        busy = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else cpu_busy(1.0)
-        try:
-            interleaved = interleaved_decode(inter_runs, base_spec, ggufs, workload["decode_contexts"],
-                                             workload["decode_tokens"], 8, args.cache, args.threads, work, log)
-            interleaved["cpu_busy_before"] = busy
-            write_json(inter_path, interleaved)
-        except Exception as ex:  # the sequential numbers stay; the failure is reported
-            log(f"interleaved decode FAILED: {type(ex).__name__}: {ex}")
+        interleaved = {"groups": [], "engines": {}}
+        for g in groups:
+            busy = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else cpu_busy(1.0)
+            try:
+                res = interleaved_decode(g, base_spec, ggufs, workload["decode_contexts"],
+                                         workload["decode_tokens"], 8, args.cache, args.threads, work, log)
+            except Exception as ex:  # the sequential numbers stay; the failure is reported
+                log(f"interleaved decode FAILED ({', '.join(r.key for r in g)}): {type(ex).__name__}: {ex}")
+                continue
+            res["cpu_busy_before"] = busy
+            interleaved["groups"].append(res)
+            for key, e in res["engines"].items():  # each engine's roofline: the probes of its own rounds
+                interleaved["engines"][key] = dict(e, bandwidth_GBps=res["bandwidth_GBps"])
+        write_json(inter_path, interleaved)
     elif args.reuse and os.path.isfile(inter_path):
         interleaved = read_json(inter_path)
         log(f"  reused the interleaved decode rounds from {inter_path}")
@@ -1025,7 +1063,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n".join(table))
     tg = targets(rows, geometry, workload["decode_contexts"])
     if tg:
-        print("\nIssue-8 targets:")
+        print("\nTargets (issues 8 and 14):")
         for x in tg:
             met = "-" if x["met"] is None else ("met" if x["met"] else "MISSED")
             print(f"  {met:6s} {x['target']}: {_fmt(x['value'], 3)}{x['unit']} (goal {x['goal']}{x['unit']})")
