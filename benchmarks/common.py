@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
-__all__ = ["prompt_ids", "peak_rss_bytes", "read_json", "write_json", "top2", "Workload",
+__all__ = ["prompt_ids", "peak_rss_bytes", "load_llama_backends", "read_json", "write_json", "top2", "Workload",
            "QUICK", "FULL", "time_interleaved"]
 
 
@@ -139,3 +139,33 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], reps: int, warmup: in
                 f()
                 times[k].append(time.perf_counter() - t0)
     return times
+
+
+def load_llama_backends() -> List[str]:
+    """Load llama.cpp's CPU backends where llama-cpp-python was built with dynamic backends.
+
+    A build with ``-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON`` (one wheel for every
+    x86-64 CPU: the best ``libggml-cpu-<variant>.so`` is picked at run time) installs the
+    variants under ``site-packages/bin``, where nothing loads them: then "no backends are
+    loaded" and every model fails to load.  This loads them into the ``libggml.so.0`` that
+    ``libllama`` links.  A regular build (the backend linked in) needs nothing: returns [].
+    ``LLAMA_BACKEND_DIR`` names the folder explicitly.
+    """
+    import ctypes
+    import glob
+
+    import llama_cpp
+
+    pkg = os.path.dirname(os.path.abspath(llama_cpp.__file__))
+    dirs = [os.environ.get("LLAMA_BACKEND_DIR", ""), os.path.join(os.path.dirname(pkg), "bin"),
+            os.path.join(pkg, "lib")]
+    found = [d for d in dirs if d and glob.glob(os.path.join(d, "libggml-cpu-*.so"))]
+    if not found:
+        return []
+    lib = os.path.join(pkg, "lib", "libggml.so.0")
+    g = ctypes.CDLL(lib if os.path.exists(lib) else os.path.join(pkg, "lib", "libggml.so"))
+    g.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if g.ggml_backend_reg_count() == 0:
+        g.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        g.ggml_backend_load_all_from_path(found[0].encode())
+    return found

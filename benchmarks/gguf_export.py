@@ -276,6 +276,9 @@ def quantize_gguf(src: str, qtype: str, out: str, threads: int = 2, log: Callabl
     """
     import llama_cpp
 
+    from common import load_llama_backends
+
+    load_llama_backends()
     ftypes = {"Q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
               "Q8_0-LLAMA": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
     qtype = qtype.upper()

@@ -384,6 +384,9 @@ class LlamaEngine(Engine):
     def __init__(self, gguf_file: str, variant: str, threads: int, n_ctx: int, logits_all: bool) -> None:
         import llama_cpp
 
+        from common import load_llama_backends
+
+        load_llama_backends()  # a build with dynamic CPU backends needs them loaded first
         self.llama_cpp = llama_cpp
         self.dtype = variant
         self.path = gguf_file
