@@ -208,7 +208,7 @@ def targets(rows: Dict[str, Any], peaks: Dict[str, Any], contexts: List[int]) ->
     return out
 
 
-def write_chart(path: str, all_geoms: Dict[str, Any]) -> None:
+def write_chart(path: str, all_geoms: Dict[str, Any], before: Optional[Dict[str, Any]] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -224,6 +224,13 @@ def write_chart(path: str, all_geoms: Dict[str, Any]) -> None:
     styles = {"dsv2ext": "-", "llama.cpp": "--"}
     for ax, (g, kind, c) in zip(axes[0], panels):
         rows = all_geoms[g]["rows"]
+        old = ((before or {}).get(g) or {}).get("rows", {})
+        for k, r in old.items():  # an earlier run of the same sweep (e.g. before a change), faint
+            ts = sorted(r["threads"], key=int)
+            ys = [r["threads"][t]["prefill_tps"] if kind == "prefill" else
+                  r["threads"][t]["decode"].get(str(c), {}).get("tps", np.nan) for t in ts]
+            ax.plot([int(t) for t in ts], ys, ":", marker=".", alpha=0.5,
+                    label=f"{r['engine']} {r['variant']} (before)")
         for k, r in rows.items():
             ts = sorted(r["threads"], key=int)
             xs = [int(t) for t in ts]
@@ -245,25 +252,30 @@ def write_chart(path: str, all_geoms: Dict[str, Any]) -> None:
         ax.set_ylabel("tokens/s")
         ax.set_title(f"{g}: " + (f"prefill {all_geoms[g]['prefill_tokens']}" if kind == "prefill"
                                  else f"decode @{c} (dotted: rooflines)"), fontsize=9)
-        ax.set_xticks(sorted({int(t) for r in rows.values() for t in r["threads"]}))
+        ax.set_xticks(sorted({int(t) for r in list(rows.values()) + list(old.values()) for t in r["threads"]}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     cpu = next(iter(all_geoms.values()))["machine"]["cpu_model"]
-    fig.suptitle(f"dsv2ext vs llama.cpp, thread scaling on {cpu}", fontsize=10)
+    sub = "; dotted: before = " + "; ".join(b["label"] for b in (before or {}).values()) if before else ""
+    fig.suptitle(f"thread scaling on {cpu}{sub}", fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def render_markdown(all_geoms: Dict[str, Any]) -> str:
+def render_markdown(all_geoms: Dict[str, Any], before: Optional[Dict[str, Any]] = None) -> str:
     lines = ["# Thread scaling (`python benchmarks/scaling.py`)", ""]
-    for g, res in all_geoms.items():
+    runs = [(g, res, "") for g, res in all_geoms.items()]
+    runs += [(g, res, f" ({res['label']})") for g, res in (before or {}).items()]
+    for g, res, tag in runs:
         m = res["machine"]
-        lines += [f"## {g}", "",
+        lines += [f"## {g}{tag}", "",
                   f"{res['date']}, {m['cpu_model']} ({m['logical_cpus']} logical CPUs, "
                   f"{(m['memory_bytes'] or 0) / 2 ** 30:.0f} GiB; ISA {', '.join(m['isa'])}); "
-                  f"llama.cpp: {res.get('llama_build', '?')}; dsv2ext: {res.get('dsv2ext_settings', '?')}.", ""]
+                  f"llama.cpp: {res.get('llama_build') or 'not run'}; dsv2ext: {res.get('dsv2ext_settings', '?')}.", ""]
+        if res.get("note"):
+            lines += [res["note"][0].upper() + res["note"][1:] + ".", ""]
         pk = res["peaks"]
         lines += ["| threads | read GB/s | fp32 FMA GFLOP/s | bf16 dot GFLOP/s | int8 dot GOP/s |", "|---|---|---|---|---|"]
         for t in sorted(pk["read_GBps"], key=int):
@@ -308,6 +320,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="where results-scaling.json/.md/.png go (default benchmarks/, "
                     "or cache/quick with --quick)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-previous", default=None, metavar="LABEL",
+                    help="keep this geometry's previous results in the output as an earlier run named LABEL "
+                         "(e.g. 'before the scaling fixes'), shown next to the new one")
     args = ap.parse_args(argv)
 
     ncpu = os.cpu_count() or 1
@@ -364,9 +379,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             if eng == "llama":
                 spec["gguf"] = ggufs[var]
             served[_key(eng, var)] = Served(Run(eng, var, "serve", 3600), spec, work)
-        for k, s in served.items():
-            hello[k] = s.reply(timeout=3600)
+        for k in list(served):
+            try:
+                hello[k] = served[k].reply(timeout=3600)
+            except RuntimeError as ex:  # an engine that does not load is reported; the others go on
+                log(f"  {k} FAILED to load: {ex}")
+                served.pop(k).close()
+                continue
             log(f"  {k} loaded ({hello[k].get('load_seconds') or 0:.1f} s)")
+        if not served:
+            raise RuntimeError("no engine loaded")
         raw = sweep(served, threads_list, max_threads, contexts, prefill, steps, rounds, args.cache, log)
     finally:
         for s in served.values():
@@ -389,21 +411,49 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     jpath = os.path.join(out_dir, "results-scaling.json")
     all_geoms: Dict[str, Any] = {}
+    before: Dict[str, Any] = {}
     if os.path.isfile(jpath):
         try:
-            all_geoms = read_json(jpath).get("geometries", {})
+            prev = read_json(jpath)
+            all_geoms, before = prev.get("geometries", {}), prev.get("before", {})
         except ValueError:
-            all_geoms = {}
+            pass
+    if args.keep_previous and geometry in all_geoms:
+        before[geometry] = dict(all_geoms[geometry], label=args.keep_previous)
     all_geoms[geometry] = res
-    write_json(jpath, {"geometries": all_geoms})
-    with open(os.path.join(out_dir, "RESULTS-scaling.md"), "w", encoding="utf-8") as f:
-        f.write(render_markdown(all_geoms))
-    try:
-        write_chart(os.path.join(out_dir, "results-scaling.png"), all_geoms)
-    except ImportError as ex:
-        log(f"no chart: {ex}")
+    write_json(jpath, {"geometries": all_geoms, "before": before})
+    write_reports(out_dir, all_geoms, before)
     log(f"wrote {jpath}")
     return 0
+
+
+def amx_section(path: str) -> List[str]:
+    """The AMX table of ``bench_amx.py --json`` (results-amx.json next to the scaling results), if any."""
+    if not os.path.isfile(path):
+        return []
+    recs = read_json(path)
+    if not recs:
+        return []
+    lines = ["", "## AMX tiles against AVX-512 (`python benchmarks/bench_amx.py --threads 16 --tokens 512`)", "",
+             f"{recs[0]['cpu']}, hardware tiles: {recs[0]['amx_hw']}.  Every AMX path gave bit-identical results "
+             "to the C emulation of the tiles that CI tests (`tests/test_amx.py`).", "",
+             "| product | tokens | threads | path | ms | GFLOP/s | vs AVX-512 | max rel. error vs float64 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {r['case']} | {r['T']} | {r['threads']} | {r['path']} | {r['ms']:.2f} | {r['gflops']:.0f} | "
+                     f"{r['speedup_vs_avx512']:.2f} | {r['max_rel_err']:.1e} |")
+    return lines
+
+
+def write_reports(out_dir: str, all_geoms: Dict[str, Any], before: Dict[str, Any]) -> None:
+    """RESULTS-scaling.md and results-scaling.png from the results (and an earlier run kept as "before")."""
+    with open(os.path.join(out_dir, "RESULTS-scaling.md"), "w", encoding="utf-8") as f:
+        f.write(render_markdown(all_geoms, before))
+        f.write("\n".join(amx_section(os.path.join(out_dir, "results-amx.json"))) + "\n")
+    try:
+        write_chart(os.path.join(out_dir, "results-scaling.png"), all_geoms, before)
+    except ImportError as ex:
+        print(f"no chart: {ex}")
 
 
 if __name__ == "__main__":

@@ -103,15 +103,12 @@ const char *dsv2_isa_name(int level) {
     }
 }
 
-#ifndef DSV2_PREFETCH_DEFAULT
-#define DSV2_PREFETCH_DEFAULT 0
-#endif
-static int g_prefetch = -1;
+static atomic_int g_prefetch = -2; /* -2: DSV2EXT_PREFETCH not read yet; -1: no override */
 
 int dsv2_prefetch_bytes(void) {
-    int v = g_prefetch;
-    if (v >= 0) return v;
-    v = DSV2_PREFETCH_DEFAULT;
+    int v = atomic_load(&g_prefetch);
+    if (v >= -1) return v;
+    v = -1;
     const char *env = getenv("DSV2EXT_PREFETCH");
     if (env && *env) {
         if (!strcmp(env, "off")) {
@@ -119,15 +116,21 @@ int dsv2_prefetch_bytes(void) {
         } else {
             char *end;
             long b = strtol(env, &end, 10);
-            if (end != env && b >= 0 && b <= (1L << 20)) v = (int)(b / 64 * 64);
+            if (end != env && *end == '\0' && b >= 0 && b <= (1L << 20)) v = (int)(b / 64 * 64);
         }
     }
-    g_prefetch = v;
-    return v;
+    int expected = -2;
+    atomic_compare_exchange_strong(&g_prefetch, &expected, v);
+    return atomic_load(&g_prefetch);
+}
+
+int dsv2_prefetch_for(int kernel_default) {
+    const int v = dsv2_prefetch_bytes();
+    return v >= 0 ? v : kernel_default;
 }
 
 void dsv2_set_prefetch_bytes(int bytes) {
-    if (bytes < 0) bytes = 0;
+    if (bytes < -1) bytes = -1;
     if (bytes > (1 << 20)) bytes = 1 << 20;
-    g_prefetch = bytes / 64 * 64;
+    atomic_store(&g_prefetch, bytes < 0 ? -1 : bytes / 64 * 64);
 }

@@ -23,12 +23,19 @@ int dsv2_cpu_has_avx512vnni(void);
 const char *dsv2_isa_name(int level);
 
 /* Software-prefetch distance (bytes ahead of the weight row being read) of the
- * decode row-dot kernels, 0 = off.  Read once from DSV2EXT_PREFETCH (bytes, or
- * "off"); default DSV2_PREFETCH_DEFAULT.  Weights are streamed from memory once per
- * token; a server core keeps too few cache misses in flight on its own to read at
- * the socket's per-core bandwidth, more so at every 4 KiB page of a memory-mapped
- * checkpoint, where the hardware prefetchers stop and a page walk starts. */
+ * decode row-dot kernels, 0 = off.  Each kernel family has its own measured default
+ * (DSV2_PREFETCH_I4: the int4 rows, ~12% faster decode on Zen 4 with 4 KiB; the bf16,
+ * int8 and fp8 rows: off, since it measured neutral to 6% slower there); the
+ * environment variable DSV2EXT_PREFETCH (bytes, or "off") or dsv2_set_prefetch_bytes
+ * overrides all of them.  Weights are streamed from memory once per token; where a core
+ * keeps too few cache misses in flight on its own (server cores; every 4 KiB page of a
+ * memory-mapped checkpoint, where the hardware prefetchers stop), prefetching ahead helps. */
+#define DSV2_PREFETCH_I4 4096
+/* the distance a kernel family uses: the override if one is set, else its default */
+int dsv2_prefetch_for(int kernel_default);
+/* the override in force (-1: none, every kernel uses its default) */
 int dsv2_prefetch_bytes(void);
+/* set the override (bytes >= 0) or remove it (-1) */
 void dsv2_set_prefetch_bytes(int bytes);
 
 /* prefetch the 64-byte lines [p + dist, p + dist + n) into L1 (n a multiple of 64, dist

@@ -95,13 +95,21 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_get_prefetch(PyObject *self, PyObject *noargs) {
-    return PyLong_FromLong(dsv2_prefetch_bytes());
+    const int v = dsv2_prefetch_bytes();
+    if (v < 0) Py_RETURN_NONE;
+    return PyLong_FromLong(v);
 }
 
 static PyObject *py_set_prefetch(PyObject *self, PyObject *args) {
-    long long b;
-    if (!PyArg_ParseTuple(args, "L:set_prefetch", &b)) return NULL;
-    if (b < 0 || b > (1 << 20)) return PyErr_Format(PyExc_ValueError, "nbytes: expected 0..1048576, got %lld", b);
+    PyObject *o;
+    if (!PyArg_ParseTuple(args, "O:set_prefetch", &o)) return NULL;
+    if (o == Py_None) {
+        dsv2_set_prefetch_bytes(-1);
+        Py_RETURN_NONE;
+    }
+    long long b = PyLong_AsLongLong(o);
+    if (b == -1 && PyErr_Occurred()) return NULL;
+    if (b < 0 || b > (1 << 20)) return PyErr_Format(PyExc_ValueError, "nbytes: expected None or 0..1048576, got %lld", b);
     dsv2_set_prefetch_bytes((int)b);
     return PyLong_FromLong(dsv2_prefetch_bytes());
 }
@@ -176,8 +184,8 @@ PyMethodDef dsv2py_core_methods[] = {
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> 'amx' | 'avx512' | 'avx2' | 'portable'"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name) -> level in force (capped by the CPU)"},
-    {"get_prefetch", py_get_prefetch, METH_NOARGS, "get_prefetch() -> bytes (0: off)"},
-    {"set_prefetch", py_set_prefetch, METH_VARARGS, "set_prefetch(nbytes) -> bytes in force (multiple of 64)"},
+    {"get_prefetch", py_get_prefetch, METH_NOARGS, "get_prefetch() -> override in bytes (0: off), None: kernel defaults"},
+    {"set_prefetch", py_set_prefetch, METH_VARARGS, "set_prefetch(nbytes | None) -> override in force"},
     {"amx_available", py_amx_available, METH_NOARGS,
      "amx_available() -> bool: the CPU has AMX-TILE + AMX-BF16 and the OS granted the tile state"},
     {"amx_min_rows", py_amx_min_rows, METH_NOARGS,
