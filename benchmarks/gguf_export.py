@@ -37,8 +37,11 @@ scores, where V2's group_limited_greedy takes the maximum).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -147,7 +150,7 @@ def export_gguf(ckpt_dir: str, cfg: Dict[str, Any], qtype: str,
     out_dir : str, optional
         Where the files go (default: the checkpoint directory).
     threads : int
-        llama.cpp quantizer threads.
+        Threads converting tensors (BF16 / Q8_0, in order of the file) or of llama.cpp's quantizer.
     """
     import gguf
 
@@ -241,7 +244,9 @@ def export_gguf(ckpt_dir: str, cfg: Dict[str, Any], qtype: str,
     w.write_ti_data_to_file()
     t0 = time.time()
     done = 0
-    for k, (name, shape, kind, get) in enumerate(plan):
+
+    def convert(item: Tuple[str, Tuple[int, ...], str, Any]) -> np.ndarray:
+        name, shape, _, get = item
         data = get(st)
         t = types_of[name]
         if t == GT.F32:
@@ -252,11 +257,28 @@ def export_gguf(ckpt_dir: str, cfg: Dict[str, Any], qtype: str,
             arr = gguf.quants.quantize(_bf16_to_f32(np.asarray(data)).reshape(shape), GT.Q8_0)
         if arr.nbytes != nbytes(shape, t):
             raise AssertionError(f"{name}: {arr.nbytes} bytes, expected {nbytes(shape, t)}")
-        w.write_tensor_data(arr)
-        done += arr.nbytes
-        del arr, data
-        if k % 20 == 0 or k == len(plan) - 1:
-            log(f"  gguf {qtype}: {done / 1e9:6.2f} GB, tensor {k + 1}/{len(plan)} ({time.time() - t0:.0f} s)")
+        return arr
+
+    # tensors are converted by a small pool (NumPy releases the GIL in the bulk of the work) a few
+    # ahead of the writer, which writes them in order: the file is the same as a serial export
+    workers = max(1, int(threads))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: "deque[Any]" = deque()
+        it = iter(plan)
+        for item in itertools.islice(it, workers + 1):
+            pending.append(pool.submit(convert, item))
+        k = 0
+        while pending:
+            arr = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(convert, nxt))
+            w.write_tensor_data(arr)
+            done += arr.nbytes
+            del arr
+            if k % 20 == 0 or k == len(plan) - 1:
+                log(f"  gguf {qtype}: {done / 1e9:6.2f} GB, tensor {k + 1}/{len(plan)} ({time.time() - t0:.0f} s)")
+            k += 1
     w.close()
     os.replace(tmp, out)
     return out

@@ -320,12 +320,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="where results-scaling.json/.md/.png go (default benchmarks/, "
                     "or cache/quick with --quick)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefetch", default=None, metavar="VARIANT=BYTES,...",
+                    help="software-prefetch distance per dsv2ext variant (e.g. bf16=0,int8=4096, as "
+                         "bench_stream.py measured on this machine); default: the kernels' own defaults")
     ap.add_argument("--keep-previous", default=None, metavar="LABEL",
                     help="keep this geometry's previous results in the output as an earlier run named LABEL "
                          "(e.g. 'before the scaling fixes'), shown next to the new one")
     args = ap.parse_args(argv)
 
     ncpu = os.cpu_count() or 1
+    prefetch: Dict[str, int] = {}
+    for item in filter(None, (args.prefetch or "").split(",")):
+        var, _, nb = item.partition("=")
+        if not nb.strip().isdigit():
+            ap.error(f"--prefetch: expected VARIANT=BYTES items, got {item!r}")
+        prefetch[var.strip()] = int(nb)
     if args.quick:
         threads_list, contexts, prefill, steps, rounds = [1, 2], [32], 64, 8, 2
     else:
@@ -363,7 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from gguf_export import export_gguf
         for _, v in engines:
             if v.isupper():
-                ggufs[v] = export_gguf(ckpt, cfg, v, log=log)
+                ggufs[v] = export_gguf(ckpt, cfg, v, log=log, threads=max_threads)
     work = os.path.join(args.cache, "runs", f"scaling-{geometry}" + ("-quick" if args.quick else ""))
     os.makedirs(work, exist_ok=True)
     n_ctx = max([prefill] + [c + 2 * steps + 16 for c in contexts]) + 64
@@ -378,6 +387,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             spec = dict(base)
             if eng == "llama":
                 spec["gguf"] = ggufs[var]
+            elif var in prefetch:
+                spec["prefetch"] = prefetch[var]
             served[_key(eng, var)] = Served(Run(eng, var, "serve", 3600), spec, work)
         for k in list(served):
             try:
@@ -397,7 +408,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = summarize(raw, hello, peaks, cfg, prefill, steps)
     import dsv2ext
 
-    settings = {"isa": dsv2ext.get_isa(), "prefetch_bytes": dsv2ext.get_prefetch(),
+    settings = {"isa": dsv2ext.get_isa(), "prefetch_bytes": prefetch or "kernel defaults",
                 "env": {k: v for k, v in os.environ.items() if k.startswith("DSV2EXT_")}}
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": info,
            "dsv2ext_settings": settings,

@@ -103,11 +103,13 @@ def _active_fraction(path: str, k: int, E: int, V: int) -> float:
 class DsEngine(Engine):
     name = "dsv2ext"
 
-    def __init__(self, ckpt: str, variant: str, threads: int) -> None:
+    def __init__(self, ckpt: str, variant: str, threads: int, prefetch: Optional[int] = None) -> None:
         import dsv2ext
 
         self.dsv2ext = dsv2ext
         dsv2ext.set_num_threads(threads)
+        if prefetch is not None:  # a software-prefetch distance chosen for this machine (bench_stream.py)
+            dsv2ext.set_prefetch(int(prefetch))
         self.dtype = variant
         t0 = time.perf_counter()
         # "bf16-compute": bf16 weights with the opt-in bf16 compute mode (activations rounded to
@@ -493,7 +495,7 @@ class LlamaEngine(Engine):
 def make_engine(spec: Dict[str, Any], logits_all: bool) -> Engine:
     eng, var, th = spec["engine"], spec["variant"], int(spec["threads"])
     if eng == "dsv2ext":
-        return DsEngine(spec["ckpt"], var, th)
+        return DsEngine(spec["ckpt"], var, th, spec.get("prefetch"))
     if eng == "transformers":
         return HFEngine(spec["ckpt"], var, th)
     if eng == "llama":
