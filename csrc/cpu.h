@@ -24,13 +24,15 @@ const char *dsv2_isa_name(int level);
 
 /* Software-prefetch distance (bytes ahead of the weight row being read) of the
  * decode row-dot kernels, 0 = off.  Each kernel family has its own measured default
- * (DSV2_PREFETCH_I4: the int4 rows, ~12% faster decode on Zen 4 with 4 KiB; the bf16,
- * int8 and fp8 rows: off, since it measured neutral to 6% slower there); the
+ * (DSV2_PREFETCH_I4: the int4 rows, ~12% faster decode on Zen 4 with 4 KiB;
+ * DSV2_PREFETCH_I8: the int8 rows, ~4% (one thread streaming a large matrix: ~30%); the bf16
+ * and fp8 rows: off, since it measured neutral to 6% slower there); the
  * environment variable DSV2EXT_PREFETCH (bytes, or "off") or dsv2_set_prefetch_bytes
  * overrides all of them.  Weights are streamed from memory once per token; where a core
  * keeps too few cache misses in flight on its own (server cores; every 4 KiB page of a
  * memory-mapped checkpoint, where the hardware prefetchers stop), prefetching ahead helps. */
 #define DSV2_PREFETCH_I4 4096
+#define DSV2_PREFETCH_I8 4096
 /* the distance a kernel family uses: the override if one is set, else its default */
 int dsv2_prefetch_for(int kernel_default);
 /* the override in force (-1: none, every kernel uses its default) */

@@ -72,7 +72,8 @@ def set_prefetch(nbytes: Optional[int]) -> Optional[int]:
 
     A tuning knob for memory-bound decode (``DSV2EXT_PREFETCH`` sets it at start-up).  It changes
     no result, only speed.  Defaults, measured on Zen 4 (lite-L4 decode, 2 threads): 4 KiB for
-    the int4 row dots (~12% faster), off for bf16 / int8 / fp8 (neutral to 6% slower with it).
+    the int4 row dots (~12% faster) and the int8 row dots (~4%), off for bf16 / fp8 (neutral to
+    6% slower with it).
     Server cores that keep too few misses in flight per core may prefer it on.  Rounded down to a
     multiple of 64; returns the override in force.
     """
