@@ -215,14 +215,18 @@ def write_chart(path: str, all_geoms: Dict[str, Any], before: Optional[Dict[str,
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    geoms = [g for g in ("lite-L4", "lite-full") if g in all_geoms]
+    geoms = list(all_geoms)  # one row of panels per entry: prefill, then decode at each context
+    ncol = max(1 + len(all_geoms[g]["contexts"]) for g in geoms)
+    fig, axes = plt.subplots(len(geoms), ncol, figsize=(4.2 * ncol, 3.6 * len(geoms)), squeeze=False)
     panels = []
-    for g in geoms:
+    for i, g in enumerate(geoms):
         ctxs = all_geoms[g]["contexts"]
-        panels += [(g, "prefill", None)] + [(g, "decode", c) for c in ctxs]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+        cells = [(g, "prefill", None)] + [(g, "decode", c) for c in ctxs]
+        panels += [(axes[i][j],) + cell for j, cell in enumerate(cells)]
+        for j in range(len(cells), ncol):
+            axes[i][j].axis("off")
     styles = {"dsv2ext": "-", "llama.cpp": "--"}
-    for ax, (g, kind, c) in zip(axes[0], panels):
+    for ax, g, kind, c in panels:
         rows = all_geoms[g]["rows"]
         old = ((before or {}).get(g) or {}).get("rows", {})
         for k, r in old.items():  # an earlier run of the same sweep (e.g. before a change), faint
@@ -294,11 +298,22 @@ def render_markdown(all_geoms: Dict[str, Any], before: Optional[Dict[str, Any]] 
 
 
 def llama_build_info() -> str:
+    """llama-cpp-python's version, the CPU backend it loads on this machine and ggml's features."""
     try:
+        from common import load_llama_backends
+
+        dirs = load_llama_backends()  # a dynamic-backend build: the variant files of the folder
         import llama_cpp
 
         info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
-        return f"llama-cpp-python {llama_cpp.__version__}; {info}"
+        where = ""
+        if dirs:
+            import glob
+
+            names = sorted(os.path.basename(f)[len("libggml-cpu-"):-3]
+                           for f in glob.glob(os.path.join(dirs[0], "libggml-cpu-*.so")))
+            where = f"dynamic CPU backends from {dirs[0]} ({', '.join(names)}); "
+        return f"llama-cpp-python {llama_cpp.__version__}; {where}{info}"
     except Exception as ex:  # reported in the results, not fatal
         return f"unavailable ({type(ex).__name__}: {ex})"
 
@@ -323,6 +338,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--prefetch", default=None, metavar="VARIANT=BYTES,...",
                     help="software-prefetch distance per dsv2ext variant (e.g. bf16=0,int8=4096, as "
                          "bench_stream.py measured on this machine); default: the kernels' own defaults")
+    ap.add_argument("--tag", default=None, help="store the results as '<geometry> (<tag>)', next to the "
+                    "geometry's main entry (e.g. a sweep of other engines on the same machine)")
     ap.add_argument("--keep-previous", default=None, metavar="LABEL",
                     help="keep this geometry's previous results in the output as an earlier run named LABEL "
                          "(e.g. 'before the scaling fixes'), shown next to the new one")
@@ -408,7 +425,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = summarize(raw, hello, peaks, cfg, prefill, steps)
     import dsv2ext
 
-    settings = {"isa": dsv2ext.get_isa(), "prefetch_bytes": prefetch or "kernel defaults",
+    settings = {"isa": dsv2ext.get_isa(), "prefetch_bytes": prefetch or {"kernel defaults": dsv2ext.prefetch_defaults()},
                 "env": {k: v for k, v in os.environ.items() if k.startswith("DSV2EXT_")}}
     res = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": info,
            "dsv2ext_settings": settings,
@@ -429,9 +446,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             all_geoms, before = prev.get("geometries", {}), prev.get("before", {})
         except ValueError:
             pass
-    if args.keep_previous and geometry in all_geoms:
-        before[geometry] = dict(all_geoms[geometry], label=args.keep_previous)
-    all_geoms[geometry] = res
+    entry = f"{geometry} ({args.tag})" if args.tag else geometry
+    res["geometry"] = geometry
+    if args.keep_previous and entry in all_geoms:
+        before[entry] = dict(all_geoms[entry], label=args.keep_previous)
+    all_geoms[entry] = res
     write_json(jpath, {"geometries": all_geoms, "before": before})
     write_reports(out_dir, all_geoms, before)
     log(f"wrote {jpath}")
