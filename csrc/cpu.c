@@ -124,9 +124,26 @@ int dsv2_prefetch_bytes(void) {
     return atomic_load(&g_prefetch);
 }
 
-int dsv2_prefetch_for(int kernel_default) {
+static int g_intel = -1;
+
+static int is_intel(void) {
+    if (g_intel >= 0) return g_intel;
+    __builtin_cpu_init();
+    g_intel = __builtin_cpu_is("intel") ? 1 : 0;
+    return g_intel;
+}
+
+int dsv2_prefetch_default(int family) {
+    /*                                 bf16  int8  int4  fp8 */
+    static const int intel[4] = {4096, 4096, 4096, 4096};
+    static const int other[4] = {0, 4096, 4096, 0};
+    if (family < 0 || family > 3) return 0;
+    return is_intel() ? intel[family] : other[family];
+}
+
+int dsv2_prefetch_for(int family) {
     const int v = dsv2_prefetch_bytes();
-    return v >= 0 ? v : kernel_default;
+    return v >= 0 ? v : dsv2_prefetch_default(family);
 }
 
 void dsv2_set_prefetch_bytes(int bytes) {

@@ -23,18 +23,23 @@ int dsv2_cpu_has_avx512vnni(void);
 const char *dsv2_isa_name(int level);
 
 /* Software-prefetch distance (bytes ahead of the weight row being read) of the
- * decode row-dot kernels, 0 = off.  Each kernel family has its own measured default
- * (DSV2_PREFETCH_I4: the int4 rows, ~12% faster decode on Zen 4 with 4 KiB;
- * DSV2_PREFETCH_I8: the int8 rows, ~4% (one thread streaming a large matrix: ~30%); the bf16
- * and fp8 rows: off, since it measured neutral to 6% slower there); the
- * environment variable DSV2EXT_PREFETCH (bytes, or "off") or dsv2_set_prefetch_bytes
- * overrides all of them.  Weights are streamed from memory once per token; where a core
- * keeps too few cache misses in flight on its own (server cores; every 4 KiB page of a
- * memory-mapped checkpoint, where the hardware prefetchers stop), prefetching ahead helps. */
-#define DSV2_PREFETCH_I4 4096
-#define DSV2_PREFETCH_I8 4096
-/* the distance a kernel family uses: the override if one is set, else its default */
-int dsv2_prefetch_for(int kernel_default);
+ * decode row-dot kernels, 0 = off.  Weights are streamed from memory once per token;
+ * where a core keeps too few cache misses in flight on its own (server cores; every 4 KiB
+ * page of a memory-mapped checkpoint, where the hardware prefetchers stop), prefetching
+ * ahead helps, elsewhere it can cost.  Each kernel family has a default per CPU vendor,
+ * measured (benchmarks/bench_stream.py, one decode product against the read probe):
+ *   Intel (16-core Xeon with AMX): 4 KiB for every family: one thread streams bf16 rows at
+ *     10.4 GB/s instead of 6.4, 16 threads at 109 instead of 75 (int8: 125 / 92);
+ *     fp8 is not measured there and takes the same as the int8 rows it resembles;
+ *   others (Zen 4): 4 KiB for the int4 (~12% faster decode) and int8 rows (~4%); off for the
+ *     bf16 rows (1 thread: 26 GB/s without, 18 with) and the fp8 rows (neutral).
+ * The environment variable DSV2EXT_PREFETCH (bytes, or "off") or dsv2_set_prefetch_bytes
+ * overrides all of them. */
+enum { DSV2_PF_BF16 = 0, DSV2_PF_I8 = 1, DSV2_PF_I4 = 2, DSV2_PF_F8 = 3 };
+/* the distance a kernel family (DSV2_PF_*) uses: the override if one is set, else its default */
+int dsv2_prefetch_for(int family);
+/* the default of a family on this CPU (no override) */
+int dsv2_prefetch_default(int family);
 /* the override in force (-1: none, every kernel uses its default) */
 int dsv2_prefetch_bytes(void);
 /* set the override (bytes >= 0) or remove it (-1) */

@@ -78,7 +78,7 @@ gemv_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T,
     const int64_t K = W->cols, K64 = K & ~(int64_t)63;
     const int64_t es = (int64_t)dsv2_dtype_size(W->dtype);
     const char *wrow = (const char *)W->data + r * K * es;
-    const int pf = dsv2_prefetch_for(0);
+    const int pf = dsv2_prefetch_for(DSV2_PF_BF16);
     __m512 acc[DSV2_GEMV_MAX_T][4];
     for (int t = 0; t < T; t++)
         for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();

@@ -117,7 +117,7 @@ f8_row_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, c
     const int64_t K = W->cols, g = W->group;
     const uint8_t *q = (const uint8_t *)W->data + r * K;
     const float *s = dsv2_f8_scale_row(W, r);
-    const int pf = dsv2_prefetch_for(0);
+    const int pf = dsv2_prefetch_for(DSV2_PF_F8);
     __m512 acc[DSV2_GEMV_MAX_T][4];
     for (int t = 0; t < T; t++)
         for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
@@ -166,7 +166,7 @@ f8_tile_avx512(float *y, int64_t ldy, const float *x, int64_t ldx, const int T, 
     const int64_t K = W->cols, g = W->group;
     const uint8_t *q[4];
     const float *s[4];
-    const int pf = dsv2_prefetch_for(0);
+    const int pf = dsv2_prefetch_for(DSV2_PF_F8);
     for (int i = 0; i < 4; i++) {
         q[i] = (const uint8_t *)W->data + (r + i) * K;
         s[i] = dsv2_f8_scale_row(W, r + i);

@@ -207,7 +207,7 @@ DSV2_TARGET_AVX2 static inline __attribute__((always_inline)) void
 i4q_row_avx2(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2_mat *W, int64_t r) {
     const int64_t K = W->cols, Kp = dsv2_i4_kp(K), nsb = dsv2_i4_nsb(K);
     const uint8_t *row = (const uint8_t *)W->data + (size_t)r * (size_t)dsv2_i4_row_bytes(K);
-    const int pf = dsv2_prefetch_for(DSV2_PREFETCH_I4);
+    const int pf = dsv2_prefetch_for(DSV2_PF_I4);
     const __m256i m4 = _mm256_set1_epi8(15);
     __m256 accf[DSV2_GEMV_MAX_T];
     __m128 accm[DSV2_GEMV_MAX_T];
@@ -283,7 +283,7 @@ i4q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2
                const __m512i *ctrl) {
     const int64_t K = W->cols, Kp = dsv2_i4_kp(K), nsb = dsv2_i4_nsb(K);
     const uint8_t *row = (const uint8_t *)W->data + (size_t)r * (size_t)dsv2_i4_row_bytes(K);
-    const int pf = dsv2_prefetch_for(DSV2_PREFETCH_I4);
+    const int pf = dsv2_prefetch_for(DSV2_PF_I4);
     const __m512i m4 = _mm512_set1_epi8(15);
     __m512 accf[DSV2_GEMV_MAX_T];
     __m128 accm[DSV2_GEMV_MAX_T];

@@ -299,7 +299,7 @@ i8q_row_avx512(float *y, int64_t ldy, const dsv2_xq *xq, const int T, const dsv2
     const int64_t K = W->cols, g = W->group, ng = K / g;
     const int8_t *qw = (const int8_t *)W->data + r * K;
     const float *sw = W->scale + r * ng;
-    const int pf = dsv2_prefetch_for(DSV2_PREFETCH_I8);
+    const int pf = dsv2_prefetch_for(DSV2_PF_I8);
     __m512 acc[DSV2_GEMV_MAX_T][4];
     float cs[DSV2_GEMV_MAX_T][16] __attribute__((aligned(64)));
     for (int t = 0; t < T; t++)

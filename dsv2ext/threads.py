@@ -7,12 +7,12 @@ may run on, or the environment variable ``DSV2EXT_NUM_THREADS``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 from ._native import _C
 
 __all__ = ["set_num_threads", "get_num_threads", "get_isa", "set_isa", "get_prefetch", "set_prefetch",
-           "amx_available"]
+           "prefetch_defaults", "amx_available"]
 
 
 def set_num_threads(n: int) -> int:
@@ -60,6 +60,12 @@ def set_isa(name: str) -> str:
     return _C.set_isa(name)
 
 
+def prefetch_defaults() -> Dict[str, int]:
+    """Each decode row-dot family's software-prefetch distance on this CPU, in bytes (0: off),
+    used where no override is set: ``{"bf16": ..., "int8": ..., "int4": ..., "fp8": ...}``."""
+    return dict(_C.prefetch_defaults())
+
+
 def get_prefetch() -> Optional[int]:
     """The software-prefetch distance override of the decode kernels, in bytes (0: off), or
     None when every kernel family uses its own default (see :func:`set_prefetch`)."""
@@ -68,14 +74,15 @@ def get_prefetch() -> Optional[int]:
 
 def set_prefetch(nbytes: Optional[int]) -> Optional[int]:
     """Set how far ahead (bytes) the decode kernels prefetch the weight stream; 0 turns it off,
-    None restores each kernel family's default.
+    None restores each kernel family's default (:func:`prefetch_defaults`).
 
     A tuning knob for memory-bound decode (``DSV2EXT_PREFETCH`` sets it at start-up).  It changes
-    no result, only speed.  Defaults, measured on Zen 4 (lite-L4 decode, 2 threads): 4 KiB for
-    the int4 row dots (~12% faster) and the int8 row dots (~4%), off for bf16 / fp8 (neutral to
-    6% slower with it).
-    Server cores that keep too few misses in flight per core may prefer it on.  Rounded down to a
-    multiple of 64; returns the override in force.
+    no result, only speed.  The defaults depend on the CPU's vendor, as measured with
+    ``benchmarks/bench_stream.py``: on Intel server cores (a 16-core Xeon with AMX), 4 KiB for
+    every weight type (one core then streams bf16 rows at 10.4 GB/s instead of 6.4; 16 threads
+    109 GB/s instead of 75); elsewhere (Zen 4) 4 KiB for the int4 and int8 rows and off for bf16
+    and fp8 (bf16 rows stream slower with it there).  Rounded down to a multiple of 64; returns
+    the override in force.
     """
     if nbytes is not None and (isinstance(nbytes, bool) or not isinstance(nbytes, int)):
         raise TypeError(f"nbytes: expected an int or None, got {type(nbytes).__name__}")

@@ -94,6 +94,12 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(dsv2_isa_name(dsv2_set_isa(lvl)));
 }
 
+static PyObject *py_prefetch_defaults(PyObject *self, PyObject *noargs) {
+    return Py_BuildValue("{s:i,s:i,s:i,s:i}", "bf16", dsv2_prefetch_default(DSV2_PF_BF16), "int8",
+                         dsv2_prefetch_default(DSV2_PF_I8), "int4", dsv2_prefetch_default(DSV2_PF_I4), "fp8",
+                         dsv2_prefetch_default(DSV2_PF_F8));
+}
+
 static PyObject *py_get_prefetch(PyObject *self, PyObject *noargs) {
     const int v = dsv2_prefetch_bytes();
     if (v < 0) Py_RETURN_NONE;
@@ -184,6 +190,8 @@ PyMethodDef dsv2py_core_methods[] = {
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> 'amx' | 'avx512' | 'avx2' | 'portable'"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name) -> level in force (capped by the CPU)"},
+    {"prefetch_defaults", py_prefetch_defaults, METH_NOARGS,
+     "prefetch_defaults() -> {'bf16', 'int8', 'int4', 'fp8': bytes}: each row-dot family's default on this CPU"},
     {"get_prefetch", py_get_prefetch, METH_NOARGS, "get_prefetch() -> override in bytes (0: off), None: kernel defaults"},
     {"set_prefetch", py_set_prefetch, METH_VARARGS, "set_prefetch(nbytes | None) -> override in force"},
     {"amx_available", py_amx_available, METH_NOARGS,

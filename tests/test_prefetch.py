@@ -50,3 +50,10 @@ def test_prefetch_setting(restore_prefetch):
         dsv2ext.set_prefetch(1.5)
     with pytest.raises(TypeError, match="nbytes"):
         dsv2ext.set_prefetch(True)
+
+
+def test_prefetch_defaults():
+    d = dsv2ext.prefetch_defaults()
+    assert set(d) == {"bf16", "int8", "int4", "fp8"}
+    assert all(isinstance(v, int) and v >= 0 and v % 64 == 0 for v in d.values())
+    assert d == dsv2ext.prefetch_defaults()  # fixed for the process, whatever the override
