@@ -386,6 +386,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from machine import cpu_model
     res.update(date=time.strftime("%Y-%m-%d"), machine=f"{cpu_model()}, {a.threads} threads")
     only = set(a.only.split(",")) if a.only else None
+    need_gguf = only is None or bool(only & set(LLAMA_VARIANTS))  # llama.cpp files only when a llama row runs
 
     def keep(part: str, eng: str, var: str) -> Optional[Dict[str, Any]]:
         if only is None or var in only:
@@ -395,7 +396,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.part in ("bundled", "all"):
         with open(os.path.join(BUNDLED, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
-        ggufs = _ggufs(BUNDLED, cfg, os.path.join(a.cache, "bundled"), a.threads, log)
+        ggufs = _ggufs(BUNDLED, cfg, os.path.join(a.cache, "bundled"), a.threads, log) if need_gguf else {}
         rows = []
         for eng, variants in (("dsv2ext", DS_VARIANTS), ("llama.cpp", LLAMA_VARIANTS)):
             for v in variants:
@@ -412,7 +413,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ckpt = _lite_ckpt(a.lite_ckpt)
         with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
-        ggufs = _ggufs(ckpt, cfg, os.path.join(a.cache, "lite-L4"), a.threads, log)
+        ggufs = _ggufs(ckpt, cfg, os.path.join(a.cache, "lite-L4"), a.threads, log) if need_gguf else {}
         ref = os.path.join(a.cache, f"lite-ref-{a.prompts}x{a.tokens}.npy")
         rows = []
         base = {"part": "lite", "ckpt": ckpt, "threads": a.threads, "prompts": a.prompts, "tokens": a.tokens}
