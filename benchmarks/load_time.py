@@ -5,7 +5,7 @@
     python benchmarks/load_time.py --ckpt DIR --dtype int4-mixed --cold
 
 The load runs in a fresh child process (one per measurement), so that its peak
-resident set (``ru_maxrss``) is the load's own: reading the bf16 tensors from
+resident set (``VmHWM``, which exec resets) is the load's own: reading the bf16 tensors from
 the memory-mapped files, quantizing them tensor by tensor (threaded C) and
 dropping the source pages from the resident set after each tensor.  Reported:
 seconds of ``dsv2ext.load``, peak RSS, the quantized model's size
@@ -34,18 +34,18 @@ GIB = 1 << 30
 
 
 def _child(ckpt: str, dtype: str, threads: int) -> Dict[str, Any]:
-    import resource
-
     sys.path.insert(0, os.path.dirname(HERE))
+    sys.path.insert(0, HERE)
     import dsv2ext
+    from common import peak_rss_bytes  # VmHWM: this process's own peak (ru_maxrss keeps the parent's)
 
     dsv2ext.set_num_threads(threads)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = peak_rss_bytes()
     t0 = time.perf_counter()
     model = dsv2ext.load(ckpt, dtype=dtype, load_tokenizer=False)
     secs = time.perf_counter() - t0
     info = model.info()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"seconds": secs, "peak_rss_bytes": peak, "rss_before_load_bytes": rss0,
             "weight_bytes": int(info["weight_bytes"]), "params_by_dtype": info["params_by_dtype"],
             "threads": dsv2ext.get_num_threads(), "isa": dsv2ext.get_isa()}

@@ -259,7 +259,9 @@ def _worker_main(path: str) -> int:
             res = {"ok": False, "unsupported": True, "error": str(e)}
         else:
             raise
-    res["peak_rss_bytes"] = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024
+    from common import peak_rss_bytes  # VmHWM: the worker's own peak (ru_maxrss keeps the driver's)
+
+    res["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(res))
     return 0
 
