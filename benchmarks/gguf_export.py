@@ -37,16 +37,13 @@ scores, where V2's group_limited_greedy takes the maximum).
 """
 from __future__ import annotations
 
-import itertools
 import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from checkpoint import SafetensorsMap, tokenizer_vocab, BOS_ID, EOS_ID
+from checkpoint import SafetensorsMap, ordered_map, tokenizer_vocab, BOS_ID, EOS_ID
 
 __all__ = ["export_gguf", "gguf_path", "gguf_plan", "quantize_gguf", "gguf_tensor_types", "LLAMA_QTYPES"]
 
@@ -259,26 +256,14 @@ def export_gguf(ckpt_dir: str, cfg: Dict[str, Any], qtype: str,
             raise AssertionError(f"{name}: {arr.nbytes} bytes, expected {nbytes(shape, t)}")
         return arr
 
-    # tensors are converted by a small pool (NumPy releases the GIL in the bulk of the work) a few
-    # ahead of the writer, which writes them in order: the file is the same as a serial export
-    workers = max(1, int(threads))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: "deque[Any]" = deque()
-        it = iter(plan)
-        for item in itertools.islice(it, workers + 1):
-            pending.append(pool.submit(convert, item))
-        k = 0
-        while pending:
-            arr = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(convert, nxt))
-            w.write_tensor_data(arr)
-            done += arr.nbytes
-            del arr
-            if k % 20 == 0 or k == len(plan) - 1:
-                log(f"  gguf {qtype}: {done / 1e9:6.2f} GB, tensor {k + 1}/{len(plan)} ({time.time() - t0:.0f} s)")
-            k += 1
+    # tensors are converted by a small pool (NumPy releases the GIL in the bulk of the work) and
+    # written in order: the file is the same as a serial export
+    for k, arr in enumerate(ordered_map(convert, plan, threads, ahead=int(threads) + 1)):
+        w.write_tensor_data(arr)
+        done += arr.nbytes
+        del arr
+        if k % 20 == 0 or k == len(plan) - 1:
+            log(f"  gguf {qtype}: {done / 1e9:6.2f} GB, tensor {k + 1}/{len(plan)} ({time.time() - t0:.0f} s)")
     w.close()
     os.replace(tmp, out)
     return out
