@@ -66,3 +66,45 @@ def test_peak_rss_parses_vmhwm(tmp_path):
     p.write_text("Name:\tpython\nVmHWM:\t  12 MB\n")
     with pytest.raises(ValueError, match="VmHWM"):
         common.peak_rss_bytes(str(p))
+
+
+def _checkpoint_module():
+    path = os.path.join(os.path.dirname(HERE), "benchmarks", "checkpoint.py")
+    if "bench_checkpoint" in sys.modules:
+        return sys.modules["bench_checkpoint"]
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_checkpoint"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("workers,ahead", [(1, 1), (3, 2), (4, 16)])
+def test_ordered_map_keeps_the_order_of_its_items(workers, ahead):
+    import random
+    import time
+
+    ordered_map = _checkpoint_module().ordered_map
+    rng = random.Random(workers * 100 + ahead)
+    delays = [rng.random() * 0.004 for _ in range(40)]
+
+    def slow_square(i):  # later items often finish first
+        time.sleep(delays[i])
+        return i * i
+
+    assert list(ordered_map(slow_square, range(40), workers, ahead)) == [i * i for i in range(40)]
+
+
+def test_ordered_map_raises_the_first_failure():
+    ordered_map = _checkpoint_module().ordered_map
+
+    def f(i):
+        if i == 5:
+            raise ValueError("item 5")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="item 5"):
+        for x in ordered_map(f, range(10), 3, 4):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
