@@ -81,6 +81,16 @@ class TaggedArray:
         return self.data.nbytes
 
     @property
+    def scales_nbytes(self) -> int:
+        """Bytes of the scales kept beside ``data`` (0 where there are none)."""
+        return 0
+
+    @property
+    def total_nbytes(self) -> int:
+        """Bytes of the whole weight: ``data`` and its scales."""
+        return self.data.nbytes + self.scales_nbytes
+
+    @property
     def dtype_name(self) -> str:
         return self.__dsv2_dtype__
 

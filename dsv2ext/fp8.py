@@ -119,10 +119,6 @@ class Fp8Weight(TaggedArray):
     def scales_nbytes(self) -> int:
         return self.scale_inv.nbytes
 
-    @property
-    def total_nbytes(self) -> int:
-        return self.data.nbytes + self.scale_inv.nbytes
-
     def to_float32(self) -> np.ndarray:
         """The dequantized weight (float32, a new array; the values the kernels use)."""
         out = np.empty(self.shape, np.float32)

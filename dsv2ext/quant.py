@@ -142,10 +142,6 @@ class Int8Weight(TaggedArray):
     def scales_nbytes(self) -> int:
         return self.scales.nbytes
 
-    @property
-    def total_nbytes(self) -> int:
-        return self.data.nbytes + self.scales.nbytes
-
     def to_float32(self) -> np.ndarray:
         """The dequantized weight (float32, a new array)."""
         return dequantize(self)
