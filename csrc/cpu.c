@@ -68,6 +68,18 @@ int dsv2_cpu_has_avx512vnni(void) {
     return hw_level() == DSV2_ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
 }
 
+static atomic_int g_vbmi_allowed = 1;
+
+int dsv2_cpu_has_avx512vbmi(void) {
+    __builtin_cpu_init();
+    return atomic_load(&g_vbmi_allowed) && dsv2_isa() == DSV2_ISA_AVX512 && __builtin_cpu_supports("avx512vbmi");
+}
+
+int dsv2_set_avx512vbmi(int allow) {
+    atomic_store(&g_vbmi_allowed, allow ? 1 : 0);
+    return dsv2_cpu_has_avx512vbmi();
+}
+
 int dsv2_isa_level(void) {
     const int b = best_level(), c = cap();
     return c < b ? c : b;

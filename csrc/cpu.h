@@ -20,6 +20,12 @@ int dsv2_set_isa(int level);
 int dsv2_cpu_has_avx512bf16(void);
 /* 1 when the CPU has AVX-512 VNNI (vpdpwssd / vpdpbusd). */
 int dsv2_cpu_has_avx512vnni(void);
+/* 1 when the AVX-512 kernels may use AVX-512 VBMI (vpermi2b byte tables): the CPU has
+ * it, the level in force is AVX-512, and dsv2_set_avx512vbmi has not turned it off
+ * (tests do, to run the AVX-512 kernels written for CPUs without it). */
+int dsv2_cpu_has_avx512vbmi(void);
+/* allow (1) or forbid (0) the VBMI kernels; returns dsv2_cpu_has_avx512vbmi() */
+int dsv2_set_avx512vbmi(int allow);
 const char *dsv2_isa_name(int level);
 
 /* Software-prefetch distance (bytes ahead of the weight row being read) of the
@@ -67,6 +73,8 @@ int dsv2_get_amx_emulation(void);
 
 #define DSV2_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2,f16c")))
 #define DSV2_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define DSV2_TARGET_AVX512VBMI \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,fma,avx2,f16c")))
 #define DSV2_TARGET_AVX512VNNI \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,avx2,f16c")))
 

@@ -77,6 +77,9 @@ typedef struct {
     const int8_t *q8;
     const float *s8;
     const int16_t *gsum8;
+    /* Or, for fp8 weights on the AVX-512 VBMI kernels (gemv_f8.h: dsv2_f8p_prepare):
+     * the fp32 activations in those kernels' column order, [T, K] rows K apart. */
+    const float *f8p;
 } dsv2_xq;
 
 // x [T, K] (rows ldx apart) -> q [T, K] int16 , s [T, K / group]   (K % group == 0)
@@ -138,17 +141,23 @@ void dsv2_gemv_i4_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T
 typedef struct {
     int64_t g16;
     int i8;
+    int f8; /* fp8 matrices on the VBMI kernels: x in their column order (only for
+             * T <= DSV2_F8P_MAX_ROWS rows; more take the widened fp32 weights) */
 } dsv2_act_kinds;
+#define DSV2_F8P_MAX_ROWS 64
 dsv2_act_kinds dsv2_act_kinds_of(const dsv2_mat *a, const dsv2_mat *b);
 // bytes of those kinds for T rows of K values (0: none), and the view of such a buffer (64-byte aligned)
 size_t dsv2_act_bytes(dsv2_act_kinds k, int64_t T, int64_t K);
 dsv2_xq dsv2_act_at(dsv2_act_kinds k, void *buf, int64_t T, int64_t K);
+// 1 when xq holds a kind that dsv2_act_quantize fills (int16, int8 or fp8's column order)
+static inline int dsv2_xq_to_fill(const dsv2_xq *xq) { return xq->q || xq->q8 || xq->f8p; }
 // x [T, K] (rows ldx apart) -> every quantized kind that xq holds
 void dsv2_act_quantize(const dsv2_xq *xq, const float *x, int64_t ldx, int64_t T, int64_t K);
 // rows [r0, ...) of prepared activations with rows of K values (every kind; NULL parts stay NULL)
 dsv2_xq dsv2_xq_rows(const dsv2_xq *xq, int64_t K, int64_t r0);
 // y[t * ldy + r], r in [r0, r1), t < T (any T) with W's kernel for the prepared kinds:
-// int4 W and xq->q8: int8 kernels; int8 W usable with xq->q's group: int16 kernels; returns 0
+// int4 W and xq->q8: int8 kernels; int8 W usable with xq->q's group: int16 kernels; fp8 W
+// (dsv2_f8p_usable) and xq->f8p: the VBMI kernels; returns 0
 // when xq has no kind for W (the caller takes its fp32 path)
 int dsv2_gemv_q_rows(float *y, int64_t ldy, const dsv2_xq *xq, int64_t T, const dsv2_mat *W, int64_t r0,
                      int64_t r1);

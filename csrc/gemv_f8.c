@@ -8,6 +8,8 @@
  * Weight rows are streamed one after the other (one sequential stream per thread,
  * as in gemv.c, with the same optional software prefetch, cpu.h); long activation
  * rows use 4-row tiles (DSV2_GEMV_TILE_XBYTES).
+ * Where the CPU has AVX-512 VBMI, decode (few activation rows) takes the byte-table
+ * kernels below instead (columns in blocks of a multiple of 64; see the VBMI section).
  * AVX-512 needs group % 16 == 0, AVX2 group % 8 == 0, and scales whose fold by 256
  * is exact (dsv2_e4m3_scale_foldable: every scale below FLT_MAX / 256, e.g. all
  * scales amax / 448 of a quantizer); other matrices take the portable loop (the
@@ -242,6 +244,220 @@ DSV2_TARGET_AVX512 static void dequant_avx512(float *out, const dsv2_mat *W, int
     }
 }
 
+/* ---------------- AVX-512 VBMI (decode) ----------------
+ * 64 codes a step become 4 x 16 exact fp32 values with two byte-table lookups
+ * (vpermi2b over 128 entries: the high and the low byte of each magnitude's bf16
+ * pattern; an e4m3 value has at most 4 significant bits, so its bf16 pattern is
+ * exact, NaN codes give a bf16 NaN, subnormals their exact value), the sign bit
+ * ORed into the high byte, the bytes interleaved into bf16 words and the words
+ * widened to fp32 by a shift or a mask: 13 vector ops per 64 weights instead of 24
+ * (+ a NaN test) for the fp16 route above.  The widening leaves the 64 columns in a
+ * fixed order (f8p_col), so the activations are prepared once per call in that
+ * order (dsv2_f8p_prepare; the last K % 64 columns stay in place).  The scale of a
+ * block of `group` columns multiplies the block's partial sums (two per activation
+ * row) once: y = sum_b scale_b * sum_{c in b} e4m3(q_c) x_c, the fp32 dot product of
+ * the dequantized row with x up to rounding and summation order. */
+
+/* bf16 pattern of each e4m3 magnitude code 0..127: high bytes, low bytes */
+static const uint8_t F8_BF16_HI[128] = {
+    0x00, 0x3b, 0x3b, 0x3b, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c, 0x3c,
+    0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d, 0x3d,
+    0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e, 0x3e,
+    0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f, 0x3f,
+    0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0x40,
+    0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41, 0x41,
+    0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0x42,
+    0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x43, 0x7f};
+static const uint8_t F8_BF16_LO[128] = {
+    0x00, 0x00, 0x80, 0xc0, 0x00, 0x20, 0x40, 0x60, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xf0,
+    0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xa0, 0xb0, 0xc0, 0xd0, 0xe0, 0xc0};
+
+/* column (0..63 in its step of 64) of lane d of the step's widened vector v */
+static inline int f8p_col(int v, int d) { return 16 * (d >> 2) + 8 * (v >> 1) + 2 * (d & 3) + (v & 1); }
+
+int dsv2_f8p_usable(const dsv2_mat *W) {
+    return W->dtype == DSV2_F8E4M3 && W->group % 64 == 0 && W->cols >= 64 && dsv2_cpu_has_avx512vbmi();
+}
+
+typedef struct {
+    __m512i hi0, hi1, lo0, lo1;
+} f8_tables;
+
+DSV2_TARGET_AVX512VBMI static inline f8_tables f8_tables_load(void) {
+    f8_tables tb;
+    tb.hi0 = _mm512_loadu_si512((const void *)F8_BF16_HI);
+    tb.hi1 = _mm512_loadu_si512((const void *)(F8_BF16_HI + 64));
+    tb.lo0 = _mm512_loadu_si512((const void *)F8_BF16_LO);
+    tb.lo1 = _mm512_loadu_si512((const void *)(F8_BF16_LO + 64));
+    return tb;
+}
+
+/* 64 codes -> w[0..3], 16 fp32 values each, columns in f8p_col order */
+DSV2_TARGET_AVX512VBMI static inline __attribute__((always_inline)) void f8x64_vbmi(__m512 w[4], __m512i c,
+                                                                                 const f8_tables *tb) {
+    const __m512i lo = _mm512_permutex2var_epi8(tb->lo0, c, tb->lo1);
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(tb->hi0, c, tb->hi1), c,
+                                                 _mm512_set1_epi8((char)0x80), 0xF8); /* hi | (c & 0x80) */
+    const __m512i u0 = _mm512_unpacklo_epi8(lo, hi), u1 = _mm512_unpackhi_epi8(lo, hi);
+    const __m512i m = _mm512_set1_epi32((int)0xFFFF0000u);
+    w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(u0, 16));
+    w[1] = _mm512_castsi512_ps(_mm512_and_si512(u0, m));
+    w[2] = _mm512_castsi512_ps(_mm512_slli_epi32(u1, 16));
+    w[3] = _mm512_castsi512_ps(_mm512_and_si512(u1, m));
+}
+
+DSV2_TARGET_AVX512 static void f8p_prepare_512(float *xp, const float *x, int64_t ldx, int64_t T, int64_t K) {
+    const int64_t K64 = K & ~(int64_t)63;
+    __m512i idx[4];
+    for (int v = 0; v < 4; v++) {
+        int32_t ix[16];
+        for (int d = 0; d < 16; d++) ix[d] = f8p_col(v, d);
+        idx[v] = _mm512_loadu_si512((const void *)ix);
+    }
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * ldx;
+        float *o = xp + t * K;
+        for (int64_t k = 0; k < K64; k += 64)
+            for (int v = 0; v < 4; v++) _mm512_storeu_ps(o + k + 16 * v, _mm512_i32gather_ps(idx[v], xt + k, 4));
+        for (int64_t k = K64; k < K; k++) o[k] = xt[k];
+    }
+}
+
+void dsv2_f8p_prepare(float *xp, const float *x, int64_t ldx, int64_t T, int64_t K) {
+    if (dsv2_isa() == DSV2_ISA_AVX512) {
+        f8p_prepare_512(xp, x, ldx, T, K);
+        return;
+    }
+    const int64_t K64 = K & ~(int64_t)63;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t k = 0; k < K; k++)
+            xp[t * K + k] = x[t * ldx + (k < K64 ? (k & ~(int64_t)63) + f8p_col((int)(k & 63) >> 4, (int)(k & 15)) : k)];
+}
+
+/* the last K - K64 columns of row r (natural order, each weight scaled) added to v[t] */
+DSV2_TARGET_AVX512 static inline void f8p_tail(float *v, const float *xp, int T, const dsv2_mat *W, int64_t r,
+                                               int64_t K64) {
+    const int64_t K = W->cols, g = W->group;
+    const uint8_t *q = (const uint8_t *)W->data + r * K;
+    const float *s = dsv2_f8_scale_row(W, r);
+    for (int64_t k = K64; k < K; k += 16) {
+        const __mmask16 m = tail16(K - k);
+        const __m128i c = _mm_maskz_loadu_epi8(m, q + k);
+        const __m512 w = _mm512_mul_ps(dsv2_e4m3x16_to_f32_avx512(c), _mm512_set1_ps(s[k / g]));
+        for (int t = 0; t < T; t++) v[t] += _mm512_reduce_add_ps(_mm512_mul_ps(w, _mm512_maskz_loadu_ps(m, xp + t * K + k)));
+    }
+}
+
+/* R weight rows (1 or 4) x T prepared activation rows -> y */
+DSV2_TARGET_AVX512VBMI static inline __attribute__((always_inline)) void
+f8p_rows(float *y, int64_t ldy, const float *xp, const int T, const int R, const dsv2_mat *W, int64_t r,
+         const f8_tables *tb, int pf) {
+    const int64_t K = W->cols, K64 = K & ~(int64_t)63, g = W->group;
+    const uint8_t *q[4];
+    const float *s[4];
+    for (int i = 0; i < R; i++) {
+        q[i] = (const uint8_t *)W->data + (r + i) * K;
+        s[i] = dsv2_f8_scale_row(W, r + i);
+    }
+    /* R == 1: two sums per activation row (even / odd vectors of a step); R == 4: one per row */
+    __m512 acc[DSV2_GEMV_MAX_T][4];
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, b = 0; k0 < K64; k0 += g, b++) {
+        const int64_t k1 = k0 + g < K64 ? k0 + g : K64;
+        __m512 blk[DSV2_GEMV_MAX_T][4];
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < 4; j++) blk[t][j] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 64) {
+            if (R == 1) {
+                DSV2_PREFETCH_AHEAD(q[0] + k, 64, pf);
+                __m512 w[4];
+                f8x64_vbmi(w, _mm512_loadu_si512((const void *)(q[0] + k)), tb);
+                for (int t = 0; t < T; t++) {
+                    const float *xt = xp + t * K + k;
+                    blk[t][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xt), blk[t][0]);
+                    blk[t][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xt + 16), blk[t][1]);
+                    blk[t][0] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xt + 32), blk[t][0]);
+                    blk[t][1] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xt + 48), blk[t][1]);
+                }
+            } else {
+                __m512 w[4][4];
+                for (int i = 0; i < 4; i++) {
+                    DSV2_PREFETCH_AHEAD(q[i] + k, 64, pf);
+                    f8x64_vbmi(w[i], _mm512_loadu_si512((const void *)(q[i] + k)), tb);
+                }
+                for (int t = 0; t < T; t++)
+                    for (int v = 0; v < 4; v++) {
+                        const __m512 xv = _mm512_loadu_ps(xp + t * K + k + 16 * v);
+                        for (int i = 0; i < 4; i++) blk[t][i] = _mm512_fmadd_ps(w[i][v], xv, blk[t][i]);
+                    }
+            }
+        }
+        if (R == 1) {
+            const __m512 sv = _mm512_set1_ps(s[0][b]);
+            for (int t = 0; t < T; t++) {
+                acc[t][0] = _mm512_fmadd_ps(blk[t][0], sv, acc[t][0]);
+                acc[t][1] = _mm512_fmadd_ps(blk[t][1], sv, acc[t][1]);
+            }
+        } else {
+            for (int i = 0; i < 4; i++) {
+                const __m512 sv = _mm512_set1_ps(s[i][b]);
+                for (int t = 0; t < T; t++) acc[t][i] = _mm512_fmadd_ps(blk[t][i], sv, acc[t][i]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        float v[DSV2_GEMV_MAX_T];
+        for (int t = 0; t < T; t++)
+            v[t] = _mm512_reduce_add_ps(R == 1 ? _mm512_add_ps(acc[t][0], acc[t][1]) : acc[t][i]);
+        if (K64 < K) f8p_tail(v, xp, T, W, r + i, K64);
+        for (int t = 0; t < T; t++) y[t * ldy + r + i] = v[t];
+    }
+}
+
+#define F8P_T(TT)                                                                                        \
+    DSV2_TARGET_AVX512VBMI static void f8p_t##TT(float *y, int64_t ldy, const float *xp, const dsv2_mat *W, \
+                                                 int64_t r0, int64_t r1) {                               \
+        const int pf = dsv2_prefetch_for(DSV2_PF_F8);                                                    \
+        const f8_tables tb = f8_tables_load();                                                           \
+        int64_t r = r0;                                                                                  \
+        if ((TT) * W->cols * 4 > DSV2_GEMV_TILE_XBYTES)                                                  \
+            for (; r + 4 <= r1; r += 4) f8p_rows(y, ldy, xp, TT, 4, W, r, &tb, pf);                      \
+        for (; r < r1; r++) f8p_rows(y, ldy, xp, TT, 1, W, r, &tb, pf);                                  \
+    }
+F8P_T(1)
+F8P_T(2)
+F8P_T(3)
+F8P_T(4)
+
+void dsv2_gemv_f8p_rows(float *y, int64_t ldy, const float *xp, int64_t T, const dsv2_mat *W, int64_t r0,
+                        int64_t r1) {
+    if (T <= 0 || r0 >= r1) return;
+    for (int64_t t0 = 0; t0 < T; t0 += DSV2_GEMV_MAX_T) {
+        const int64_t tt = T - t0 < DSV2_GEMV_MAX_T ? T - t0 : DSV2_GEMV_MAX_T;
+        const float *xs = xp + t0 * W->cols;
+        float *ys = y + t0 * ldy;
+        switch (tt) {
+        case 1: f8p_t1(ys, ldy, xs, W, r0, r1); break;
+        case 2: f8p_t2(ys, ldy, xs, W, r0, r1); break;
+        case 3: f8p_t3(ys, ldy, xs, W, r0, r1); break;
+        default: f8p_t4(ys, ldy, xs, W, r0, r1); break;
+        }
+    }
+}
+
+/* dsv2_gemv_f8_rows (activations not prepared by the caller) prepares them on the stack for
+ * T * K <= F8P_STACK floats and at least F8P_MIN_ROWS rows (the preparation costs about what
+ * decoding 4 rows does); otherwise the fp16 route */
+#define F8P_STACK 8192
+#define F8P_MIN_ROWS 64
+
 /* ---------------- dispatch ---------------- */
 
 static int f8_isa(const dsv2_mat *W, int64_t r0, int64_t r1) {
@@ -255,11 +471,16 @@ void dsv2_gemv_f8_rows(float *y, int64_t ldy, const float *x, int64_t ldx, int T
                        int64_t r0, int64_t r1) {
     if (T <= 0 || r0 >= r1) return;
     const int isa = f8_isa(W, r0, r1);
+    const int vbmi = dsv2_f8p_usable(W);
     for (int t0 = 0; t0 < T; t0 += DSV2_GEMV_MAX_T) {
         const int tt = T - t0 < DSV2_GEMV_MAX_T ? T - t0 : DSV2_GEMV_MAX_T;
         const float *xs = x + t0 * ldx;
         float *ys = y + t0 * ldy;
-        if (isa == DSV2_ISA_AVX512) {
+        if (isa == DSV2_ISA_AVX512 && vbmi && tt * W->cols <= F8P_STACK && r1 - r0 >= F8P_MIN_ROWS) {
+            float xp[F8P_STACK] __attribute__((aligned(64)));
+            dsv2_f8p_prepare(xp, xs, ldx, tt, W->cols);
+            dsv2_gemv_f8p_rows(ys, ldy, xp, tt, W, r0, r1);
+        } else if (isa == DSV2_ISA_AVX512) {
             switch (tt) {
             case 1: f8_avx512_t1(ys, ldy, xs, ldx, W, r0, r1); break;
             case 2: f8_avx512_t2(ys, ldy, xs, ldx, W, r0, r1); break;

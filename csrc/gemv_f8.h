@@ -22,4 +22,15 @@ void dsv2_dequant_f8_rows(float *out, const dsv2_mat *W, int64_t r0, int64_t r1)
  * (fp8.h: dsv2_e4m3_scale_foldable), so that the vector kernels apply; r0 < r1 */
 int dsv2_f8_scales_foldable(const dsv2_mat *W, int64_t r0, int64_t r1);
 
+/* The AVX-512 VBMI decode kernels (gemv_f8.c): 1 when W is fp8 with column blocks of a
+ * multiple of 64, at least 64 columns, and the CPU runs them (dsv2_cpu_has_avx512vbmi). */
+int dsv2_f8p_usable(const dsv2_mat *W);
+/* x [T, K] (rows ldx apart) -> xp [T, K] (rows K apart): each whole step of 64 columns in
+ * the order the VBMI kernels widen the codes, the last K % 64 columns in place */
+void dsv2_f8p_prepare(float *xp, const float *x, int64_t ldx, int64_t T, int64_t K);
+/* xp [T, K] prepared (rows K apart) , W f8 [rows, K] (dsv2_f8p_usable) -> y[t * ldy + r],
+ * r in [r0, r1), any T >= 1 */
+void dsv2_gemv_f8p_rows(float *y, int64_t ldy, const float *xp, int64_t T, const dsv2_mat *W, int64_t r0,
+                        int64_t r1);
+
 #endif

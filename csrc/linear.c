@@ -117,7 +117,7 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
     if (dsv2_bf16dp_use(W, T)) return dsv2_linear_bf16dp(y, ldy, x, ldx, W, T); /* opt-in bf16 compute */
     if (T <= DSV2_LINEAR_GEMV_MAX_T) {
         const dsv2_act_kinds k = dsv2_act_kinds_of(W, NULL);
-        if (k.g16 || k.i8) return linear_q(y, ldy, x, ldx, W, T, k);
+        if (k.g16 || k.i8 || k.f8) return linear_q(y, ldy, x, ldx, W, T, k);
     }
     if (T <= DSV2_LINEAR_GEMV_MAX_T) {
         for (int64_t t0 = 0; t0 < T; t0 += DSV2_LINEAR_GEMV_MAX_T) {

@@ -185,7 +185,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     }
     /* int8 / int4 experts: their gathered rows quantized once (all S rows
      * when most are in row-dot units, else only the units' rows) */
-    if ((ws->Xq.q || ws->Xq.q8) && nsmall) {
+    if (dsv2_xq_to_fill(&ws->Xq) && nsmall) {
         if (2 * nsmall >= S) {
             quant_rows(&ws->Xq, ws->Xg, d, S, d);
         } else {
@@ -211,7 +211,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         }
     }
     if (shared && Tc <= busy_shared) {
-        if (ws->xsq.q || ws->xsq.q8) quant_rows(&ws->xsq, x, d, Tc, d);
+        if (dsv2_xq_to_fill(&ws->xsq)) quant_rows(&ws->xsq, x, d, Tc, d);
         unit un = {shared, x, d, Tc, ws->Hs, Is, ws->Ys, d, Is, items, ws->xsq, ws->Hsq};
         if (!un.hq.q && dsv2_mlp_eo_h(shared, Tc)) un.hq.p = un.h;
         if (!un.xq.q && dsv2_mlp_eo_x(shared, Tc)) { /* the caller's x: an even|odd copy */
@@ -244,7 +244,7 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         if (un->xq.p == un->x) dsv2_eo_copy_permute((float *)un->x, un->ldx, un->x, un->ldx, un->n, d);
     }
     if (items > 0) dsv2_parallel_for(nt, 1, gateup_task, &j);
-    if (ws->Hq.q || ws->Hq.q8 || ws->Hsq.q || ws->Hsq.q8) dsv2_parallel_for(nu, 1, quant_h_task, &j);
+    if (dsv2_xq_to_fill(&ws->Hq) || dsv2_xq_to_fill(&ws->Hsq)) dsv2_parallel_for(nu, 1, quant_h_task, &j);
     for (int64_t u = 0; u < nu; u++) {
         const unit *un = &ws->units[u];
         if (un->hq.p) dsv2_eo_copy_permute(un->h, un->ldh, un->h, un->ldh, un->n, un->I);
@@ -297,7 +297,7 @@ int dsv2_moe_experts(float *out, const float *x, const int64_t *ids, const float
     /* int8 / int4 weights: quantized activation buffers (kinds with nothing set = not used) */
     const dsv2_act_kinds kx = dsv2_act_kinds_of(&experts[0].gate, &experts[0].up),
                          kI = dsv2_act_kinds_of(&experts[0].down, NULL);
-    const dsv2_act_kinds none_k = {0, 0};
+    const dsv2_act_kinds none_k = {0, 0, 0};
     const dsv2_act_kinds ksx = shared ? dsv2_act_kinds_of(&shared->gate, &shared->up) : none_k,
                          kIs = shared ? dsv2_act_kinds_of(&shared->down, NULL) : none_k;
     const size_t qb[4] = {dsv2_act_bytes(kx, S, d), dsv2_act_bytes(ksx, Tc, d), dsv2_act_bytes(kI, S, I),

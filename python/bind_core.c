@@ -94,6 +94,14 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(dsv2_isa_name(dsv2_set_isa(lvl)));
 }
 
+static PyObject *py_set_avx512vbmi(PyObject *self, PyObject *args) {
+    int allow;
+    if (!PyArg_ParseTuple(args, "p:set_avx512vbmi", &allow)) return NULL;
+    return PyBool_FromLong(dsv2_set_avx512vbmi(allow));
+}
+
+static PyObject *py_avx512vbmi(PyObject *self, PyObject *noargs) { return PyBool_FromLong(dsv2_cpu_has_avx512vbmi()); }
+
 static PyObject *py_prefetch_defaults(PyObject *self, PyObject *noargs) {
     return Py_BuildValue("{s:i,s:i,s:i,s:i}", "bf16", dsv2_prefetch_default(DSV2_PF_BF16), "int8",
                          dsv2_prefetch_default(DSV2_PF_I8), "int4", dsv2_prefetch_default(DSV2_PF_I4), "fp8",
@@ -190,6 +198,9 @@ PyMethodDef dsv2py_core_methods[] = {
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},
     {"get_isa", py_get_isa, METH_NOARGS, "get_isa() -> 'amx' | 'avx512' | 'avx2' | 'portable'"},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name) -> level in force (capped by the CPU)"},
+    {"set_avx512vbmi", py_set_avx512vbmi, METH_VARARGS,
+     "set_avx512vbmi(allow) -> bool: allow / forbid the AVX-512 VBMI kernels (tests); whether they run now"},
+    {"avx512vbmi", py_avx512vbmi, METH_NOARGS, "avx512vbmi() -> bool: the AVX-512 VBMI kernels run at this level"},
     {"prefetch_defaults", py_prefetch_defaults, METH_NOARGS,
      "prefetch_defaults() -> {'bf16', 'int8', 'int4', 'fp8': bytes}: each row-dot family's default on this CPU"},
     {"get_prefetch", py_get_prefetch, METH_NOARGS, "get_prefetch() -> override in bytes (0: off), None: kernel defaults"},

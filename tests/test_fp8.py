@@ -226,6 +226,55 @@ def test_linear_threads_identical():
         np.testing.assert_array_equal(p, q)
 
 
+@pytest.fixture(params=[True, False], ids=["vbmi", "fp16-route"])
+def avx512_route(request):
+    """The AVX-512 decode kernels of fp8 weights: the VBMI byte-table kernels (where the CPU has
+    AVX-512 VBMI) and the fp16-pattern kernels that CPUs without it run."""
+    from dsv2ext._native import _C
+    prev = dsv2ext.get_isa()
+    if dsv2ext.set_isa("avx512") != "avx512":
+        dsv2ext.set_isa(prev)
+        pytest.skip("CPU lacks avx512")
+    got = _C.set_avx512vbmi(request.param)
+    try:
+        if got != request.param:
+            pytest.skip("CPU lacks AVX-512 VBMI")
+        yield request.param
+    finally:
+        _C.set_avx512vbmi(True)
+        dsv2ext.set_isa(prev)
+
+
+@pytest.mark.parametrize("N,K,block", [(1408, 2048, (128, 128)), (2048, 1408, (128, 128)), (512, 7168, (128, 128)),
+                                       (4096, 512, (128, 128)), (200, 300, (128, 128)), (70, 1100, (64, 192)),
+                                       (33, 200, (64, 64)), (9, 64, (128, 128)), (130, 130, (3, 128)),
+                                       (21, 4200, (3, 128))])
+def test_linear_avx512_routes(avx512_route, N, K, block):
+    """Both AVX-512 decode routes on V2-Lite / V3 dims (7168 columns: one token fits the kernels' stack
+    buffer, more take the prepared activations), blocks of 64-multiples and tails of K % 64 columns,
+    rows that start inside a block of rows (linear's threads split at 16 rows), 1-9 tokens."""
+    w = rand_fp8((N, K), N + 3 * K, block)
+    for T in (1, 2, 3, 4, 5, 8, 9):
+        x = np.random.default_rng(T).standard_normal((T, K)).astype(np.float32)
+        assert max_rel_err(ops.linear(x, w), ref_linear(x, w)) <= KTOL, (N, K, T)
+    # NaN codes in a 64-column step, in the tail, and the negative NaN code
+    w.data[1, 5] = 0x7F
+    w.data[4, K - 1] = 0xFF
+    w.data[N - 1, K // 2] = 0xFF
+    for T in (1, 4, 9):
+        x = np.random.default_rng(T).standard_normal((T, K)).astype(np.float32)
+        y = ops.linear(x, w)
+        assert np.isnan(y[:, [1, 4, N - 1]]).all() and not np.isnan(np.delete(y, [1, 4, N - 1], 1)).any()
+
+
+def test_decode_routes_mlp_and_moe(avx512_route):
+    """The MLP and MoE row-dot paths (activations prepared once per call) on both AVX-512 routes."""
+    for d, inter in ((200, 300), (256, 1408)):
+        test_swiglu_mlp("avx512", d, inter)
+    for T in (1, 6):
+        test_moe_block_fp8_experts(T)
+
+
 def swiglu_ref(x, g, u, d):
     x = x.astype(np.float64)
     a = x @ deq_np(g).astype(np.float64).T
