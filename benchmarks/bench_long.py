@@ -4,10 +4,13 @@
     python benchmarks/bench_long.py --model benchmarks/cache/lite-L4-seed0-v1          # decode @128..32K
     python benchmarks/bench_long.py --model DIR --contexts 128,32768 --kv bf16 --steps 32
     python benchmarks/bench_long.py --model DIR --prefill 16384                           # peak RSS of a prefill
+    python benchmarks/bench_long.py --model DIR --contexts 128,32768 --kv bf16 --modes exact,bf16-compute
 
 Decode: the cache of each (format, context) is filled with random rows (no prefill: the time of a
 decode step does not depend on the values), then the steps of every (format, context) alternate in
-rounds, so that a drift of the machine hits all alike; tokens/s = 1 / median step time.
+rounds, so that a drift of the machine hits all alike; tokens/s = 1 / median step time.  --modes adds
+the opt-in bf16 compute mode (dsv2ext.set_bf16_compute: over a bf16 cache the attention runs on bf16
+dot products) as rows of its own, in the same rounds.
 Prefill (--prefill N): an N-token prompt in one forward (processed in chunks of
 model.prefill_chunk tokens), timed, with the process's peak RSS before and after and the
 cache's bytes: the rest is the work space.  (benchmarks/run.py --long measures prefill and decode
@@ -56,7 +59,8 @@ def fill_random(cache, n: int, rng: np.random.Generator) -> None:
     cache.lengths[:] = n
 
 
-def decode(model, contexts: List[int], kvs: List[str], steps: int, rounds: int) -> Dict[str, Dict[int, float]]:
+def decode(model, contexts: List[int], kvs: List[str], steps: int, rounds: int,
+           modes: List[str]) -> Dict[str, Dict[int, float]]:
     rng = np.random.default_rng(0)
     caches = {}
     for kv in kvs:
@@ -64,19 +68,25 @@ def decode(model, contexts: List[int], kvs: List[str], steps: int, rounds: int) 
             cache = model.new_cache(1, c + steps, dtype=kv)
             fill_random(cache, c, rng)
             caches[kv, c] = cache
-    times: Dict[tuple, List[float]] = {k: [] for k in caches}
+    times: Dict[tuple, List[float]] = {(kv, m, c): [] for (kv, c) in caches for m in modes}
     tok = np.array([7], np.int64)
     z = np.zeros(1, np.int64)
-    for r in range(rounds):
-        for (kv, c), cache in caches.items():
-            model.forward(tok, z, np.array([c], np.int64), cache)  # untimed: wakes the threads
-            for i in range(steps):
-                t0 = time.perf_counter()
-                model.forward(tok, z, np.array([c + i], np.int64), cache)
-                times[kv, c].append(time.perf_counter() - t0)
+    prev = dsv2ext.get_bf16_compute()
+    try:
+        for r in range(rounds):
+            for (kv, m, c) in times:
+                cache = caches[kv, c]
+                dsv2ext.set_bf16_compute(m == "bf16-compute")
+                model.forward(tok, z, np.array([c], np.int64), cache)  # untimed: wakes the threads
+                for i in range(steps):
+                    t0 = time.perf_counter()
+                    model.forward(tok, z, np.array([c + i], np.int64), cache)
+                    times[kv, m, c].append(time.perf_counter() - t0)
+    finally:
+        dsv2ext.set_bf16_compute(prev)
     out: Dict[str, Dict[int, float]] = {}
-    for (kv, c), ts in times.items():
-        out.setdefault(kv, {})[c] = 1.0 / float(np.median(ts))
+    for (kv, m, c), ts in times.items():
+        out.setdefault(kv if m == "exact" else f"{kv}, {m}", {})[c] = 1.0 / float(np.median(ts))
     return out
 
 
@@ -85,6 +95,7 @@ def main() -> int:
     ap.add_argument("--model", required=True, help="checkpoint directory (e.g. the lite-L4 of benchmarks/run.py)")
     ap.add_argument("--contexts", default="128,4096,16384,32768")
     ap.add_argument("--kv", default="bf16,fp8", help="cache formats (f32, bf16, fp8)")
+    ap.add_argument("--modes", default="exact", help="exact and / or bf16-compute (the opt-in mode), comma-separated")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per context per round")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--prefill", type=int, default=0, help="instead: time a prompt of this many tokens")
@@ -116,7 +127,13 @@ def main() -> int:
               "(work space)")
         return 0
     ctx = [int(c) for c in a.contexts.split(",")]
-    res = decode(model, ctx, a.kv.split(","), a.steps, a.rounds)
+    modes = a.modes.split(",")
+    bad = [m for m in modes if m not in ("exact", "bf16-compute")]
+    if bad:
+        ap.error(f"--modes: expected exact and / or bf16-compute, got {bad}")
+    if "bf16-compute" in modes and not dsv2ext.bf16_compute_available():
+        ap.error("--modes bf16-compute: this CPU lacks AVX512-BF16")
+    res = decode(model, ctx, a.kv.split(","), a.steps, a.rounds, modes)
     print("| kv | " + " | ".join(f"decode tok/s @{c}" for c in ctx) + f" | @{ctx[-1]} / @{ctx[0]} |")
     print("|---|" + "---|" * (len(ctx) + 1))
     for kv, r in res.items():

@@ -9,9 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define DSV2_TARGET_AVX512BF16 \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2")))
-
 static atomic_int g_mode = -1; /* -1: DSV2EXT_BF16_COMPUTE not read yet */
 
 int dsv2_bf16dp_available(void) { return dsv2_isa() == DSV2_ISA_AVX512 && dsv2_cpu_has_avx512bf16(); }
@@ -53,13 +50,12 @@ DSV2_TARGET_AVX512 static void round_row_avx512(uint16_t *out, const float *in, 
     for (; i < n; i++) out[i] = round_bf16(in[i]);
 }
 
-// x [T, K] f32 (rows ldx apart) -> xb [T, K] bf16 (rows K apart), round to nearest even
-static void round_bf16_rows(uint16_t *xb, const float *x, int64_t ldx, int64_t T, int64_t K) {
+void dsv2_round_bf16_rows(uint16_t *xb, int64_t ldxb, const float *x, int64_t ldx, int64_t T, int64_t K) {
     for (int64_t t = 0; t < T; t++) {
         if (dsv2_isa() == DSV2_ISA_AVX512) {
-            round_row_avx512(xb + t * K, x + t * ldx, K);
+            round_row_avx512(xb + t * ldxb, x + t * ldx, K);
         } else {
-            for (int64_t k = 0; k < K; k++) xb[t * K + k] = round_bf16(x[t * ldx + k]);
+            for (int64_t k = 0; k < K; k++) xb[t * ldxb + k] = round_bf16(x[t * ldx + k]);
         }
     }
 }
@@ -174,7 +170,7 @@ typedef struct {
 static void round_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     round_job *j = (round_job *)ctx;
-    round_bf16_rows(j->xb + b * j->K, j->x + b * j->ldx, j->ldx, e - b, j->K);
+    dsv2_round_bf16_rows(j->xb + b * j->K, j->K, j->x + b * j->ldx, j->ldx, e - b, j->K);
 }
 
 int dsv2_linear_bf16dp(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T) {

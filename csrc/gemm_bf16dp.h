@@ -12,6 +12,9 @@
 #ifndef DSV2_GEMM_BF16DP_H
 #define DSV2_GEMM_BF16DP_H
 
+#define DSV2_TARGET_AVX512BF16 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2")))
+
 #include "dsv2.h"
 
 #include <stdint.h>
@@ -23,6 +26,9 @@ int dsv2_get_bf16_compute(void);
 void dsv2_set_bf16_compute(int on);
 /* 1 when a product of W with T activation rows goes through the bf16 kernels */
 int dsv2_bf16dp_use(const dsv2_mat *W, int64_t T);
+
+// x [T, K] f32 (rows ldx apart) -> xb [T, K] bf16 (rows ldxb apart), rounded to nearest even (NaN stays NaN)
+void dsv2_round_bf16_rows(uint16_t *xb, int64_t ldxb, const float *x, int64_t ldx, int64_t T, int64_t K);
 
 // x [T, K] f32 (rows ldx apart), W bf16 [N, K] -> y [T, N] = round_bf16(x) W^T, split over the pool
 int dsv2_linear_bf16dp(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T);

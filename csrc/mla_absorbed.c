@@ -12,6 +12,8 @@
 #include "blas.h"
 #include "gemv.h"
 #include "gemv_nn.h"
+#include "gemm_bf16dp.h"
+#include "mla_bf16dp.h"
 #include "linear.h"
 #include "mla_tiles.h"
 #include "scratch.h"
@@ -51,12 +53,18 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)b; (void)e; (void)tid;
     attn_job *j = (attn_job *)ctx;
     const int64_t H = j->H, L = j->L, Wd = j->Wd;
-    float *scr = (float *)malloc(((size_t)H * (size_t)L + (size_t)H * KB + 2 * (size_t)H) * sizeof(float));
+    /* bf16 compute mode over a bf16 cache (mla_bf16dp.h): the queries and the softmax weights rounded to bf16 */
+    const dsv2_mla_rows probe = {NULL, j->rb, j->cache->dtype, L, j->rope};
+    const int dp = dsv2_mla_bf16dp_use(&probe);
+    const size_t nf = (size_t)H * (size_t)L + (size_t)H * KB + 2 * (size_t)H;
+    const size_t nb16 = dp ? (size_t)H * (size_t)Wd + (size_t)H * KB : 0;
+    float *scr = (float *)malloc(nf * sizeof(float) + nb16 * sizeof(uint16_t));
     if (!scr) {
         atomic_store(&j->err, DSV2_ERR_NOMEM);
         return;
     }
     float *O = scr, *Sb = O + H * L, *m = Sb + H * KB, *l = m + H;
+    uint16_t *Qb = dp ? (uint16_t *)(scr + nf) : NULL, *Pb = dp ? Qb + H * Wd : NULL;
     for (;;) {
         int64_t i = atomic_fetch_add(&j->next, 1);
         if (i >= j->n_items) break;
@@ -69,10 +77,15 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
             l[h] = 0.0f;
         }
         memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float));
+        if (dp) dsv2_round_bf16_rows(Qb, Wd, Q, Wd, Hn, Wd);
         for (int64_t jb = it->j0; jb < it->j1; jb += KB) {
             const int64_t nb = it->j1 - jb < KB ? it->j1 - jb : KB;
-            const dsv2_mla_rows Kb = {K + jb * j->rb, j->rb, j->cache->dtype, L, j->rope};
-            dsv2_mla_scores_rows(Sb, KB, Q, Wd, Hn, &Kb, nb);
+            const int64_t jn = jb + KB < it->j1 ? jb + KB : it->j1; /* the next block, prefetched */
+            const int64_t nn = it->j1 - jn < KB ? it->j1 - jn : KB;
+            const dsv2_mla_rows Kb = {K + jb * j->rb, j->rb, j->cache->dtype, L, j->rope,
+                                      nn > 0 ? K + jn * j->rb : NULL, nn};
+            if (dp) dsv2_mla_scores_bf16dp(Sb, KB, Qb, Wd, Hn, &Kb, nb);
+            else dsv2_mla_scores_rows(Sb, KB, Q, Wd, Hn, &Kb, nb);
             for (int64_t h = 0; h < Hn; h++) {
                 float *sh = Sb + h * KB;
                 const float mx = dsv2_vmax(sh, nb) * j->scale;
@@ -86,8 +99,16 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
                 }
                 l[h] += dsv2_vexp_shift_sum(sh, nb, j->scale, m[h]);
             }
-            dsv2_mla_pv_rows(O, L, Sb, KB, Hn, &Kb, nb);
+            if (dp) {
+                dsv2_round_bf16_rows(Pb, KB, Sb, KB, Hn, nb);
+                if (nb & 1)
+                    for (int64_t h = 0; h < Hn; h++) Pb[h * KB + nb] = 0;
+                dsv2_mla_pv_bf16dp(O, L, Pb, KB, Hn, &Kb, nb);
+            } else {
+                dsv2_mla_pv_rows(O, L, Sb, KB, Hn, &Kb, nb);
+            }
         }
+        if (dp) dsv2_mla_bf16dp_natural(O, L, Hn, L);
         if (it->slot < 0) {
             float *dst = j->olat + it->t * H * L + it->h0 * L;
             for (int64_t h = 0; h < Hn; h++) {

@@ -101,13 +101,15 @@ scores_step(__m512 *a, const float *const *qr, const char *const *kr, int kind, 
  * against the query columns [q0, q0 + n).  pf: prefetch the same bytes of the next tile's rows (pr)
  * on the way. */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-scores_seg(__m512 *a, const float *const *qr, const char *const *kr, const char *const *pr, int pf, int kind,
-           int64_t off, int64_t sc, int64_t q0, int64_t n) {
+scores_seg(__m512 *a, const float *const *qr, const char *const *kr, const char *const *pr,
+           const char *const *fr, int pf, int kind, int64_t off, int64_t sc, int64_t q0, int64_t n) {
     const int64_t nf = n & ~(int64_t)15;
     const int64_t es = kind == DSV2_KV_BF16 ? 2 : kind == DSV2_KV_FP8 ? 1 : 4; /* bytes per element */
     if (pf) {
         for (int64_t d = 0; d < nf; d += 16) {
             for (int i = 0; i < 4; i++) _mm_prefetch(pr[i] + off + d * es, _MM_HINT_T0);
+            if (fr && (d * es) % 64 < 16 * es) /* a line of the rows after this block, into L2 */
+                for (int i = 0; i < 4; i++) _mm_prefetch(fr[i] + off + d * es, _MM_HINT_T1);
             scores_step(a, qr, kr, kind, off, sc, q0, d, (__mmask16)0xffff);
         }
     } else {
@@ -123,7 +125,7 @@ scores_seg(__m512 *a, const float *const *qr, const char *const *kr, const char 
  * D numbers (fp32 / bf16 rows), or the FP8 row's two: kv_lora codes, then rope bf16. */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
 scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const char *k, int64_t ldk,
-                int64_t n, int64_t D, int kind, int64_t L) {
+                int64_t n, int64_t D, int kind, int64_t L, const char *fk, int64_t fn) {
     for (int64_t h0 = 0; h0 < H; h0 += 4) {
         const int64_t nh = H - h0 < 4 ? H - h0 : 4;
         const int pf = h0 == 0; /* prefetch during the first pass over the rows only */
@@ -134,17 +136,22 @@ scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, c
             const char *kr[4], *pr[4];
             const int64_t jn = j0 + 4 < n ? j0 + 4 : j0; /* next tile (prefetch) */
             const int64_t nn = n - jn < 4 ? n - jn : 4;
+            const char *frr[4], *const *fr = NULL; /* the rows j0.. of the next block, while there are */
             for (int i = 0; i < 4; i++) {
                 kr[i] = k + (j0 + (nj > i ? i : 0)) * ldk;
                 pr[i] = k + (jn + (nn > i ? i : 0)) * ldk;
             }
+            if (fk && j0 < fn) {
+                for (int i = 0; i < 4; i++) frr[i] = fk + (j0 + i < fn ? j0 + i : fn - 1) * ldk;
+                fr = frr;
+            }
             __m512 a[16];
             for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
             if (kind == DSV2_KV_FP8) {
-                scores_seg(a, qr, kr, pr, pf, DSV2_KV_FP8, 0, dsv2_kv_fp8_scales_at(L), 0, L);
-                scores_seg(a, qr, kr, pr, pf, DSV2_KV_BF16, dsv2_kv_fp8_rope_at(L), 0, L, D - L);
+                scores_seg(a, qr, kr, pr, fr, pf, DSV2_KV_FP8, 0, dsv2_kv_fp8_scales_at(L), 0, L);
+                scores_seg(a, qr, kr, pr, fr, pf, DSV2_KV_BF16, dsv2_kv_fp8_rope_at(L), 0, L, D - L);
             } else {
-                scores_seg(a, qr, kr, pr, pf, kind, 0, 0, 0, D);
+                scores_seg(a, qr, kr, pr, fr, pf, kind, 0, 0, 0, D);
             }
             float r[4][4];
             _mm_storeu_ps(r[0], reduce4(a[0], a[1], a[2], a[3]));
@@ -159,15 +166,22 @@ scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, c
 
 DSV2_TARGET_AVX512 static void scores_avx512(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
                                              const float *k, int64_t ldk, int64_t n, int64_t D) {
-    scores_avx512_k(s, lds, q, ldq, H, (const char *)k, ldk * 4, n, D, DSV2_KV_F32, D);
+    scores_avx512_k(s, lds, q, ldq, H, (const char *)k, ldk * 4, n, D, DSV2_KV_F32, D, NULL, 0);
+}
+DSV2_TARGET_AVX512 static void scores_avx512_f32r(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
+                                                  const char *k, int64_t ldk, int64_t n, int64_t D, const char *fk,
+                                                  int64_t fn) {
+    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_F32, D, fk, fn);
 }
 DSV2_TARGET_AVX512 static void scores_avx512_bf16(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
-                                                  const char *k, int64_t ldk, int64_t n, int64_t D) {
-    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_BF16, D);
+                                                  const char *k, int64_t ldk, int64_t n, int64_t D, const char *fk,
+                                                  int64_t fn) {
+    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_BF16, D, fk, fn);
 }
 DSV2_TARGET_AVX512 static void scores_avx512_fp8(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
-                                                 const char *k, int64_t ldk, int64_t n, int64_t D, int64_t L) {
-    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_FP8, L);
+                                                 const char *k, int64_t ldk, int64_t n, int64_t D, int64_t L,
+                                                 const char *fk, int64_t fn) {
+    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_FP8, L, fk, fn);
 }
 
 /* NH heads x 64 columns of o, accumulated over the n rows of c */
@@ -315,12 +329,14 @@ void dsv2_mla_scores_rows(float *s, int64_t lds, const float *q, int64_t ldq, in
     if (H <= 0 || n <= 0) return;
     const int isa = dsv2_isa();
     const int64_t D = k->L + k->rope;
-    if (k->dtype == DSV2_KV_F32) {
+    if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_F32) {
+        scores_avx512_f32r(s, lds, q, ldq, H, k->p, k->ld, n, D, k->pf, k->pf_n);
+    } else if (k->dtype == DSV2_KV_F32) {
         dsv2_mla_scores(s, lds, q, ldq, H, (const float *)k->p, k->ld / 4, n, D);
     } else if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_BF16) {
-        scores_avx512_bf16(s, lds, q, ldq, H, k->p, k->ld, n, D);
+        scores_avx512_bf16(s, lds, q, ldq, H, k->p, k->ld, n, D, k->pf, k->pf_n);
     } else if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_FP8) {
-        scores_avx512_fp8(s, lds, q, ldq, H, k->p, k->ld, n, D, k->L);
+        scores_avx512_fp8(s, lds, q, ldq, H, k->p, k->ld, n, D, k->L, k->pf, k->pf_n);
     } else if (isa >= DSV2_ISA_AVX2) {
         scores_rows_avx2(s, lds, q, ldq, H, k, n);
     } else {

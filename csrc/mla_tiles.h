@@ -24,6 +24,11 @@ typedef struct {
     int64_t ld;        /* bytes between rows */
     int dtype;         /* DSV2_KV_* */
     int64_t L, rope;   /* kv_lora, rope: a row holds L + rope numbers */
+    /* optional: the rows the caller reads next (pf_n of them, ld bytes apart, NULL: none); the
+     * score kernels prefetch them into L2 while they pass over these (a long context is one
+     * stream of rows: reading it a block ahead keeps the memory busy while a block is computed) */
+    const char *pf;
+    int64_t pf_n;
 } dsv2_mla_rows;
 
 // q [H, L + rope] (rows ldq apart) , rows k [n] -> s [H, n] (rows lds apart) = q k^T, the rows

@@ -211,6 +211,67 @@ def test_long_context_tiles_and_thread_counts():
     assert rel_err(got[1, "decompressed", "p"], got[1, "absorbed", "p"]) <= RTOL
 
 
+def attention_bf16q_f64(q, rows, seq, pos, kv_b, scale, H, nope, v, L):
+    """float64 absorbed attention whose absorbed queries [W_UK^T q_nope | q_pe] are rounded to bf16
+    (the bf16 compute mode's rounding of q; its rounding of the softmax weights is left out)."""
+    from dsv2ext.precision import round_to_bf16
+    out = np.empty((len(seq), H, v))
+    kvb = kv_b.astype(np.float64).reshape(H, nope + v, L)
+    for t, (s, p) in enumerate(zip(seq, pos)):
+        r = rows[s, :p + 1].astype(np.float64)
+        for h in range(H):
+            qa = np.concatenate([q[t, h, :nope].astype(np.float64) @ kvb[h, :nope], q[t, h, nope:]])
+            qa = round_to_bf16(qa.astype(np.float32)).astype(np.float64)
+            sc = r @ qa * scale
+            pr = np.exp(sc - sc.max())
+            out[t, h] = kvb[h, nope:] @ ((pr / pr.sum()) @ r[:, :L])
+    return out
+
+
+@pytest.mark.parametrize("shape", [(16, 128, 64, 128, 512), (3, 24, 6, 20, 64), (5, 16, 10, 24, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_bf16_compute_attention_on_bf16_cache(shape):
+    """bf16 compute mode, bf16 cache, absorbed form: the scores and the values on vdpbf16ps with the
+    absorbed queries and the softmax weights rounded to bf16.  Against a float64 model with the same
+    rounding of the queries: within 4e-3 (the weights' rounding, at most 2^-9 each: 1.0-2.0e-3 on Zen 4,
+    plus the queries rounded from fp32 instead of float64 sums); against the
+    exact attention: a bf16-sized difference (1e-5 .. 1e-2), so the mode did act; the same bits for 1,
+    2 and 5 threads; contexts of 1 to 2100 rows (odd counts: the last pair padded), several blocks."""
+    if not dsv2ext.bf16_compute_available():
+        pytest.skip("CPU lacks AVX512-BF16")
+    H, nope, rope, v, L = shape
+    prev = dsv2ext.get_num_threads()
+    try:
+        for S in (1, 63, 300, 2101):
+            rows, kv_b, seq, pos, q = random_case(shape, 2, S, 5, seed=S + L)
+            cache, widened = compact(rows, "bf16", L)
+            ref = attention_f64(q, widened, seq, pos, kv_b, 0.13, H, nope, v, L)
+            model = attention_bf16q_f64(q, widened, seq, pos, kv_b, 0.13, H, nope, v, L)
+            got = {}
+            with dsv2ext.bf16_compute():
+                for nt in (1, 2, 5):
+                    dsv2ext.set_num_threads(nt)
+                    got[nt] = M.mla_attention(q, cache, seq, pos, kv_b, 0.13, "absorbed")
+            assert rel_err(got[1], model) <= 4e-3, S
+            if S > 1:
+                assert 1e-5 < rel_err(got[1], ref) <= 1e-2, S
+            np.testing.assert_array_equal(got[1], got[2])
+            np.testing.assert_array_equal(got[1], got[5])
+    finally:
+        dsv2ext.set_num_threads(prev)
+
+
+def test_bf16_compute_attention_other_caches_stay_exact():
+    """The mode leaves fp32 / fp8 caches and kv_lora widths that are not multiples of 32 exact."""
+    for shape, dtype in (((3, 24, 6, 20, 40), "bf16"), ((3, 24, 6, 20, 64), "f32"), ((3, 24, 6, 20, 64), "fp8")):
+        H, nope, rope, v, L = shape
+        rows, kv_b, seq, pos, q = random_case(shape, 2, 300, 5, seed=3)
+        cache, widened = compact(rows, dtype, L)
+        ref = attention_f64(q, widened, seq, pos, kv_b, 0.13, H, nope, v, L)
+        with dsv2ext.bf16_compute():
+            assert rel_err(M.mla_attention(q, cache, seq, pos, kv_b, 0.13, "absorbed"), ref) <= RTOL, dtype
+
+
 # --------------------------------------------------------------------------- the model
 
 

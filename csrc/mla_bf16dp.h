@@ -1,0 +1,36 @@
+/* mla_bf16dp.h - latent attention's two products on AVX-512 BF16 dot products
+ * (vdpbf16ps), for the opt-in bf16 compute mode (gemm_bf16dp.h) over a bf16 cache.
+ *
+ * Attention over a long context is bound by arithmetic: every cached row costs
+ * 2 H (kv_lora + rope + kv_lora) flops per token, in fp32 FMAs by default.  In the
+ * bf16 compute mode the absorbed queries (once per call) and the softmax weights
+ * (once per block of rows) are rounded to bf16 and multiplied with the bf16 rows as
+ * they are stored: 32 multiply-adds per instruction against 16, exact products,
+ * fp32 sums.  The result is the attention of bf16(q) against the rows with bf16(p)
+ * as the weights of the values (the denominators use the unrounded p). */
+#ifndef DSV2_MLA_BF16DP_H
+#define DSV2_MLA_BF16DP_H
+
+#include <stdint.h>
+
+#include "mla_tiles.h"
+
+/* 1 when the attention over rows k takes these kernels: the mode is on, the CPU has
+ * AVX512-BF16 (at the AVX-512 level), the rows are bf16 and kv_lora is a multiple of 32 */
+int dsv2_mla_bf16dp_use(const dsv2_mla_rows *k);
+
+// q [H, L + rope] bf16 (rows ldq elements apart) , bf16 rows k [n] -> s [H, n] (rows lds apart) = q k^T
+void dsv2_mla_scores_bf16dp(float *s, int64_t lds, const uint16_t *q, int64_t ldq, int64_t H,
+                            const dsv2_mla_rows *k, int64_t n);
+
+/* p [H, n + (n & 1)] bf16 (rows ldp elements apart; an odd n padded with a 0) , bf16 rows c [n]
+ * -> o [H, L] (rows ldo apart) += p c[:, :L], o's columns in the kernel's order: within each
+ * 32 columns, the 16 lanes of columns {0-3, 8-11, 16-19, 24-27} then those of {4-7, 12-15,
+ * 20-23, 28-31} (elementwise updates of o keep it; dsv2_mla_bf16dp_natural restores it) */
+void dsv2_mla_pv_bf16dp(float *o, int64_t ldo, const uint16_t *p, int64_t ldp, int64_t H,
+                        const dsv2_mla_rows *c, int64_t n);
+
+// o [H, L] (rows ldo apart) in the kernel's order -> natural column order, in place (L % 32 == 0)
+void dsv2_mla_bf16dp_natural(float *o, int64_t ldo, int64_t H, int64_t L);
+
+#endif
