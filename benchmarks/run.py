@@ -1011,9 +1011,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     groups = [[r for r in runs if r.task == "speed" and (r.engine, r.variant) in g] for g in INTERLEAVE_GROUPS]
     groups = [g for g in groups if len(g) >= 2]
     if groups and not args.no_interleave and geometry in INTERLEAVE_GEOMETRIES:
+        # --reuse: the previous rounds of the groups not measured again are kept (each group's engines
+        # were measured side by side in their own rounds); otherwise the file starts afresh
+        kept: Dict[str, Any] = {"groups": [], "engines": {}}
+        measured = {r.key for g in groups for r in g}
+        if args.reuse and os.path.isfile(inter_path):
+            prev_inter = read_json(inter_path)
+            for pg in prev_inter.get("groups", []):
+                if not set(pg.get("engines", {})) & measured:
+                    kept["groups"].append(pg)
+                    for key in pg.get("engines", {}):
+                        if key in prev_inter.get("engines", {}):
+                            kept["engines"][key] = prev_inter["engines"][key]
+                    log(f"  kept the previous interleaved rounds of {', '.join(sorted(pg.get('engines', {})))}")
         if os.path.exists(inter_path):
             os.unlink(inter_path)
-        interleaved = {"groups": [], "engines": {}}
+        interleaved = kept
         for g in groups:
             busy = wait_until_idle(args.wait_idle) if args.wait_idle > 0 else cpu_busy(1.0)
             try:
