@@ -5,20 +5,12 @@
 #include "mla.h"
 
 #include <immintrin.h>
+
+#include "vec_sum.h"
 #include <string.h>
 
 int dsv2_mla_bf16dp_use(const dsv2_mla_rows *k) {
     return k->dtype == DSV2_KV_BF16 && k->L % 32 == 0 && dsv2_get_bf16_compute() == 1 && dsv2_bf16dp_available();
-}
-
-/* the 4 sums of a0..a3 as one xmm */
-DSV2_TARGET_AVX512BF16 static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 /* SH = 8 query rows x SK = 2 key rows (16 accumulators), 32 numbers a step (the tail masked);
@@ -71,7 +63,7 @@ DSV2_TARGET_AVX512BF16 static void scores_dp(float *s, int64_t lds, const uint16
                 }
             }
             float r[16];
-            for (int i = 0; i < 16; i += 4) _mm_storeu_ps(r + i, sum4(a[i], a[i + 1], a[i + 2], a[i + 3]));
+            for (int i = 0; i < 16; i += 4) _mm_storeu_ps(r + i, dsv2_sum4_ps(a[i], a[i + 1], a[i + 2], a[i + 3]));
             for (int64_t hh = 0; hh < nh; hh++)
                 for (int64_t jj = 0; jj < nj; jj++) s[(h0 + hh) * lds + j0 + jj] = r[SK * hh + jj];
         }

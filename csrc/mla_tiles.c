@@ -5,6 +5,8 @@
 
 #include <immintrin.h>
 
+#include "vec_sum.h"
+
 /* ---------------- portable / AVX2 (same source, vectorised by the compiler) ---------------- */
 static inline __attribute__((always_inline)) float dot_generic(const float *a, const float *b, int64_t D) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -55,16 +57,6 @@ DSV2_TARGET_AVX2 static void pv_avx2(float *o, int64_t ldo, const float *p, int6
 /* ---------------- AVX-512 ---------------- */
 static inline __mmask16 tmask(int64_t left) {
     return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
-}
-
-/* the 4 sums of a0..a3 as one xmm */
-DSV2_TARGET_AVX512 static inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps(s, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
 /* 16 numbers of a cached row from element d of a segment on, widened to fp32; lanes outside m
@@ -154,10 +146,10 @@ scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, c
                 scores_seg(a, qr, kr, pr, fr, pf, kind, 0, 0, 0, D);
             }
             float r[4][4];
-            _mm_storeu_ps(r[0], reduce4(a[0], a[1], a[2], a[3]));
-            _mm_storeu_ps(r[1], reduce4(a[4], a[5], a[6], a[7]));
-            _mm_storeu_ps(r[2], reduce4(a[8], a[9], a[10], a[11]));
-            _mm_storeu_ps(r[3], reduce4(a[12], a[13], a[14], a[15]));
+            _mm_storeu_ps(r[0], dsv2_sum4_ps(a[0], a[1], a[2], a[3]));
+            _mm_storeu_ps(r[1], dsv2_sum4_ps(a[4], a[5], a[6], a[7]));
+            _mm_storeu_ps(r[2], dsv2_sum4_ps(a[8], a[9], a[10], a[11]));
+            _mm_storeu_ps(r[3], dsv2_sum4_ps(a[12], a[13], a[14], a[15]));
             for (int64_t hh = 0; hh < nh; hh++)
                 for (int64_t jj = 0; jj < nj; jj++) s[(h0 + hh) * lds + j0 + jj] = r[hh][jj];
         }
