@@ -69,10 +69,14 @@ int dsv2_cpu_has_avx512vnni(void) {
 }
 
 static atomic_int g_vbmi_allowed = 1;
+static int g_vbmi_hw = -1; /* the CPU has AVX-512 VBMI (read once) */
 
 int dsv2_cpu_has_avx512vbmi(void) {
-    __builtin_cpu_init();
-    return atomic_load(&g_vbmi_allowed) && dsv2_isa() == DSV2_ISA_AVX512 && __builtin_cpu_supports("avx512vbmi");
+    if (g_vbmi_hw < 0) {
+        __builtin_cpu_init();
+        g_vbmi_hw = __builtin_cpu_supports("avx512vbmi") ? 1 : 0;
+    }
+    return atomic_load(&g_vbmi_allowed) && g_vbmi_hw && dsv2_isa() == DSV2_ISA_AVX512;
 }
 
 int dsv2_set_avx512vbmi(int allow) {

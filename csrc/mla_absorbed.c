@@ -54,8 +54,7 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     attn_job *j = (attn_job *)ctx;
     const int64_t H = j->H, L = j->L, Wd = j->Wd;
     /* bf16 compute mode over a bf16 cache (mla_bf16dp.h): the queries and the softmax weights rounded to bf16 */
-    const dsv2_mla_rows probe = {NULL, j->rb, j->cache->dtype, L, j->rope};
-    const int dp = dsv2_mla_bf16dp_use(&probe);
+    const int dp = dsv2_mla_bf16dp_use(j->cache->dtype, L);
     const size_t nf = (size_t)H * (size_t)L + (size_t)H * KB + 2 * (size_t)H;
     const size_t nb16 = dp ? (size_t)H * (size_t)Wd + (size_t)H * KB : 0;
     float *scr = (float *)malloc(nf * sizeof(float) + nb16 * sizeof(uint16_t));

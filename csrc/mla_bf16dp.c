@@ -9,8 +9,8 @@
 #include "vec_sum.h"
 #include <string.h>
 
-int dsv2_mla_bf16dp_use(const dsv2_mla_rows *k) {
-    return k->dtype == DSV2_KV_BF16 && k->L % 32 == 0 && dsv2_get_bf16_compute() == 1 && dsv2_bf16dp_available();
+int dsv2_mla_bf16dp_use(int dtype, int64_t kv_lora) {
+    return dtype == DSV2_KV_BF16 && kv_lora % 32 == 0 && dsv2_get_bf16_compute() == 1 && dsv2_bf16dp_available();
 }
 
 /* SH = 8 query rows x SK = 2 key rows (16 accumulators), 32 numbers a step (the tail masked);

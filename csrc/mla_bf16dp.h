@@ -15,9 +15,10 @@
 
 #include "mla_tiles.h"
 
-/* 1 when the attention over rows k takes these kernels: the mode is on, the CPU has
- * AVX512-BF16 (at the AVX-512 level), the rows are bf16 and kv_lora is a multiple of 32 */
-int dsv2_mla_bf16dp_use(const dsv2_mla_rows *k);
+/* 1 when the attention over cached rows of this format (DSV2_KV_*) and kv_lora takes these
+ * kernels: the mode is on, the CPU has AVX512-BF16 (at the AVX-512 level), the rows are bf16
+ * and kv_lora is a multiple of 32 */
+int dsv2_mla_bf16dp_use(int dtype, int64_t kv_lora);
 
 // q [H, L + rope] bf16 (rows ldq elements apart) , bf16 rows k [n] -> s [H, n] (rows lds apart) = q k^T
 void dsv2_mla_scores_bf16dp(float *s, int64_t lds, const uint16_t *q, int64_t ldq, int64_t H,
