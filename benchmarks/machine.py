@@ -136,15 +136,16 @@ def measure_peaks(cache: str, threads: List[int], quick: bool = False, read_only
     -------
     dict
         ``{"read_GBps": {"1": .., "2": ..}, "fma32_GFLOPs": {...}, "bf16_GFLOPs": {...},
-        "vnni_GOPs": {...}, "buffer_bytes": ...}``; a peak is None where the
-        instruction is missing.
+        "vnni_GOPs": {...}, "amx_bf16_GFLOPs": {...}, "buffer_bytes": ...}``; a peak
+        is None where the instruction is missing (AMX: tile products on tiles that
+        stay in the tile registers).
     """
     exe = _binary(cache)
     size = (1 << 30) if quick else (2 << 30)
     reps = 3 if quick else 6
     iters = 20_000_000 if quick else 50_000_000
     out: Dict[str, Any] = {"buffer_bytes": size, "read_GBps": {}, "fma32_GFLOPs": {},
-                           "bf16_GFLOPs": {}, "vnni_GOPs": {}}
+                           "bf16_GFLOPs": {}, "vnni_GOPs": {}, "amx_bf16_GFLOPs": {}}
     for t in threads:
         out["read_GBps"][str(t)] = _run(exe, "read", t, size, reps)
         if read_only:
@@ -152,6 +153,7 @@ def measure_peaks(cache: str, threads: List[int], quick: bool = False, read_only
         out["fma32_GFLOPs"][str(t)] = _run(exe, "fma32", t, iters, 3)
         out["bf16_GFLOPs"][str(t)] = _run(exe, "bf16", t, iters, 3)
         out["vnni_GOPs"][str(t)] = _run(exe, "vnni", t, iters, 3)
+        out["amx_bf16_GFLOPs"][str(t)] = _run(exe, "amx", t, iters // 8, 3)  # ~64 cycles a step
     return out
 
 

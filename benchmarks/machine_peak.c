@@ -5,11 +5,16 @@
  *   machine_peak fma32 THREADS ITERS REPS   -> best GFLOP/s (zmm vfmadd231ps)
  *   machine_peak bf16  THREADS ITERS REPS   -> best GFLOP/s (zmm vdpbf16ps)
  *   machine_peak vnni  THREADS ITERS REPS   -> best GOP/s   (zmm vpdpbusd)
+ *   machine_peak amx   THREADS ITERS REPS   -> best GFLOP/s (AMX tdpbf16ps on tiles that stay in
+ *                                              the tile registers: 4 products of 16x16x32 a step)
  *   machine_peak readloop THREADS BYTES REPS -> allocates and touches BYTES once, then prints the
  *                                              best GB/s of REPS passes for every line read from
  *                                              stdin (until EOF): a probe that keeps its memory,
  *                                              so that probing between measurements does not make
  *                                              the kernel evict other processes' page cache
+ *
+ * With PEAK_PIN=1 in the environment, thread i runs on the i-th CPU of the
+ * process's affinity mask (otherwise where the scheduler puts it).
  *
  * Prints one number.  Compiled by benchmarks/machine.py with
  * gcc -O2 -march=native -pthread.  The read loop sums 64-bit lanes into
@@ -19,6 +24,9 @@
  */
 #define _GNU_SOURCE
 #include <immintrin.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,7 +41,7 @@ static double now(void) {
 }
 
 typedef struct {
-    int id, nthreads, mode;
+    int id, nthreads, mode, pin; /* pin: a CPU number, or -1 */
     uint8_t *buf;
     size_t bytes;
     long iters;
@@ -104,8 +112,55 @@ static uint64_t vnni_loop(long iters) {
 }
 #endif
 
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+#define HAVE_AMX 1
+typedef struct {
+    uint8_t palette, start;
+    uint8_t pad[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+static uint64_t amx_loop(long iters) {
+    static uint16_t src[16 * 32] __attribute__((aligned(64)));
+    float out[16 * 16] __attribute__((aligned(64)));
+    tilecfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    for (int i = 0; i < 16 * 32; i++) src[i] = 0x3c00; /* 2^-7: the sums stay finite */
+    __asm__ volatile("" ::: "memory");
+    _tile_loadconfig(&cfg);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    _tile_loadd(4, src, 64); _tile_loadd(5, src, 64); _tile_loadd(6, src, 64); _tile_loadd(7, src, 64);
+    for (long i = 0; i < iters; i++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, out, 64);
+    _tile_release();
+    return (uint64_t)out[0];
+}
+
+/* Linux gives a process the AMX tile data state only on request */
+static int amx_permit(void) {
+    unsigned long perm = 0;
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) return 0;
+    return syscall(SYS_arch_prctl, 0x1022 /* ARCH_GET_XCOMP_PERM */, &perm) == 0 && (perm & (1ul << 18));
+}
+#endif
+
 static void *worker(void *arg) {
     job_t *j = (job_t *)arg;
+    if (j->pin >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(j->pin, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+    }
     size_t slice = (j->bytes / j->nthreads) & ~(size_t)511;
     uint8_t *p = j->buf + (size_t)j->id * slice;
     if (j->mode == 0 || j->mode == 4) memset(p, j->id + 1, slice);
@@ -129,6 +184,9 @@ static void *worker(void *arg) {
 #ifdef __AVX512VNNI__
             case 3: j->sink += vnni_loop(j->iters); break;
 #endif
+#ifdef HAVE_AMX
+            case 5: j->sink += amx_loop(j->iters); break;
+#endif
             default: break;
         }
         pthread_barrier_wait(j->stop);
@@ -139,12 +197,12 @@ static void *worker(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc != 5) {
-        fprintf(stderr, "usage: %s read|fma32|bf16|vnni|readloop THREADS BYTES_OR_ITERS REPS\n", argv[0]);
+        fprintf(stderr, "usage: %s read|fma32|bf16|vnni|amx|readloop THREADS BYTES_OR_ITERS REPS\n", argv[0]);
         return 2;
     }
     int mode = !strcmp(argv[1], "read") ? 0 : !strcmp(argv[1], "fma32") ? 1
              : !strcmp(argv[1], "bf16") ? 2 : !strcmp(argv[1], "vnni") ? 3
-             : !strcmp(argv[1], "readloop") ? 4 : -1;
+             : !strcmp(argv[1], "readloop") ? 4 : !strcmp(argv[1], "amx") ? 5 : -1;
     int nt = atoi(argv[2]);
     long n = atol(argv[3]);
     int reps = atoi(argv[4]);
@@ -158,6 +216,19 @@ int main(int argc, char **argv) {
 #ifndef __AVX512VNNI__
     if (mode == 3) { fprintf(stderr, "this CPU/compiler has no AVX512-VNNI\n"); return 3; }
 #endif
+#ifdef HAVE_AMX
+    if (mode == 5 && !amx_permit()) { fprintf(stderr, "the OS does not give this process AMX tiles\n"); return 3; }
+#else
+    if (mode == 5) { fprintf(stderr, "this CPU/compiler has no AMX-BF16\n"); return 3; }
+#endif
+    /* PEAK_PIN=1: thread i on the i-th CPU of the affinity mask */
+    int cpus[1024], ncpu = 0;
+    const char *pin = getenv("PEAK_PIN");
+    if (pin && atoi(pin) > 0) {
+        cpu_set_t set;
+        if (sched_getaffinity(0, sizeof set, &set) == 0)
+            for (int c = 0; c < CPU_SETSIZE && ncpu < 1024; c++) if (CPU_ISSET(c, &set)) cpus[ncpu++] = c;
+    }
     uint8_t *buf = NULL;
     if ((mode == 0 || mode == 4) && posix_memalign((void **)&buf, 4096, (size_t)n) != 0) {
         fprintf(stderr, "cannot allocate %ld bytes\n", n);
@@ -172,7 +243,8 @@ int main(int argc, char **argv) {
     volatile int quit = 0;
     for (int i = 0; i < nt; i++) {
         jobs[i] = (job_t){.id = i, .nthreads = nt, .mode = mode, .buf = buf, .bytes = (size_t)n,
-                          .iters = n, .start = &b1, .stop = &b2, .quit = &quit, .reps = reps, .times = times};
+                          .iters = n, .start = &b1, .stop = &b2, .quit = &quit, .reps = reps, .times = times,
+                          .pin = ncpu ? cpus[i % ncpu] : -1};
         pthread_create(&th[i], NULL, worker, &jobs[i]);
     }
     if (mode == 4) {
@@ -211,6 +283,7 @@ int main(int argc, char **argv) {
     if (mode == 0) work = (double)(((size_t)n / nt) & ~(size_t)511) * nt;   /* bytes */
     else if (mode == 1) work = 2.0 * 16 * 12 * (double)n * nt;             /* flops */
     else if (mode == 2) work = 2.0 * 32 * 12 * (double)n * nt;
+    else if (mode == 5) work = 4.0 * 2 * 16 * 16 * 32 * (double)n * nt;       /* 4 tile products a step */
     else work = 2.0 * 64 * 12 * (double)n * nt;                            /* int8 ops */
     printf("%.3f\n", work / best / 1e9);
     fprintf(stderr, "sink %llu\n", (unsigned long long)sink);

@@ -281,10 +281,13 @@ def render_markdown(all_geoms: Dict[str, Any], before: Optional[Dict[str, Any]] 
         if res.get("note"):
             lines += [res["note"][0].upper() + res["note"][1:] + ".", ""]
         pk = res["peaks"]
-        lines += ["| threads | read GB/s | fp32 FMA GFLOP/s | bf16 dot GFLOP/s | int8 dot GOP/s |", "|---|---|---|---|---|"]
+        amx = pk.get("amx_bf16_GFLOPs", {})  # absent in entries measured before the AMX probe
+        lines += ["| threads | read GB/s | fp32 FMA GFLOP/s | bf16 dot GFLOP/s | int8 dot GOP/s | AMX bf16 GFLOP/s |",
+                  "|---|---|---|---|---|---|"]
         for t in sorted(pk["read_GBps"], key=int):
             lines.append(f"| {t} | {_fmt(pk['read_GBps'][t])} | {_fmt(pk['fma32_GFLOPs'].get(t), 0)} | "
-                         f"{_fmt(pk['bf16_GFLOPs'].get(t), 0)} | {_fmt(pk['vnni_GOPs'].get(t), 0)} |")
+                         f"{_fmt(pk['bf16_GFLOPs'].get(t), 0)} | {_fmt(pk['vnni_GOPs'].get(t), 0)} | "
+                         f"{_fmt(amx.get(t), 0)} |")
         lines += ["", "Decode rooflines use the median of the read probes taken between that thread count's "
                   "decode rounds (not the table above).", ""]
         lines += table(res["rows"], res["contexts"], res["prefill_tokens"]) + [""]
@@ -375,7 +378,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         tk = str(t)
         log(f"  {t:2d} threads: read {peaks['read_GBps'][tk]:.1f} GB/s, fp32 FMA {peaks['fma32_GFLOPs'][tk]:.0f} "
             f"GFLOP/s, bf16 dot {peaks['bf16_GFLOPs'][tk] or float('nan'):.0f}, int8 dot "
-            f"{peaks['vnni_GOPs'][tk] or float('nan'):.0f} GOP/s")
+            f"{peaks['vnni_GOPs'][tk] or float('nan'):.0f} GOP/s, AMX bf16 "
+            f"{peaks['amx_bf16_GFLOPs'][tk] or float('nan'):.0f} GFLOP/s")
 
     geometry = args.geometry
     ckpt = build_checkpoint(geometry, args.cache, seed=args.seed, log=log)

@@ -163,3 +163,58 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
 int dsv2_linear(float *y, const float *x, const dsv2_mat *W, int64_t T) {
     return dsv2_linear_ex(y, W->rows, x, W->cols, W, T);
 }
+
+/* ---------------- two weights, one pass ---------------- */
+
+typedef struct {
+    float *y[2];
+    const float *x;
+    const dsv2_xq *xq; /* NULL: no prepared kind */
+    const dsv2_mat *W[2];
+    int64_t T;
+} rows2_job;
+
+/* rows [b, e) of the stacked [W1; W2]: each matrix with the kernel dsv2_linear_ex gives it alone */
+static void rows2_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)tid;
+    rows2_job *j = (rows2_job *)ctx;
+    const int64_t N1 = j->W[0]->rows;
+    for (int m = 0; m < 2; m++) {
+        const int64_t off = m ? N1 : 0, r0 = (b > off ? b : off) - off, r1 = (m ? e : (e < N1 ? e : N1)) - off;
+        if (r0 >= r1) continue;
+        const dsv2_mat *W = j->W[m];
+        if (!dsv2_gemv_q_rows(j->y[m], W->rows, j->xq, j->T, W, r0, r1))
+            dsv2_gemv_rows(j->y[m], W->rows, j->x, W->cols, (int)j->T, W, r0, r1);
+    }
+}
+
+/* the prepared kind W takes alone is in k (so that W's kernel is the one dsv2_linear_ex picks) */
+static int kinds_cover(dsv2_act_kinds k, const dsv2_mat *W) {
+    const dsv2_act_kinds w = dsv2_act_kinds_of(W, NULL);
+    return (w.g16 == 0 || w.g16 == k.g16) && (!w.i8 || k.i8) && (!w.f8 || k.f8);
+}
+
+int dsv2_linear2(float *y1, float *y2, const float *x, const dsv2_mat *W1, const dsv2_mat *W2, int64_t T) {
+    const int64_t K = W1->cols;
+    if (T < 0 || W1->rows <= 0 || W2->rows <= 0 || K <= 0 || W2->cols != K) return DSV2_ERR_ARG;
+    if ((W1->dtype == DSV2_F8E4M3 && dsv2_f8_check(W1)) || (W2->dtype == DSV2_F8E4M3 && dsv2_f8_check(W2)))
+        return DSV2_ERR_ARG;
+    if (T == 0) return DSV2_OK;
+    const dsv2_act_kinds k = dsv2_act_kinds_of(W1, W2);
+    const int one_pass = T <= DSV2_LINEAR_GEMV_MAX_T && !dsv2_amx_use(W1, T) && !dsv2_amx_use(W2, T) &&
+                         !dsv2_bf16dp_use(W1, T) && !dsv2_bf16dp_use(W2, T) && kinds_cover(k, W1) && kinds_cover(k, W2);
+    if (!one_pass) {
+        const int rc = dsv2_linear(y1, x, W1, T);
+        return rc ? rc : dsv2_linear(y2, x, W2, T);
+    }
+    char stackbuf[16384] __attribute__((aligned(64)));
+    const size_t need = dsv2_act_bytes(k, T, K);
+    char *buf = need <= sizeof stackbuf ? stackbuf : (char *)dsv2_scratch_alloc(need);
+    if (!buf) return DSV2_ERR_NOMEM;
+    const dsv2_xq xq = dsv2_act_at(k, buf, T, K);
+    if (need) dsv2_act_quantize(&xq, x, K, T, K);
+    rows2_job j = {{y1, y2}, x, need ? &xq : NULL, {W1, W2}, T};
+    dsv2_parallel_for(W1->rows + W2->rows, 16, rows2_task, &j);
+    if (buf != stackbuf) dsv2_scratch_free(buf);
+    return DSV2_OK;
+}

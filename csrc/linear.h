@@ -19,5 +19,11 @@
 int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *W, int64_t T);
 // x [T, K] , W [N, K] -> y [T, N]   (contiguous)
 int dsv2_linear(float *y, const float *x, const dsv2_mat *W, int64_t T);
+// x [T, K] , W1 [N1, K] , W2 [N2, K] -> y1 [T, N1] , y2 [T, N2]   (contiguous): two products of the same
+// activations, the same numbers as two dsv2_linear calls.  For few rows (the row-dot kernels, the
+// activations prepared once for both) the rows of both weights are one region of the pool: one
+// fork / join instead of two, and the smaller weight streams inside the larger one's pass (a
+// decode step's query and latent projections of h).  Otherwise two dsv2_linear calls.
+int dsv2_linear2(float *y1, float *y2, const float *x, const dsv2_mat *W1, const dsv2_mat *W2, int64_t T);
 
 #endif

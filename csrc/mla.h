@@ -78,6 +78,11 @@ int dsv2_mla_compress_kv(dsv2_mla_cache *cache, float *lat, const float *h, int6
                          const int64_t *seq, const int64_t *pos, const dsv2_mat *kv_a_proj,
                          const dsv2_mat *kv_a_norm, int64_t kv_lora, int64_t rope, float eps,
                          const float *inv_freq, float attention_factor, int interleaved);
+// lat [T, kv_lora + rope] = h kv_a_proj^T (computed by the caller) -> lat = [RMSNorm(c_kv) | rope(k_pe, pos)]
+//   in place, and the same rows written to cache[seq[t], pos[t], :] (the second half of dsv2_mla_compress_kv)
+int dsv2_mla_store_kv(dsv2_mla_cache *cache, float *lat, int64_t T, const int64_t *seq, const int64_t *pos,
+                      const dsv2_mat *kv_a_norm, int64_t kv_lora, int64_t rope, float eps, const float *inv_freq,
+                      float attention_factor, int interleaved);
 
 /* ---- attention, absorbed form (mla_absorbed.c) ---- */
 // q [T, H, nope + rope] , cache [B, S, kv_lora + rope] , seq [T] , pos [T] , kv_b [H*(nope+v), kv_lora]

@@ -35,29 +35,32 @@ int dsv2_mla_block(float *out, const float *h, int64_t T, int64_t d, dsv2_mla_ca
     float *q = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)dqk * sizeof(float));
     float *qa = ql ? (float *)dsv2_scratch_alloc((size_t)T * (size_t)ql * sizeof(float)) : NULL;
     float *ob = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)dm->v * sizeof(float));
+    float *lat = (float *)dsv2_scratch_alloc((size_t)T * (size_t)(dm->kv_lora + dm->rope) * sizeof(float));
     int rc = DSV2_OK;
-    if (!q || !ob || (ql && !qa)) {
+    if (!q || !ob || !lat || (ql && !qa)) {
         rc = DSV2_ERR_NOMEM;
         goto done;
     }
-    if (ql) {
-        rc = dsv2_linear(qa, h, &w->q_a_proj, T);
-        if (!rc) rc = dsv2_rmsnorm(qa, qa, &w->q_a_norm, T, ql, cfg->eps);
+    /* the two products of h (query or query-compression, and latent) in one pass; the latent rows
+     * are normed, roped and stored once the query is done (no dependence between the two) */
+    rc = ql ? dsv2_linear2(qa, lat, h, &w->q_a_proj, &w->kv_a_proj, T)
+            : dsv2_linear2(q, lat, h, &w->q_proj, &w->kv_a_proj, T);
+    if (!rc && ql) {
+        rc = dsv2_rmsnorm(qa, qa, &w->q_a_norm, T, ql, cfg->eps);
         if (!rc) rc = dsv2_linear(q, qa, &w->q_b_proj, T);
-    } else {
-        rc = dsv2_linear(q, h, &w->q_proj, T);
     }
     if (!rc)
         rc = dsv2_rope_apply(q + dm->nope, H * dqk, dqk, T, H, dm->rope, pos, cfg->inv_freq, cfg->attention_factor,
                              cfg->interleaved);
     if (!rc)
-        rc = dsv2_mla_compress_kv(cache, NULL, h, T, d, seq, pos, &w->kv_a_proj, &w->kv_a_norm, dm->kv_lora,
-                                  dm->rope, cfg->eps, cfg->inv_freq, cfg->attention_factor, cfg->interleaved);
+        rc = dsv2_mla_store_kv(cache, lat, T, seq, pos, &w->kv_a_norm, dm->kv_lora, dm->rope, cfg->eps, cfg->inv_freq,
+                               cfg->attention_factor, cfg->interleaved);
     if (!rc) rc = dsv2_mla_attention(ob, q, cache, seq, pos, T, &w->kv_b_proj, dm, cfg->scale, mode);
     if (!rc) rc = dsv2_linear(out, ob, &w->o_proj, T);
 done:
     dsv2_scratch_free(q);
     dsv2_scratch_free(qa);
     dsv2_scratch_free(ob);
+    dsv2_scratch_free(lat);
     return rc;
 }

@@ -306,6 +306,66 @@ def test_block_full_forward(case, mode):
     assert not cache[0].any() and not cache[1, T:].any()
 
 
+def _block_by_ops(ref: Ref, w: "M.MLAWeights", x: np.ndarray, cache: np.ndarray, seq: np.ndarray,
+                  pos: np.ndarray) -> np.ndarray:
+    """The attention block composed of the single ops, each projection its own call."""
+    from dsv2ext import ops
+
+    c, T = ref.mcfg, x.shape[0]
+    if c.q_lora:
+        qa = ops.linear(x, w.q_a_proj)
+        q = ops.linear(ops.rms_norm(qa, w.q_a_layernorm, c.rms_norm_eps), w.q_b_proj)
+    else:
+        q = ops.linear(x, w.q_proj)
+    q = q.reshape(T, c.num_heads, c.qk_head_dim)
+    M.apply_rope(q[:, :, c.qk_nope_head_dim:], pos, c.inv_freq, c.rope_attention_factor,
+                 interleaved=c.rope_interleave)
+    M.mla_compress_kv(x, w.kv_a_proj_with_mqa, w.kv_a_layernorm, cache, seq, pos, c.inv_freq,
+                      c.rope_attention_factor, eps=c.rms_norm_eps, interleaved=c.rope_interleave)
+    o = M.mla_attention(q, cache, seq, pos, w.kv_b_proj, c.softmax_scale)
+    return ops.linear(o.reshape(T, -1), w.o_proj)
+
+
+@pytest.mark.parametrize("q_lora", [None, 96])
+@pytest.mark.parametrize("formats", ["bf16+int8", "int8/64+int8/32", "int4+int8", "int8+int4", "fp8+bf16",
+                                     "f32+int8"])
+def test_block_query_and_latent_projections_in_one_pass(q_lora, formats):
+    """For few tokens the block runs the two products of the hidden states (q_proj or q_a_proj,
+    and kv_a_proj) in one pass over the pool; each weight must still get the kernel (and
+    activation format) it gets alone: the block equals the single ops bit for bit, whatever the
+    two weights' formats (int8 groups that differ cannot share int16 activations)."""
+    from dsv2ext.fp8 import quantize_fp8
+    from dsv2ext.int4 import quantize_int4
+    from dsv2ext.quant import quantize_int8
+
+    def fmt(a: np.ndarray, f: str):
+        if f == "bf16":
+            return BF16.from_float32(a)
+        if f.startswith("int8"):
+            return quantize_int8(a, int(f.split("/")[1]) if "/" in f else 32)
+        if f == "int4":
+            return quantize_int4(a)
+        if f == "fp8":
+            return quantize_fp8(a, (32, 32))
+        return a
+
+    ref = Ref("v2", 256, 4, q_lora, 64, 32, 16, 32, LITE_YARN, seed=7)
+    fq, fkv = formats.split("+")
+    wd = dict(vars(ref.weights))
+    first = "q_a_proj" if q_lora else "q_proj"
+    wd[first] = fmt(wd[first], fq)
+    wd["kv_a_proj_with_mqa"] = fmt(wd["kv_a_proj_with_mqa"], fkv)
+    w = M.MLAWeights(**wd)
+    for T in (1, 3, 8, 9):
+        x = rand_hidden(T, 256, T)
+        seq, pos = np.zeros(T, np.int64), np.arange(T, dtype=np.int64)
+        c1, c2 = M.new_latent_cache(ref.mcfg, 1, T), M.new_latent_cache(ref.mcfg, 1, T)
+        got = M.mla_attention_block(x, w, ref.mcfg, c1, seq, pos)
+        want = _block_by_ops(ref, w, x, c2, seq, pos)
+        np.testing.assert_array_equal(got, want, err_msg=f"T={T}")
+        np.testing.assert_array_equal(c1, c2)
+
+
 def test_v3_rope_half_layout_block():
     """DeepseekV3Attention with rope_interleave=False (rotate-half pairs)."""
     ref = Ref("v3", 256, 4, None, 64, 32, 16, 32, SMALL_YARN, seed=11, rope_interleave=False)
