@@ -399,7 +399,7 @@ int dsv2_linear_amx(float *y, int64_t ldy, const float *x, int64_t ldx, const ds
         J.hw = mode == DSV2_AMX_HW;
         J.spg = W->dtype == DSV2_I8 ? W->group / 32 : 1;
         full_tiles_cfg(&J.cfg);
-        plan(&J, N, dsv2_get_num_threads());
+        plan(&J, N, dsv2_region_threads()); /* 1 inside a region: the product runs serially */
         atomic_init(&J.err, DSV2_OK);
         dsv2_parallel_for(((N + J.rb - 1) / J.rb) * J.ntg, 1, items_task, &J);
         rc = atomic_load(&J.err);

@@ -150,7 +150,7 @@ int dsv2_linear_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv
      * lite-L4 prefill ran at ~187 tokens/s, with 2 MiB ~203.  An element's value does
      * not depend on the panel's size (sgemm sums over K the same way whatever the
      * panel's width), so results stay the same for any thread count. */
-    const int64_t min_panels = 2 * (int64_t)dsv2_get_num_threads() > 8 ? 2 * (int64_t)dsv2_get_num_threads() : 8;
+    const int64_t min_panels = 2 * (int64_t)dsv2_region_threads() > 8 ? 2 * (int64_t)dsv2_region_threads() : 8;
     int64_t P = (int64_t)(2u << 20) / (K * 4);
     if (P > N / min_panels) P = N / min_panels;
     P = P < 16 ? 16 : P / 16 * 16;

@@ -151,6 +151,82 @@ typedef struct {
     dsv2_xq Xq, xsq, Hq, Hsq;
 } workspace;
 
+/* Busy experts, several at once: each thread runs whole experts (their products single-threaded:
+ * regions nested in a task run serially), claiming the next one from an atomic counter, largest
+ * first.  Every product computes an element the same way whatever the split (gemm_amx.h,
+ * linear.c), so the results are those of one expert after another on the whole pool, which is
+ * what fewer busy experts than 2 per thread get (prefill of a long prompt: ~48 tokens per routed
+ * expert of V2-Lite at 512 tokens; split over 16 threads each such product was ~0.1 ms between
+ * two joins). */
+typedef struct {
+    const workspace *ws;
+    const dsv2_mlp *experts;
+    const int64_t *list; /* busy experts, largest first */
+    int64_t n, d;
+    atomic_llong next;
+    atomic_int err;
+} busy_job;
+
+static void busy_task(void *ctx, int64_t b, int64_t e, int tid) {
+    (void)b, (void)e, (void)tid;
+    busy_job *j = (busy_job *)ctx;
+    const workspace *ws = j->ws;
+    float *gs = NULL;
+    int64_t cap = 0;
+    for (;;) {
+        const int64_t i = atomic_fetch_add(&j->next, 1);
+        if (i >= j->n || atomic_load(&j->err) != DSV2_OK) break;
+        const int64_t ex = j->list[i], o = ws->off[ex], n = ws->off[ex + 1] - o;
+        const int64_t need = dsv2_mlp_gemm_scratch(&j->experts[ex], n);
+        if (need > cap) {
+            dsv2_scratch_free(gs);
+            gs = (float *)dsv2_scratch_alloc((size_t)need * sizeof(float));
+            cap = gs ? need : 0;
+            if (!gs) {
+                atomic_store(&j->err, DSV2_ERR_NOMEM);
+                break;
+            }
+        }
+        const int rc = dsv2_mlp_gemm(ws->Y + o * j->d, j->d, ws->Xg + o * j->d, j->d, n, &j->experts[ex], gs);
+        if (rc) atomic_store(&j->err, rc);
+    }
+    dsv2_scratch_free(gs);
+}
+
+/* the busy experts (more than `busy` tokens) through dsv2_mlp_gemm: several at once when there are
+ * at least two per thread, else one after another on the whole pool */
+static int run_busy(const workspace *ws, const dsv2_mlp *experts, int64_t E, int64_t busy, int64_t d) {
+    int64_t *list = (int64_t *)malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+    if (!list) return DSV2_ERR_NOMEM;
+    int64_t nb = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t n = ws->off[e + 1] - ws->off[e];
+        if (n <= busy) continue;
+        int64_t i = nb++; /* insertion by token count, largest first (ties: lower expert first) */
+        while (i > 0 && ws->off[list[i - 1] + 1] - ws->off[list[i - 1]] < n) {
+            list[i] = list[i - 1];
+            i--;
+        }
+        list[i] = e;
+    }
+    int rc = DSV2_OK;
+    const int nt = dsv2_region_threads();
+    if (nt > 1 && nb >= 2 * (int64_t)nt) {
+        busy_job j = {ws, experts, list, nb, d};
+        atomic_init(&j.next, 0);
+        atomic_init(&j.err, DSV2_OK);
+        dsv2_parallel_for(nt, 1, busy_task, &j);
+        rc = atomic_load(&j.err);
+    } else {
+        for (int64_t i = 0; i < nb && rc == DSV2_OK; i++) {
+            const int64_t o = ws->off[list[i]], n = ws->off[list[i] + 1] - o;
+            rc = dsv2_mlp_gemm(ws->Y + o * d, d, ws->Xg + o * d, d, n, &experts[list[i]], ws->gs);
+        }
+    }
+    free(list);
+    return rc;
+}
+
 /* one chunk of Tc tokens: x [Tc, d], ids/w [Tc, k] -> out [Tc, d] */
 static int run_chunk(const workspace *ws, float *out, const float *x, const int64_t *ids, const float *w,
                      const dsv2_mlp *experts, int64_t E, const dsv2_mlp *shared, int64_t Tc, int64_t k,
@@ -166,13 +242,8 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     /* busy experts (more tokens than the row-dot path takes): one matrix-product MLP each */
     const int64_t busy = dsv2_mlp_rowdot_max_t(&experts[0]);
     const int64_t busy_shared = shared ? dsv2_mlp_rowdot_max_t(shared) : 0;
-    for (int64_t e = 0; e < E; e++) {
-        int64_t o = ws->off[e], n = ws->off[e + 1] - o;
-        if (n > busy) {
-            rc = dsv2_mlp_gemm(ws->Y + o * d, d, ws->Xg + o * d, d, n, &experts[e], ws->gs);
-            if (rc) return rc;
-        }
-    }
+    rc = run_busy(ws, experts, E, busy, d);
+    if (rc) return rc;
     if (shared && Tc > busy_shared) {
         rc = dsv2_mlp_gemm(ws->Ys, d, x, d, Tc, shared, ws->gs);
         if (rc) return rc;

@@ -222,3 +222,5 @@ int dsv2_get_num_threads(void) {
     pthread_once(&once, init_pool);
     return P.nthreads;
 }
+
+int dsv2_region_threads(void) { return tl_in_region ? 1 : dsv2_get_num_threads(); }

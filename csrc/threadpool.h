@@ -20,5 +20,8 @@ void dsv2_parallel_for(int64_t n, int64_t grain, dsv2_task_fn fn, void *ctx);
  * number in force. */
 int dsv2_set_num_threads(int n);
 int dsv2_get_num_threads(void);
+/* The threads a dsv2_parallel_for called here would use: 1 inside a task of a parallel region
+ * (nested regions run serially in the calling thread), else dsv2_get_num_threads(). */
+int dsv2_region_threads(void);
 
 #endif

@@ -557,6 +557,42 @@ def test_deterministic_across_thread_counts(T):
     assert_close(outs[0], reference(m, x))
 
 
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "int4", "fp8"])
+def test_many_busy_experts_run_concurrently_with_the_same_numbers(fmt):
+    """A long prompt gives most routed experts more tokens than the row-dot path takes; with two
+    or more such experts per thread, the threads run whole experts at once (each expert's
+    products single-threaded).  The output must not change with the thread count (1 thread: one
+    expert after another) and must match the experts' dequantized weights in fp32."""
+    from dsv2ext.fp8 import quantize_fp8
+    from dsv2ext.int4 import quantize_int4
+    from dsv2ext.quant import quantize_int8
+
+    def fmt_of(a: np.ndarray):
+        return {"f32": lambda: a, "bf16": lambda: BF16.from_float32(a), "int8": lambda: quantize_int8(a),
+                "int4": lambda: quantize_int4(a), "fp8": lambda: quantize_fp8(a, (32, 32))}[fmt]()
+
+    def dense(w) -> np.ndarray:
+        return w if isinstance(w, np.ndarray) else w.to_float32()
+
+    rng = np.random.default_rng(23)
+    d, inter, E, k, T = 128, 96, 12, 4, 240  # ~80 tokens per expert: every routed expert is busy
+    x = rng.standard_normal((T, d)).astype(np.float32)
+    router = (rng.standard_normal((E, d)) * 0.05).astype(np.float32)
+    shapes = ((inter, d), (inter, d), (d, inter))
+    experts = [tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32)) for s in shapes) for _ in range(E)]
+    shared = tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32))
+                   for s in ((2 * inter, d), (2 * inter, d), (d, 2 * inter)))
+    cfg = MoEConfig(n_routed_experts=E, num_experts_per_tok=k)
+    outs = []
+    for n in (1, 2, 3, 4):
+        dsv2ext.set_num_threads(n)
+        outs.append(moe_block(x, router, experts, shared, cfg))
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    ref = moe_block(x, router, [tuple(dense(w) for w in e) for e in experts], tuple(dense(w) for w in shared), cfg)
+    assert max_rel(outs[0], ref) <= 2e-5
+
+
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 def test_isa_paths(isa):
     dsv2ext.set_isa(isa)
