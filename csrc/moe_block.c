@@ -196,7 +196,10 @@ static void busy_task(void *ctx, int64_t b, int64_t e, int tid) {
 /* the busy experts (more than `busy` tokens) through dsv2_mlp_gemm: several at once when there are
  * at least two per thread, else one after another on the whole pool */
 static int run_busy(const workspace *ws, const dsv2_mlp *experts, int64_t E, int64_t busy, int64_t d) {
-    int64_t *list = (int64_t *)malloc((size_t)(E > 0 ? E : 1) * sizeof(int64_t));
+    int64_t count = 0; /* none in a decode step: no allocation, no sort */
+    for (int64_t e = 0; e < E; e++) count += ws->off[e + 1] - ws->off[e] > busy;
+    if (count == 0) return DSV2_OK;
+    int64_t *list = (int64_t *)malloc((size_t)count * sizeof(int64_t));
     if (!list) return DSV2_ERR_NOMEM;
     int64_t nb = 0;
     for (int64_t e = 0; e < E; e++) {
