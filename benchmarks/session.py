@@ -18,9 +18,10 @@ For each turn k the session computes ``prefill_tokens`` (n_k) tokens in ``prefil
 Modes:
 - ``chat`` (bundled model): ``s.chat(user_message)``; the history is re-rendered with the chat
   template each turn and the cache is reused up to the longest common prefix of its tokens.
-  The bundled model's answers start with a newline right after "Assistant:", which the
-  template renders as "Assistant: " + answer: from that space on, the previous answer's tokens
-  differ from the cached ones and are computed again (``answer_tokens_recomputed``).
+  The bundled template writes a past answer right after "Assistant:", as generated (DeepSeek's
+  adds a space, which the bundled model's answers, starting with a newline, never had).  An
+  answer is computed again from where the model chose tokens the tokenizer would not (e.g.
+  "\n", "\n" where encoding the text gives "\n\n"): ``answer_tokens_recomputed``.
 - ``ids`` (both models): ``s.generate(previous prompt + answer tokens + new turn tokens)``: the
   conversation as token ids, so the cache covers everything but the new turn.
 

@@ -93,12 +93,15 @@ BOS_ID = 0
 EOS_ID = 1
 HELDOUT_MODULUS = 20
 SAMPLE_MAX_FILE_BYTES = 40_000
-# DeepSeek-V2(-Chat)'s chat template, as published in its tokenizer_config.json.
+# DeepSeek-V2(-Chat)'s chat template, as published in its tokenizer_config.json, except that an
+# assistant message follows "Assistant:" as written (DeepSeek's adds a space): this model's answers
+# start right after the generation prompt (often with a newline), and a past answer rendered the way
+# it was generated keeps a session's cached tokens valid (DeepSeek's chat models answer " text").
 CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
     "{{ 'User: ' + message['content'] + '\\n\\n' }}{% elif message['role'] == 'assistant' %}"
-    "{{ 'Assistant: ' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
+    "{{ 'Assistant:' + message['content'] + eos_token }}{% elif message['role'] == 'system' %}"
     "{{ message['content'] + '\\n\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )

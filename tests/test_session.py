@@ -6,6 +6,8 @@ with the cached ones (``prefill_tokens``).  The bundled model and its chat templ
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -85,9 +87,12 @@ def test_chat_turns_equal_fresh_runs(model):
     assert c.prefill_tokens == 1 and c.token_ids == b.token_ids
 
 
-def test_answer_that_continues_the_rendering_is_reused(model):
-    """When the answer is what the template renders after the generation prompt ("Assistant:" +
-    " text"), the next turn reuses it whole: only the eos and the new turn are computed."""
+def test_answer_that_continues_the_rendering_is_reused(model, monkeypatch):
+    """DeepSeek's own template ("Assistant: " + content): when the answer is what it renders after
+    the generation prompt ("Assistant:" + " text"), the next turn reuses it whole: only the eos and
+    the new turn are computed, and the recorded content drops the leading space."""
+    from hf_models import DEEPSEEK_CHAT_TEMPLATE
+    monkeypatch.setattr(model.tokenizer, "chat_template", DEEPSEEK_CHAT_TEMPLATE)
     s = model.session()
     h1 = [{"role": "user", "content": "hi"}]
     ids1 = model._chat_ids(h1)
@@ -100,6 +105,23 @@ def test_answer_that_continues_the_rendering_is_reused(model):
     out = s.chat(h2, **GREEDY)
     assert out.prefill_tokens == len(ids2) - len(ids1) - len(answer)
     assert out.token_ids == model.chat(h2, **GREEDY).token_ids
+    as_generated = dataclasses.replace(out, token_ids=answer, text=" def add(a, b):\n    return a + b")
+    assert s._answer_content(h1, as_generated) == "def add(a, b):\n    return a + b"
+
+
+def test_bundled_answers_are_reused_whole(model):
+    """The bundled template writes a past answer right after "Assistant:", as the model generated it
+    (its answers start with a newline): over three turns nothing of an answer is computed again."""
+    s = model.session()
+    assert "'Assistant:' + message['content']" in model.tokenizer.chat_template
+    for user in ["Write a function that adds two numbers.", "Add type hints.", "Add a test."]:
+        cached = list(s.tokens)
+        out = s.chat(user, **GREEDY)
+        ids = model._chat_ids(s.messages[:-1])
+        assert lcp(cached, ids) == len(cached)  # the whole cache (prompt and answer) is a prefix
+        assert out.prefill_tokens == len(ids) - len(cached)
+        assert out.token_ids == model.chat(s.messages[:-1], **GREEDY).token_ids
+        assert s.messages[-1]["content"] == out.text  # recorded as generated
 
 
 def test_seeded_sampling_and_stream(model):
