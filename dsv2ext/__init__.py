@@ -44,8 +44,8 @@ from .fp8 import Fp8Weight
 from .model import DeepseekV2, default_model_path, load
 from .safetensors import CheckpointError
 from .stats import stats
-from .threads import (amx_available, get_isa, get_num_threads, get_prefetch, prefetch_defaults, set_isa,
-                      set_num_threads, set_prefetch)
+from .threads import (amx_available, get_chunks_per_thread, get_isa, get_num_threads, get_prefetch,
+                      prefetch_defaults, set_chunks_per_thread, set_isa, set_num_threads, set_prefetch)
 from .precision import bf16_compute, bf16_compute_available, get_bf16_compute, set_bf16_compute
 from .tokenizer import TokenizerError
 
@@ -64,5 +64,6 @@ def generate(prompt: Any, max_new_tokens: int = 64, **kwargs: Any):
 
 __all__ = ["BF16", "Fp8Weight", "ops", "load", "generate", "DeepseekV2", "ModelConfig", "ConfigError", "CheckpointError",
            "TokenizerError", "stats", "default_model_path", "set_num_threads", "get_num_threads", "get_isa",
-           "set_isa", "get_prefetch", "set_prefetch", "prefetch_defaults", "amx_available", "bf16_compute",
+           "set_isa", "get_prefetch", "set_prefetch", "prefetch_defaults", "set_chunks_per_thread",
+           "get_chunks_per_thread", "amx_available", "bf16_compute",
            "bf16_compute_available", "get_bf16_compute", "set_bf16_compute", "__version__"]

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 from ._native import _C
 
 __all__ = ["set_num_threads", "get_num_threads", "get_isa", "set_isa", "get_prefetch", "set_prefetch",
-           "prefetch_defaults", "amx_available"]
+           "prefetch_defaults", "set_chunks_per_thread", "get_chunks_per_thread", "amx_available"]
 
 
 def set_num_threads(n: int) -> int:
@@ -36,6 +36,31 @@ def set_num_threads(n: int) -> int:
 def get_num_threads() -> int:
     """The number of threads the kernels use."""
     return _C.get_num_threads()
+
+
+def set_chunks_per_thread(n: Optional[int]) -> int:
+    """Cut every parallel region into ``n`` chunks per thread (1..64), or None for the automatic
+    choice, ``min(threads, 16)``; returns the setting in force (0: automatic).
+
+    The threads claim the chunks of a region in order, so threads that happen to run faster take
+    up the share of slower ones (with one chunk per thread a region lasts as long as its slowest
+    thread).  ``DSV2EXT_CHUNKS`` sets it at start-up.  It changes no result, only speed: on a
+    16-vCPU Xeon at 16 threads, 16 chunks per thread against 1 gave lite-L4 decode bf16 95 vs 79
+    tokens/s, int8 165 vs 141, 512-token prefill bf16 2103 vs 1814 (interleaved rounds, medians);
+    at 2 threads 4 and 1 were level.
+    """
+    if n is None:
+        n = 0
+    elif isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n: expected an int or None, got {type(n).__name__}")
+    elif not 1 <= n <= 64:
+        raise ValueError(f"n: expected 1..64 chunks per thread or None, got {n}")
+    return _C.set_chunks_per_thread(n)
+
+
+def get_chunks_per_thread() -> int:
+    """Chunks per thread that a parallel region on all threads is cut into now."""
+    return _C.get_chunks_per_thread()
 
 
 def get_isa() -> str:

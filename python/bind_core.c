@@ -128,6 +128,17 @@ static PyObject *py_set_prefetch(PyObject *self, PyObject *args) {
     return PyLong_FromLong(dsv2_prefetch_bytes());
 }
 
+static PyObject *py_set_chunks_per_thread(PyObject *self, PyObject *args) {
+    long long n;
+    if (!PyArg_ParseTuple(args, "L:set_chunks_per_thread", &n)) return NULL;
+    if (n < 0 || n > 64) return PyErr_Format(PyExc_ValueError, "n: expected 0 (automatic) or 1..64 chunks per thread, got %lld", n);
+    return PyLong_FromLong(dsv2_set_chunks_per_thread((int)n));
+}
+
+static PyObject *py_get_chunks_per_thread(PyObject *self, PyObject *noargs) {
+    return PyLong_FromLong(dsv2_get_chunks_per_thread());
+}
+
 static PyObject *py_amx_available(PyObject *self, PyObject *noargs) {
     return PyBool_FromLong(dsv2_amx_hw_supported());
 }
@@ -205,6 +216,8 @@ PyMethodDef dsv2py_core_methods[] = {
      "prefetch_defaults() -> {'bf16', 'int8', 'int4', 'fp8': bytes}: each row-dot family's default on this CPU"},
     {"get_prefetch", py_get_prefetch, METH_NOARGS, "get_prefetch() -> override in bytes (0: off), None: kernel defaults"},
     {"set_prefetch", py_set_prefetch, METH_VARARGS, "set_prefetch(nbytes | None) -> override in force"},
+    {"set_chunks_per_thread", py_set_chunks_per_thread, METH_VARARGS, "set_chunks_per_thread(n) -> setting in force"},
+    {"get_chunks_per_thread", py_get_chunks_per_thread, METH_NOARGS, "chunks per thread of a region now"},
     {"amx_available", py_amx_available, METH_NOARGS,
      "amx_available() -> bool: the CPU has AMX-TILE + AMX-BF16 and the OS granted the tile state"},
     {"amx_min_rows", py_amx_min_rows, METH_NOARGS,

@@ -126,6 +126,44 @@ def test_thread_count_does_not_change_results():
     np.testing.assert_array_equal(a, b)
 
 
+def test_chunks_per_thread_do_not_change_results():
+    """Regions cut into 1, 3, 7 or the automatic number of chunks per thread, at 1-3 threads: a
+    whole decode and prefill of the bundled model (every kernel family it runs) gives the same bits."""
+    model = dsv2ext.load()
+    ids = np.random.default_rng(3).integers(5, 1000, size=40).astype(np.int64)
+
+    def run():
+        cache = model.new_cache(1, 48)
+        a = model.forward(ids, np.zeros(40, np.int64), np.arange(40, dtype=np.int64), cache)
+        b = model.forward(ids[:1], np.zeros(1, np.int64), np.array([40], np.int64), cache)
+        return np.concatenate([a.ravel(), b.ravel()])
+
+    n = dsv2ext.get_num_threads()
+    try:
+        dsv2ext.set_num_threads(1)
+        ref = run()
+        for threads in (2, 3):
+            dsv2ext.set_num_threads(threads)
+            for c in (1, 3, 7, None):
+                dsv2ext.set_chunks_per_thread(c)
+                assert dsv2ext.get_chunks_per_thread() == (c or threads)
+                np.testing.assert_array_equal(run(), ref)
+    finally:
+        dsv2ext.set_chunks_per_thread(None)
+        dsv2ext.set_num_threads(n)
+    dsv2ext.set_num_threads(16)
+    try:
+        assert dsv2ext.get_chunks_per_thread() == 16  # automatic: min(threads, 16)
+    finally:
+        dsv2ext.set_num_threads(n)
+    with pytest.raises(ValueError, match="n: expected 1..64"):
+        dsv2ext.set_chunks_per_thread(0)
+    with pytest.raises(ValueError, match="n: expected 1..64"):
+        dsv2ext.set_chunks_per_thread(65)
+    with pytest.raises(TypeError, match="n: expected an int"):
+        dsv2ext.set_chunks_per_thread(2.0)
+
+
 # ---------------------------------------------------------------- bad input
 def _x(T=2, K=8):
     return np.ones((T, K), np.float32)
