@@ -8,8 +8,8 @@ Every parallel region of dsv2ext is cut into ``chunks`` per thread that the thre
 order (``dsv2ext.set_chunks_per_thread``; automatic: ``min(threads, 16)``).  For each round (the
 settings alternate in order and reverse), a read probe at the same thread count, then per
 setting and per weight format (lite-L4 bf16 and int8): the lm_head product of one token (GB/s,
-median of 15), decode after 128 tokens of context (tokens/s from the median step of 32, and from
-their mean), and a 512-token prefill (tokens/s).  Prints one JSON line per round and writes them
+median of 15), decode after 128 tokens of context (``bench_decode.decode_run``: tokens/s from
+the median step of 32, and from their mean), and a 512-token prefill (tokens/s).  Prints one JSON line per round and writes them
 to ``--out``.  Results do not depend on the setting (tests); only speed does.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main(argv: List[str] = None) -> int:
 
     import dsv2ext
     from dsv2ext import ops
+    from bench_decode import decode_run
     from checkpoint import build_checkpoint
 
     ckpt = args.ckpt or build_checkpoint("lite-L4", args.cache, seed=0, log=print)
@@ -48,21 +49,8 @@ def main(argv: List[str] = None) -> int:
     dsv2ext.set_num_threads(args.threads)
     models = {dt: dsv2ext.load(ckpt, dtype=dt) for dt in ("bf16", "int8")}
     rng = np.random.default_rng(0)
-    T = 128
-    ids = rng.integers(100, 50000, size=T).astype(np.int64)
     P = rng.integers(100, 50000, size=512).astype(np.int64)
     x = rng.standard_normal((1, models["bf16"].config.hidden_size), dtype=np.float32)
-
-    def decode(m: Any, n: int = 32) -> List[float]:
-        c = m.new_cache(1, T + n + 2)
-        lg = m.forward(ids, np.zeros(T, np.int64), np.arange(T, dtype=np.int64), c, logit_rows=np.array([T - 1]))
-        ts = []
-        for i in range(n):
-            t = time.perf_counter()
-            lg = m.forward(np.array([int(np.argmax(lg[0]))], np.int64), np.zeros(1, np.int64),
-                           np.array([T + i], np.int64), c)
-            ts.append(time.perf_counter() - t)
-        return [1 / float(np.median(ts)), 1 / float(np.mean(ts))]
 
     def prefill(m: Any) -> float:
         c = m.new_cache(1, 520)
@@ -88,7 +76,8 @@ def main(argv: List[str] = None) -> int:
                 d: Dict[str, Any] = {}
                 for dt, m in models.items():
                     d[f"lm_{dt}"] = lm_head(m.weights.lm_head)
-                    d[f"dec_{dt}"] = decode(m)
+                    r_ = decode_run(m, context=128, tokens=32, profile=False)
+                    d[f"dec_{dt}"] = [r_["tokens_per_s_median"], r_["tokens_per_s"]]
                     d[f"pf_{dt}"] = prefill(m)
                 row[str(cpt)] = d
             row["probe_end"] = probe.read()
