@@ -115,10 +115,10 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
                 for (int64_t c = 0; c < L; c++) dst[h * L + c] = O[h * L + c] * inv;
             }
         } else {
-            float *dst = j->part + it->slot * H * (L + 2);
-            memcpy(dst, O, (size_t)H * (size_t)L * sizeof(float));
-            memcpy(dst + H * L, m, (size_t)H * sizeof(float));
-            memcpy(dst + H * L + H, l, (size_t)H * sizeof(float));
+            float *dst = j->part + it->slot * H * (L + 2); /* [H, L] outputs, [H] maxima, [H] sums */
+            memcpy(dst + it->h0 * L, O, (size_t)Hn * (size_t)L * sizeof(float));
+            memcpy(dst + H * L + it->h0, m, (size_t)Hn * sizeof(float));
+            memcpy(dst + H * L + H + it->h0, l, (size_t)Hn * sizeof(float));
         }
     }
     free(scr);
@@ -271,6 +271,24 @@ static int project_out(float *o, const float *olat, int64_t T, const dsv2_mat *k
     return DSV2_OK;
 }
 
+/* parts to cut each of n_items (token, rows) work items into by heads, for nthreads threads: the
+ * fewest rounds of work per thread, each item counted as its share of the heads plus a fixed
+ * cost (per-item setup and the re-read of its rows) of 1/16 of a whole item */
+static int64_t head_parts(int64_t n_items, int nthreads, int64_t H) {
+    if (n_items <= 0 || n_items >= nthreads) return 1;
+    int64_t best = 1;
+    double best_cost = (double)((n_items + nthreads - 1) / nthreads) * (1.0 + 1.0 / 16);
+    for (int64_t hp = 2; hp <= H; hp++) {
+        const int64_t rounds = (n_items * hp + nthreads - 1) / nthreads;
+        const double cost = (double)rounds * ((double)((H + hp - 1) / hp) / (double)H + 1.0 / 16);
+        if (cost < best_cost) {
+            best = hp;
+            best_cost = cost;
+        }
+    }
+    return best;
+}
+
 static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache, const int64_t *seq,
                           const int64_t *pos, int64_t T, const dsv2_mat *kv_b, const dsv2_mla_dims *dm,
                           float scale) {
@@ -287,13 +305,10 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
         n_items += k;
         if (k > 1) n_slots += k;
     }
-    /* fewer (token, rows) items than threads and none split by rows (decode at short
-     * contexts): split them by heads instead, so that every thread works */
-    int64_t hparts = 1;
-    if (n_items < nthreads && n_slots == 0) {
-        hparts = (nthreads + n_items - 1) / n_items;
-        if (hparts > H) hparts = H;
-    }
+    /* fewer (token, rows) items than threads (decode at short contexts, or a few key ranges of
+     * one token on many threads): split every item by heads too, so that every thread works.
+     * Heads are independent, so results do not depend on the split. */
+    const int64_t hparts = head_parts(n_items, nthreads, H);
     float *qa = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)Wd * sizeof(float));
     float *olat = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)L * sizeof(float));
     work_item *items = (work_item *)malloc((size_t)(n_items * hparts) * sizeof(work_item));
@@ -311,12 +326,12 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
             const int64_t len = pos[t] + 1, k = (len + span - 1) / span;
             first[t] = slot;
             nsl[t] = k > 1 ? k : 0;
-            for (int64_t s = 0; s < k; s++)
+            for (int64_t s = 0; s < k; s++, slot += k > 1)
                 for (int64_t hp = 0; hp < hparts; hp++) {
                     items[ii].t = t;
                     items[ii].j0 = s * span;
                     items[ii].j1 = (s + 1) * span < len ? (s + 1) * span : len;
-                    items[ii].slot = k > 1 ? slot++ : -1;
+                    items[ii].slot = k > 1 ? slot : -1;
                     items[ii].h0 = H * hp / hparts;
                     items[ii].h1 = H * (hp + 1) / hparts;
                     ii++;

@@ -211,6 +211,29 @@ def test_long_context_tiles_and_thread_counts():
     assert rel_err(got[1, "decompressed", "p"], got[1, "absorbed", "p"]) <= RTOL
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "fp8"])
+def test_one_decode_token_split_by_rows_and_heads(dtype):
+    """One decode token over 4096 rows with V2-Lite dims: its key ranges (8 of 512 rows) are fewer
+    than 16 threads, so they are also split by heads; with 3 threads, by rows only.  The same bits
+    for 1, 2, 3, 5 and 16 threads and each cache dtype; within 1e-5 of float64 on the cached values."""
+    shape = SHAPES[0]
+    H, nope, rope, v, L = shape
+    rows, kv_b, seq, pos, q = random_case(shape, 1, 4096, 1, seed=12)
+    cache, widened = compact(rows, dtype, L)
+    ref = attention_f64(q, widened, seq, pos, kv_b, 0.1, H, nope, v, L)
+    prev = dsv2ext.get_num_threads()
+    got = {}
+    try:
+        for nt in (1, 2, 3, 5, 16):
+            dsv2ext.set_num_threads(nt)
+            got[nt] = M.mla_attention(q, cache, seq, pos, kv_b, 0.1, "absorbed")
+    finally:
+        dsv2ext.set_num_threads(prev)
+    assert rel_err(got[1], ref) <= RTOL
+    for nt in (2, 3, 5, 16):
+        np.testing.assert_array_equal(got[1], got[nt])
+
+
 def attention_bf16q_f64(q, rows, seq, pos, kv_b, scale, H, nope, v, L):
     """float64 absorbed attention whose absorbed queries [W_UK^T q_nope | q_pe] are rounded to bf16
     (the bf16 compute mode's rounding of q; its rounding of the softmax weights is left out)."""
