@@ -232,6 +232,17 @@ def test_one_decode_token_split_by_rows_and_heads(dtype):
     assert rel_err(got[1], ref) <= RTOL
     for nt in (2, 3, 5, 16):
         np.testing.assert_array_equal(got[1], got[nt])
+    if dtype == "bf16" and dsv2ext.bf16_compute_available():  # the bf16 compute mode's kernels, same split
+        try:
+            with dsv2ext.bf16_compute():
+                for nt in (1, 3, 16):
+                    dsv2ext.set_num_threads(nt)
+                    got[nt, "dp"] = M.mla_attention(q, cache, seq, pos, kv_b, 0.1, "absorbed")
+        finally:
+            dsv2ext.set_num_threads(prev)
+        assert 1e-5 < rel_err(got[1, "dp"], ref) <= 1e-2
+        np.testing.assert_array_equal(got[1, "dp"], got[3, "dp"])
+        np.testing.assert_array_equal(got[1, "dp"], got[16, "dp"])
 
 
 def attention_bf16q_f64(q, rows, seq, pos, kv_b, scale, H, nope, v, L):
