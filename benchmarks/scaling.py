@@ -255,7 +255,7 @@ def write_chart(path: str, all_geoms: Dict[str, Any], before: Optional[Dict[str,
         ax.set_xlabel("threads")
         ax.set_ylabel("tokens/s")
         ax.set_title(f"{g}: " + (f"prefill {all_geoms[g]['prefill_tokens']}" if kind == "prefill"
-                                 else f"decode @{c} (dotted: rooflines)"), fontsize=9)
+                                 else f"decode @{c} (dotted: rooflines)"), fontsize=8, wrap=True)
         ax.set_xticks(sorted({int(t) for r in list(rows.values()) + list(old.values()) for t in r["threads"]}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(True, alpha=0.3)
@@ -263,7 +263,7 @@ def write_chart(path: str, all_geoms: Dict[str, Any], before: Optional[Dict[str,
     cpu = next(iter(all_geoms.values()))["machine"]["cpu_model"]
     sub = "; dotted: before = " + "; ".join(b["label"] for b in (before or {}).values()) if before else ""
     fig.suptitle(f"thread scaling on {cpu}{sub}", fontsize=8, wrap=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title above the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
