@@ -13,8 +13,8 @@ host's drift hits both.  Each process loads lite-L4 in bf16 and measures, at eve
 - the attention block of one decode token (``_C.mla_attention_block`` of layer 1: projections,
   absorbed attention, output projection) over a bf16 latent cache of 128 and of 4096 random rows,
   hot in cache: median of 300 calls, in microseconds;
-- decode after a 4096-token prompt (prefilled once at the largest thread count): tokens/s from
-  the median of 10 steps (after 2 warm-up steps).
+- decode after a 4096-token prompt (``bench_decode.decode_run``: the prompt prefilled, then 12
+  greedy steps at that thread count): tokens/s from the median step.
 
 Prints one JSON line per process and writes all of them, with medians per build, to ``--out``.
 """
@@ -65,22 +65,11 @@ def worker(ckpt: str, threads: List[int], tag: str) -> Dict[str, Any]:
                 block()
                 ts.append(time.perf_counter() - t)
             out[f"attention_{T}_t{nt}_us"] = 1e6 * float(np.median(ts))
-    T = 4096
-    ids = rng.integers(100, min(50000, m.config.vocab_size), size=T).astype(np.int64)
-    dsv2ext.set_num_threads(max(threads))
-    cache = m.new_cache(1, T + 12 * len(threads) + 1)
-    logits = m.forward(ids, np.zeros(T, np.int64), np.arange(T, dtype=np.int64), cache, logit_rows=np.array([T - 1]))
-    p = T
+    from bench_decode import decode_run
+
     for nt in threads:
         dsv2ext.set_num_threads(nt)
-        ts = []
-        for _ in range(12):
-            t = time.perf_counter()
-            logits = m.forward(np.array([int(np.argmax(logits[0]))], np.int64), np.zeros(1, np.int64),
-                               np.array([p], np.int64), cache)
-            ts.append(time.perf_counter() - t)
-            p += 1
-        out[f"decode_4096_t{nt}_tok_s"] = 1.0 / float(np.median(ts[2:]))
+        out[f"decode_4096_t{nt}_tok_s"] = decode_run(m, context=4096, tokens=12, profile=False)["tokens_per_s_median"]
     return out
 
 
