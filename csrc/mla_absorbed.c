@@ -57,13 +57,15 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     const int dp = dsv2_mla_bf16dp_use(j->cache->dtype, L);
     const size_t nf = (size_t)H * (size_t)L + (size_t)H * KB + 2 * (size_t)H;
     const size_t nb16 = dp ? (size_t)H * (size_t)Wd + (size_t)H * KB : 0;
-    float *scr = (float *)malloc(nf * sizeof(float) + nb16 * sizeof(uint16_t));
+    const size_t nqp = dp ? dsv2_mla_bf16dp_qpack_len(H, Wd) : 0; /* 32-bit words, 64-byte aligned below */
+    float *scr = (float *)malloc(nf * sizeof(float) + nb16 * sizeof(uint16_t) + (nqp ? nqp * 4 + 64 : 0));
     if (!scr) {
         atomic_store(&j->err, DSV2_ERR_NOMEM);
         return;
     }
     float *O = scr, *Sb = O + H * L, *m = Sb + H * KB, *l = m + H;
     uint16_t *Qb = dp ? (uint16_t *)(scr + nf) : NULL, *Pb = dp ? Qb + H * Wd : NULL;
+    uint32_t *Qp = dp ? (uint32_t *)(((uintptr_t)(Pb + H * KB) + 63) & ~(uintptr_t)63) : NULL;
     for (;;) {
         int64_t i = atomic_fetch_add(&j->next, 1);
         if (i >= j->n_items) break;
@@ -76,14 +78,17 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
             l[h] = 0.0f;
         }
         memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float));
-        if (dp) dsv2_round_bf16_rows(Qb, Wd, Q, Wd, Hn, Wd);
+        if (dp) {
+            dsv2_round_bf16_rows(Qb, Wd, Q, Wd, Hn, Wd);
+            dsv2_mla_bf16dp_qpack(Qp, Qb, Wd, Hn, Wd);
+        }
         for (int64_t jb = it->j0; jb < it->j1; jb += KB) {
             const int64_t nb = it->j1 - jb < KB ? it->j1 - jb : KB;
             const int64_t jn = jb + KB < it->j1 ? jb + KB : it->j1; /* the next block, prefetched */
             const int64_t nn = it->j1 - jn < KB ? it->j1 - jn : KB;
             const dsv2_mla_rows Kb = {K + jb * j->rb, j->rb, j->cache->dtype, L, j->rope,
                                       nn > 0 ? K + jn * j->rb : NULL, nn};
-            if (dp) dsv2_mla_scores_bf16dp(Sb, KB, Qb, Wd, Hn, &Kb, nb);
+            if (dp) dsv2_mla_scores_bf16dp(Sb, KB, Qp, Hn, &Kb, nb);
             else dsv2_mla_scores_rows(Sb, KB, Q, Wd, Hn, &Kb, nb);
             for (int64_t h = 0; h < Hn; h++) {
                 float *sh = Sb + h * KB;

@@ -11,6 +11,7 @@
 #ifndef DSV2_MLA_BF16DP_H
 #define DSV2_MLA_BF16DP_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "mla_tiles.h"
@@ -20,9 +21,16 @@
  * and kv_lora is a multiple of 32 */
 int dsv2_mla_bf16dp_use(int dtype, int64_t kv_lora);
 
-// q [H, L + rope] bf16 (rows ldq elements apart) , bf16 rows k [n] -> s [H, n] (rows lds apart) = q k^T
-void dsv2_mla_scores_bf16dp(float *s, int64_t lds, const uint16_t *q, int64_t ldq, int64_t H,
-                            const dsv2_mla_rows *k, int64_t n);
+/* The queries packed for the scores, once per call: heads in groups of 16 (the last padded with
+ * zero queries), each group's D numbers as (D + 1) / 2 pairs, a pair of every head of the group
+ * in one 64-byte vector (qp 64-byte aligned):
+ * q [H, D] bf16 (rows ldq elements apart) -> qp [ceil(H / 16), ceil(D / 2), 16] bf16 pairs */
+size_t dsv2_mla_bf16dp_qpack_len(int64_t H, int64_t D);
+void dsv2_mla_bf16dp_qpack(uint32_t *qp, const uint16_t *q, int64_t ldq, int64_t H, int64_t D);
+
+// qp packed from q [H, L + rope] , bf16 rows k [n] -> s [H, n] (rows lds apart) = q k^T
+void dsv2_mla_scores_bf16dp(float *s, int64_t lds, const uint32_t *qp, int64_t H, const dsv2_mla_rows *k,
+                            int64_t n);
 
 /* p [H, n + (n & 1)] bf16 (rows ldp elements apart; an odd n padded with a 0) , bf16 rows c [n]
  * -> o [H, L] (rows ldo apart) += p c[:, :L], o's columns in the kernel's order: within each

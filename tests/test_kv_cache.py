@@ -262,15 +262,16 @@ def attention_bf16q_f64(q, rows, seq, pos, kv_b, scale, H, nope, v, L):
     return out
 
 
-@pytest.mark.parametrize("shape", [(16, 128, 64, 128, 512), (3, 24, 6, 20, 64), (5, 16, 10, 24, 32)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(16, 128, 64, 128, 512), (3, 24, 6, 20, 64), (5, 16, 10, 24, 32),
+                                   (20, 16, 8, 16, 32)], ids=lambda s: "x".join(map(str, s)))
 def test_bf16_compute_attention_on_bf16_cache(shape):
     """bf16 compute mode, bf16 cache, absorbed form: the scores and the values on vdpbf16ps with the
     absorbed queries and the softmax weights rounded to bf16.  Against a float64 model with the same
     rounding of the queries: within 4e-3 (the weights' rounding, at most 2^-9 each: 1.0-2.0e-3 on Zen 4,
     plus the queries rounded from fp32 instead of float64 sums); against the
     exact attention: a bf16-sized difference (1e-5 .. 1e-2), so the mode did act; the same bits for 1,
-    2 and 5 threads; contexts of 1 to 2100 rows (odd counts: the last pair padded), several blocks."""
+    2 and 5 threads; contexts of 1 to 2100 rows (odd counts: the last pair padded), several blocks;
+    heads in the scores' groups of 16: one group, one partial group, a full and a partial one (20)."""
     if not dsv2ext.bf16_compute_available():
         pytest.skip("CPU lacks AVX512-BF16")
     H, nope, rope, v, L = shape
