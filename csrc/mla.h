@@ -10,8 +10,9 @@
  *                   scales (ceil(kv_lora / 128) fp32, one per block of 128 codes) |
  *                   k_pe (rope bfloat16) ]: c[i] = e4m3(codes[i]) * scales[i / 128]
  *                 (FlashMLA's FP8 cache layout: 656 bytes for V2 dims).
- * Attention reads the rows in their own format (widened in registers), never a widened
- * copy of the cache.
+ * Attention reads the rows in their own format, never a widened copy of the cache: fp32 and
+ * bf16 rows widened in registers, FP8 rows (AVX-512, absorbed form) 64 at a time into a
+ * per-thread fp32 block that every head then reads.
  * A call handles a
  * ragged set of T tokens: token t belongs to sequence seq[t] and sits at position
  * pos[t]; it attends to rows 0..pos[t] of its sequence (causal; rows of earlier

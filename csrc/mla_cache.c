@@ -7,7 +7,11 @@
  * code = e4m3(x / scale) rounded to nearest even; the value read back is
  * e4m3(code) * scale (one fp32 product).  k_pe is stored as bfloat16. */
 #include "mla.h"
+#include "cpu.h"
 #include "fp8.h"
+
+#include <immintrin.h>
+#include <string.h>
 
 int64_t dsv2_mla_row_bytes(int dtype, int64_t kv_lora, int64_t rope) {
     const int64_t W = kv_lora + rope;
@@ -52,9 +56,8 @@ void dsv2_mla_rows_store(void *rows, int64_t ldr, const float *lat, int64_t n, i
     }
 }
 
-void dsv2_mla_rows_load(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n, int64_t c0, int64_t c1,
-                        int dtype, int64_t kv_lora, int64_t rope) {
-    (void)rope;
+static void rows_load_portable(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n, int64_t c0,
+                               int64_t c1, int dtype, int64_t kv_lora) {
     const int64_t w = c1 - c0;
     for (int64_t r = 0; r < n; r++) {
         const char *row = (const char *)rows + r * ldr;
@@ -75,4 +78,60 @@ void dsv2_mla_rows_load(float *dst, int64_t ldd, const void *rows, int64_t ldr, 
             }
         }
     }
+}
+
+static inline __mmask16 left16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+
+/* bf16 numbers b [w] -> y [w] */
+DSV2_TARGET_AVX512 static inline void bf16_widen_avx512(float *y, const uint16_t *b, int64_t w) {
+    for (int64_t i = 0; i < w; i += 16) {
+        const __mmask16 m = left16(w - i);
+        const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b + i));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+    }
+}
+
+/* The same numbers as rows_load_portable: an FP8 value is (e4m3 / 256) * (scale * 256), the real
+ * product e4m3 * scale rounded once (both factors exact: scale * 256 cannot overflow, the block's
+ * amax / 448 being an fp32), NaN codes NaN. */
+DSV2_TARGET_AVX512 static void rows_load_avx512(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n,
+                                                int64_t c0, int64_t c1, int dtype, int64_t kv_lora) {
+    for (int64_t r = 0; r < n; r++) {
+        const char *row = (const char *)rows + r * ldr;
+        float *y = dst + r * ldd;
+        if (dtype == DSV2_KV_BF16) {
+            bf16_widen_avx512(y, (const uint16_t *)row + c0, c1 - c0);
+        } else if (dtype == DSV2_KV_FP8) {
+            const uint8_t *codes = (const uint8_t *)row;
+            const float *scales = (const float *)(row + dsv2_kv_fp8_scales_at(kv_lora));
+            const int64_t e = c1 < kv_lora ? c1 : kv_lora;
+            for (int64_t c = c0; c < e;) { /* 16 codes at a time, never across a block of 128 */
+                const int64_t bend = (c / DSV2_KV_FP8_BLOCK + 1) * DSV2_KV_FP8_BLOCK;
+                const int64_t stop = bend < e ? bend : e, k = stop - c < 16 ? stop - c : 16;
+                const __mmask16 m = left16(k);
+                const __m128i b = _mm_maskz_loadu_epi8(m, codes + c);
+                __m512 v = _mm512_mul_ps(dsv2_e4m3x16_div256_avx512(b),
+                                         _mm512_set1_ps(scales[c / DSV2_KV_FP8_BLOCK] * 256.0f));
+                v = _mm512_mask_mov_ps(v, dsv2_e4m3x16_nan_avx512(b), _mm512_set1_ps(__builtin_nanf("")));
+                _mm512_mask_storeu_ps(y + (c - c0), m, v);
+                c += k;
+            }
+            if (c1 > kv_lora) {
+                const int64_t s0 = c0 > kv_lora ? c0 : kv_lora;
+                const uint16_t *pe = (const uint16_t *)(row + dsv2_kv_fp8_rope_at(kv_lora));
+                bf16_widen_avx512(y + (s0 - c0), pe + (s0 - kv_lora), c1 - s0);
+            }
+        } else {
+            memcpy(y, (const float *)row + c0, (size_t)(c1 - c0) * sizeof(float));
+        }
+    }
+}
+
+void dsv2_mla_rows_load(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n, int64_t c0, int64_t c1,
+                        int dtype, int64_t kv_lora, int64_t rope) {
+    (void)rope;
+    if (dsv2_isa() == DSV2_ISA_AVX512) rows_load_avx512(dst, ldd, rows, ldr, n, c0, c1, dtype, kv_lora);
+    else rows_load_portable(dst, ldd, rows, ldr, n, c0, c1, dtype, kv_lora);
 }

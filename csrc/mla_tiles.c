@@ -1,7 +1,6 @@
 /* mla_tiles.c - q k^T and p c tiles for latent attention. */
 #include "mla_tiles.h"
 #include "cpu.h"
-#include "fp8.h"
 
 #include <immintrin.h>
 
@@ -59,65 +58,55 @@ static inline __mmask16 tmask(int64_t left) {
     return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1u);
 }
 
-/* 16 numbers of a cached row from element d of a segment on, widened to fp32; lanes outside m
- * are zero.  kind: DSV2_KV_F32, DSV2_KV_BF16, or DSV2_KV_FP8 (e4m3 codes; `sc` holds the row's
- * block scales, which multiply the values unless fold = 0, when the caller folds them in). */
+/* 16 numbers of a cached row from element d on, widened to fp32; lanes outside m are zero.
+ * kind: DSV2_KV_F32 or DSV2_KV_BF16 (FP8 rows reach the tiles widened: mla_absorbed.c). */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) __m512 ld16(const char *row, int64_t d, int kind,
-                                                                            __mmask16 m, const float *sc,
-                                                                            int fold) {
+                                                                            __mmask16 m) {
     if (kind == DSV2_KV_BF16)
         return _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)row + d)), 16));
-    if (kind == DSV2_KV_FP8) {
-        const __m128i b = _mm_maskz_loadu_epi8(m, row + d);
-        __m512 v = dsv2_e4m3x16_div256_avx512(b); /* value / 256, exact */
-        if (fold) v = _mm512_maskz_mul_ps(m, v, _mm512_set1_ps(sc[d / DSV2_KV_FP8_BLOCK] * 256.0f));
-        return _mm512_mask_mov_ps(v, dsv2_e4m3x16_nan_avx512(b) & m, _mm512_set1_ps(__builtin_nanf("")));
-    }
     return _mm512_maskz_loadu_ps(m, (const float *)row + d);
 }
 
 /* 16 elements (from d, lanes m) of the 4 x 4 score tile: a[4 hh + i] += q_hh . k_i */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-scores_step(__m512 *a, const float *const *qr, const char *const *kr, int kind, int64_t off, int64_t sc,
-            int64_t q0, int64_t d, __mmask16 m) {
+scores_step(__m512 *a, const float *const *qr, const char *const *kr, int kind, int64_t d, __mmask16 m) {
     __m512 kv[4];
-    for (int i = 0; i < 4; i++) kv[i] = ld16(kr[i] + off, d, kind, m, (const float *)(kr[i] + sc), 1);
+    for (int i = 0; i < 4; i++) kv[i] = ld16(kr[i], d, kind, m);
     for (int hh = 0; hh < 4; hh++) {
-        const __m512 qv = _mm512_maskz_loadu_ps(m, qr[hh] + q0 + d);
+        const __m512 qv = _mm512_maskz_loadu_ps(m, qr[hh] + d);
         for (int i = 0; i < 4; i++) a[4 * hh + i] = _mm512_fmadd_ps(qv, kv[i], a[4 * hh + i]);
     }
 }
 
-/* One segment of the 4 x 4 score tile: elements [0, n) of the segment at byte `off` of each key row
- * against the query columns [q0, q0 + n).  pf: prefetch the same bytes of the next tile's rows (pr)
- * on the way. */
+/* The 4 x 4 score tile over the n numbers of the rows.  pf: prefetch the same bytes of the next
+ * tile's rows (pr) on the way. */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-scores_seg(__m512 *a, const float *const *qr, const char *const *kr, const char *const *pr,
-           const char *const *fr, int pf, int kind, int64_t off, int64_t sc, int64_t q0, int64_t n) {
+scores_pass(__m512 *a, const float *const *qr, const char *const *kr, const char *const *pr,
+            const char *const *fr, int pf, int kind, int64_t n) {
     const int64_t nf = n & ~(int64_t)15;
-    const int64_t es = kind == DSV2_KV_BF16 ? 2 : kind == DSV2_KV_FP8 ? 1 : 4; /* bytes per element */
+    const int64_t es = kind == DSV2_KV_BF16 ? 2 : 4; /* bytes per element */
     if (pf) {
         for (int64_t d = 0; d < nf; d += 16) {
-            for (int i = 0; i < 4; i++) _mm_prefetch(pr[i] + off + d * es, _MM_HINT_T0);
+            for (int i = 0; i < 4; i++) _mm_prefetch(pr[i] + d * es, _MM_HINT_T0);
             if (fr && (d * es) % 64 < 16 * es) /* a line of the rows after this block, into L2 */
-                for (int i = 0; i < 4; i++) _mm_prefetch(fr[i] + off + d * es, _MM_HINT_T1);
-            scores_step(a, qr, kr, kind, off, sc, q0, d, (__mmask16)0xffff);
+                for (int i = 0; i < 4; i++) _mm_prefetch(fr[i] + d * es, _MM_HINT_T1);
+            scores_step(a, qr, kr, kind, d, (__mmask16)0xffff);
         }
     } else {
-        for (int64_t d = 0; d < nf; d += 16) scores_step(a, qr, kr, kind, off, sc, q0, d, (__mmask16)0xffff);
+        for (int64_t d = 0; d < nf; d += 16) scores_step(a, qr, kr, kind, d, (__mmask16)0xffff);
     }
-    if (nf < n) scores_step(a, qr, kr, kind, off, sc, q0, nf, tmask(n - nf));
+    if (nf < n) scores_step(a, qr, kr, kind, nf, tmask(n - nf));
 }
 
 /* 4 query rows x 4 key rows; rows past the end are clamped to the last one
  * (computed, not stored).  Key tiles outer: each key row is brought in once (from
  * memory, for a cache being streamed) and used by every query row, with the next
- * tile's rows prefetched while the current one is processed.  A row is one segment of
- * D numbers (fp32 / bf16 rows), or the FP8 row's two: kv_lora codes, then rope bf16. */
+ * tile's rows prefetched while the current one is processed.  A row is D fp32 or bf16
+ * numbers. */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
 scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const char *k, int64_t ldk,
-                int64_t n, int64_t D, int kind, int64_t L, const char *fk, int64_t fn) {
+                int64_t n, int64_t D, int kind, const char *fk, int64_t fn) {
     for (int64_t h0 = 0; h0 < H; h0 += 4) {
         const int64_t nh = H - h0 < 4 ? H - h0 : 4;
         const int pf = h0 == 0; /* prefetch during the first pass over the rows only */
@@ -139,12 +128,7 @@ scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, c
             }
             __m512 a[16];
             for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
-            if (kind == DSV2_KV_FP8) {
-                scores_seg(a, qr, kr, pr, fr, pf, DSV2_KV_FP8, 0, dsv2_kv_fp8_scales_at(L), 0, L);
-                scores_seg(a, qr, kr, pr, fr, pf, DSV2_KV_BF16, dsv2_kv_fp8_rope_at(L), 0, L, D - L);
-            } else {
-                scores_seg(a, qr, kr, pr, fr, pf, kind, 0, 0, 0, D);
-            }
+            scores_pass(a, qr, kr, pr, fr, pf, kind, D);
             float r[4][4];
             _mm_storeu_ps(r[0], dsv2_sum4_ps(a[0], a[1], a[2], a[3]));
             _mm_storeu_ps(r[1], dsv2_sum4_ps(a[4], a[5], a[6], a[7]));
@@ -158,28 +142,23 @@ scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, c
 
 DSV2_TARGET_AVX512 static void scores_avx512(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
                                              const float *k, int64_t ldk, int64_t n, int64_t D) {
-    scores_avx512_k(s, lds, q, ldq, H, (const char *)k, ldk * 4, n, D, DSV2_KV_F32, D, NULL, 0);
+    scores_avx512_k(s, lds, q, ldq, H, (const char *)k, ldk * 4, n, D, DSV2_KV_F32, NULL, 0);
 }
 DSV2_TARGET_AVX512 static void scores_avx512_f32r(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
                                                   const char *k, int64_t ldk, int64_t n, int64_t D, const char *fk,
                                                   int64_t fn) {
-    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_F32, D, fk, fn);
+    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_F32, fk, fn);
 }
 DSV2_TARGET_AVX512 static void scores_avx512_bf16(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
                                                   const char *k, int64_t ldk, int64_t n, int64_t D, const char *fk,
                                                   int64_t fn) {
-    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_BF16, D, fk, fn);
-}
-DSV2_TARGET_AVX512 static void scores_avx512_fp8(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
-                                                 const char *k, int64_t ldk, int64_t n, int64_t D, int64_t L,
-                                                 const char *fk, int64_t fn) {
-    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_FP8, L, fk, fn);
+    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_BF16, fk, fn);
 }
 
 /* NH heads x 64 columns of o, accumulated over the n rows of c */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
 pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH, const char *c, int64_t ldc,
-               int64_t n, int64_t c0, int64_t nc, int kind, int64_t sc_at) {
+               int64_t n, int64_t c0, int64_t nc, int kind) {
     const __mmask16 m0 = tmask(nc), m1 = tmask(nc - 16), m2 = tmask(nc - 32), m3 = tmask(nc - 48);
     __m512 acc[4][4];
     for (int h = 0; h < NH; h++) {
@@ -191,13 +170,10 @@ pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH,
     }
     for (int64_t j = 0; j < n; j++) {
         const char *cj = c + j * ldc;
-        /* FP8 codes: the block scale (one for these 64 columns) is folded into the weights p */
-        const float *sc = (const float *)(cj + sc_at);
-        const float fs = kind == DSV2_KV_FP8 ? sc[c0 / DSV2_KV_FP8_BLOCK] * 256.0f : 1.0f;
-        __m512 v0 = ld16(cj, c0, kind, m0, sc, 0), v1 = ld16(cj, c0 + 16, kind, m1, sc, 0);
-        __m512 v2 = ld16(cj, c0 + 32, kind, m2, sc, 0), v3 = ld16(cj, c0 + 48, kind, m3, sc, 0);
+        __m512 v0 = ld16(cj, c0, kind, m0), v1 = ld16(cj, c0 + 16, kind, m1);
+        __m512 v2 = ld16(cj, c0 + 32, kind, m2), v3 = ld16(cj, c0 + 48, kind, m3);
         for (int h = 0; h < NH; h++) {
-            __m512 pb = _mm512_set1_ps(kind == DSV2_KV_FP8 ? p[h * ldp + j] * fs : p[h * ldp + j]);
+            const __m512 pb = _mm512_set1_ps(p[h * ldp + j]);
             acc[h][0] = _mm512_fmadd_ps(pb, v0, acc[h][0]);
             acc[h][1] = _mm512_fmadd_ps(pb, v1, acc[h][1]);
             acc[h][2] = _mm512_fmadd_ps(pb, v2, acc[h][2]);
@@ -216,16 +192,15 @@ pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH,
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
 pv_avx512_k(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const char *c, int64_t ldc, int64_t n,
             int64_t Dv, int kind) {
-    const int64_t sa = kind == DSV2_KV_FP8 ? dsv2_kv_fp8_scales_at(Dv) : 0; /* Dv = kv_lora */
     for (int64_t c0 = 0; c0 < Dv; c0 += 64) {
         const int64_t nc = Dv - c0 < 64 ? Dv - c0 : 64;
         int64_t h0 = 0;
         for (; h0 + 4 <= H; h0 += 4)
-            pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 4, c, ldc, n, c0, nc, kind, sa);
+            pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 4, c, ldc, n, c0, nc, kind);
         switch (H - h0) {
-        case 3: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 3, c, ldc, n, c0, nc, kind, sa); break;
-        case 2: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 2, c, ldc, n, c0, nc, kind, sa); break;
-        case 1: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 1, c, ldc, n, c0, nc, kind, sa); break;
+        case 3: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 3, c, ldc, n, c0, nc, kind); break;
+        case 2: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 2, c, ldc, n, c0, nc, kind); break;
+        case 1: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 1, c, ldc, n, c0, nc, kind); break;
         default: break;
         }
     }
@@ -238,10 +213,6 @@ DSV2_TARGET_AVX512 static void pv_avx512(float *o, int64_t ldo, const float *p, 
 DSV2_TARGET_AVX512 static void pv_avx512_bf16(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
                                               const char *c, int64_t ldc, int64_t n, int64_t Dv) {
     pv_avx512_k(o, ldo, p, ldp, H, c, ldc, n, Dv, DSV2_KV_BF16);
-}
-DSV2_TARGET_AVX512 static void pv_avx512_fp8(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
-                                             const char *c, int64_t ldc, int64_t n, int64_t Dv) {
-    pv_avx512_k(o, ldo, p, ldp, H, c, ldc, n, Dv, DSV2_KV_FP8);
 }
 
 void dsv2_mla_scores(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const float *k, int64_t ldk,
@@ -263,8 +234,10 @@ void dsv2_mla_pv_acc(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t
 }
 
 /* ---------------- cached rows in their own format ----------------
- * AVX-512: the rows are widened in registers inside the tiles above.  AVX2 / portable: each
- * row is widened into a small buffer (RB numbers at a time, in L1) that every head then uses. */
+ * AVX-512: fp32 and bf16 rows are widened in registers inside the tiles above (FP8 rows are
+ * widened a block at a time by the caller, mla_absorbed.c, and come here as fp32).  Otherwise
+ * each row is widened into a small buffer (RB numbers at a time, in L1) that every head then
+ * uses. */
 #define RB 512
 
 static inline __attribute__((always_inline)) void
@@ -327,8 +300,6 @@ void dsv2_mla_scores_rows(float *s, int64_t lds, const float *q, int64_t ldq, in
         dsv2_mla_scores(s, lds, q, ldq, H, (const float *)k->p, k->ld / 4, n, D);
     } else if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_BF16) {
         scores_avx512_bf16(s, lds, q, ldq, H, k->p, k->ld, n, D, k->pf, k->pf_n);
-    } else if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_FP8) {
-        scores_avx512_fp8(s, lds, q, ldq, H, k->p, k->ld, n, D, k->L, k->pf, k->pf_n);
     } else if (isa >= DSV2_ISA_AVX2) {
         scores_rows_avx2(s, lds, q, ldq, H, k, n);
     } else {
@@ -344,8 +315,6 @@ void dsv2_mla_pv_rows(float *o, int64_t ldo, const float *p, int64_t ldp, int64_
         dsv2_mla_pv_acc(o, ldo, p, ldp, H, (const float *)c->p, c->ld / 4, n, c->L);
     } else if (isa == DSV2_ISA_AVX512 && c->dtype == DSV2_KV_BF16) {
         pv_avx512_bf16(o, ldo, p, ldp, H, c->p, c->ld, n, c->L);
-    } else if (isa == DSV2_ISA_AVX512 && c->dtype == DSV2_KV_FP8) {
-        pv_avx512_fp8(o, ldo, p, ldp, H, c->p, c->ld, n, c->L);
     } else if (isa >= DSV2_ISA_AVX2) {
         pv_rows_avx2(o, ldo, p, ldp, H, c, n);
     } else {
