@@ -61,9 +61,9 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     /* exact mode over FP8 rows (AVX-512): each block of rows is widened once into fp32 (Wb, KB x Wd,
      * in L2; the same numbers as the tiles' widening), then the scores and the values of every head
      * read those, instead of widening each row once per group of 4 heads in each product (8 times
-     * for 16 heads).  One V2-Lite decode token over 32K rows, 2 threads (Zen 4): 8.2-8.9 ms against
-     * 10.5-10.6.  bf16 rows stay widened in the tiles (2 cheap ops per 16 numbers: 6.5-7.4 ms there,
-     * 8.0-9.0 through an fp32 block, which doubles the bytes the tiles read). */
+     * for 16 heads).  One V2-Lite decode token over 32K rows, 2 threads (Zen 4, 7 alternating pairs):
+     * 8.2-10.3 ms against 10.5-18.6.  bf16 rows stay widened in the tiles (2 cheap ops per 16 numbers:
+     * 6.5-7.4 ms there, 8.0-9.0 through an fp32 block, which doubles the bytes the tiles read). */
     const int wide = !dp && j->cache->dtype == DSV2_KV_FP8 && dsv2_isa() == DSV2_ISA_AVX512;
     const size_t nwb = wide ? (size_t)KB * (size_t)Wd : 0;
     float *scr = (float *)malloc((nf + nwb) * sizeof(float) + nb16 * sizeof(uint16_t) + (nqp ? nqp * 4 + 64 : 0));
