@@ -56,7 +56,7 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     /* bf16 compute mode over a bf16 cache (mla_bf16dp.h): the queries and the softmax weights rounded to bf16 */
     const int dp = dsv2_mla_bf16dp_use(j->cache->dtype, L);
     const size_t nf = (size_t)H * (size_t)L + (size_t)H * KB + 2 * (size_t)H;
-    const size_t nb16 = dp ? (size_t)H * (size_t)Wd + (size_t)H * KB : 0;
+    const size_t nb16 = dp ? (size_t)H * KB : 0; /* the softmax weights in bf16 */
     const size_t nqp = dp ? dsv2_mla_bf16dp_qpack_len(H, Wd) : 0; /* 32-bit words, 64-byte aligned below */
     /* exact mode over FP8 rows (AVX-512): each block of rows is widened once into fp32 (Wb, KB x Wd,
      * in L2; the same numbers as the tiles' widening), then the scores and the values of every head
@@ -72,7 +72,7 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
         return;
     }
     float *O = scr, *Sb = O + H * L, *m = Sb + H * KB, *l = m + H, *Wb = wide ? scr + nf : NULL;
-    uint16_t *Qb = dp ? (uint16_t *)(scr + nf) : NULL, *Pb = dp ? Qb + H * Wd : NULL;
+    uint16_t *Pb = dp ? (uint16_t *)(scr + nf + nwb) : NULL;
     uint32_t *Qp = dp ? (uint32_t *)(((uintptr_t)(Pb + H * KB) + 63) & ~(uintptr_t)63) : NULL;
     for (;;) {
         int64_t i = atomic_fetch_add(&j->next, 1);
@@ -86,10 +86,7 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
             l[h] = 0.0f;
         }
         memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float));
-        if (dp) {
-            dsv2_round_bf16_rows(Qb, Wd, Q, Wd, Hn, Wd);
-            dsv2_mla_bf16dp_qpack(Qp, Qb, Wd, Hn, Wd);
-        }
+        if (dp) dsv2_mla_bf16dp_qpack(Qp, Q, Wd, Hn, Wd);
         for (int64_t jb = it->j0; jb < it->j1; jb += KB) {
             const int64_t nb = it->j1 - jb < KB ? it->j1 - jb : KB;
             const int64_t jn = jb + KB < it->j1 ? jb + KB : it->j1; /* the next block, prefetched */

@@ -17,15 +17,15 @@ size_t dsv2_mla_bf16dp_qpack_len(int64_t H, int64_t D) {
     return (size_t)((H + 15) / 16) * (size_t)((D + 1) / 2) * 16;
 }
 
-void dsv2_mla_bf16dp_qpack(uint32_t *qp, const uint16_t *q, int64_t ldq, int64_t H, int64_t D) {
+void dsv2_mla_bf16dp_qpack(uint32_t *qp, const float *q, int64_t ldq, int64_t H, int64_t D) {
     const int64_t P = (D + 1) / 2;
     for (int64_t g = 0; g < H; g += 16)
         for (int64_t i = 0; i < P; i++) {
             uint32_t *o = qp + ((g / 16) * P + i) * 16;
             for (int64_t h = 0; h < 16; h++) {
-                const uint16_t *qr = q + (g + h) * ldq;
-                const uint32_t a = g + h < H ? qr[2 * i] : 0u;
-                const uint32_t b = g + h < H && 2 * i + 1 < D ? qr[2 * i + 1] : 0u;
+                const float *qr = q + (g + h) * ldq;
+                const uint32_t a = g + h < H ? dsv2_f32_to_bf16(qr[2 * i]) : 0u;
+                const uint32_t b = g + h < H && 2 * i + 1 < D ? dsv2_f32_to_bf16(qr[2 * i + 1]) : 0u;
                 o[h] = a | (b << 16);
             }
         }

@@ -21,12 +21,12 @@
  * and kv_lora is a multiple of 32 */
 int dsv2_mla_bf16dp_use(int dtype, int64_t kv_lora);
 
-/* The queries packed for the scores, once per call: heads in groups of 16 (the last padded with
- * zero queries), each group's D numbers as (D + 1) / 2 pairs, a pair of every head of the group
- * in one 64-byte vector (qp 64-byte aligned):
- * q [H, D] bf16 (rows ldq elements apart) -> qp [ceil(H / 16), ceil(D / 2), 16] bf16 pairs */
+/* The queries rounded to bf16 (nearest even) and packed for the scores, once per call: heads in
+ * groups of 16 (the last padded with zero queries), each group's D numbers as (D + 1) / 2 pairs,
+ * a pair of every head of the group in one 64-byte vector (qp 64-byte aligned):
+ * q [H, D] fp32 (rows ldq elements apart) -> qp [ceil(H / 16), ceil(D / 2), 16] bf16 pairs */
 size_t dsv2_mla_bf16dp_qpack_len(int64_t H, int64_t D);
-void dsv2_mla_bf16dp_qpack(uint32_t *qp, const uint16_t *q, int64_t ldq, int64_t H, int64_t D);
+void dsv2_mla_bf16dp_qpack(uint32_t *qp, const float *q, int64_t ldq, int64_t H, int64_t D);
 
 // qp packed from q [H, L + rope] , bf16 rows k [n] -> s [H, n] (rows lds apart) = q k^T
 void dsv2_mla_scores_bf16dp(float *s, int64_t lds, const uint32_t *qp, int64_t H, const dsv2_mla_rows *k,

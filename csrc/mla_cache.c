@@ -93,9 +93,8 @@ DSV2_TARGET_AVX512 static inline void bf16_widen_avx512(float *y, const uint16_t
     }
 }
 
-/* The same numbers as rows_load_portable: an FP8 value is (e4m3 / 256) * (scale * 256), the real
- * product e4m3 * scale rounded once (both factors exact: scale * 256 cannot overflow, the block's
- * amax / 448 being an fp32), NaN codes NaN. */
+/* The same numbers as rows_load_portable: an FP8 value is the exact e4m3 value times its block's
+ * scale, one fp32 product (NaN codes NaN). */
 DSV2_TARGET_AVX512 static void rows_load_avx512(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n,
                                                 int64_t c0, int64_t c1, int dtype, int64_t kv_lora) {
     for (int64_t r = 0; r < n; r++) {
@@ -112,9 +111,8 @@ DSV2_TARGET_AVX512 static void rows_load_avx512(float *dst, int64_t ldd, const v
                 const int64_t stop = bend < e ? bend : e, k = stop - c < 16 ? stop - c : 16;
                 const __mmask16 m = left16(k);
                 const __m128i b = _mm_maskz_loadu_epi8(m, codes + c);
-                __m512 v = _mm512_mul_ps(dsv2_e4m3x16_div256_avx512(b),
-                                         _mm512_set1_ps(scales[c / DSV2_KV_FP8_BLOCK] * 256.0f));
-                v = _mm512_mask_mov_ps(v, dsv2_e4m3x16_nan_avx512(b), _mm512_set1_ps(__builtin_nanf("")));
+                const __m512 v = _mm512_mul_ps(dsv2_e4m3x16_to_f32_avx512(b),
+                                               _mm512_set1_ps(scales[c / DSV2_KV_FP8_BLOCK]));
                 _mm512_mask_storeu_ps(y + (c - c0), m, v);
                 c += k;
             }
