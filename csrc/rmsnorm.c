@@ -1,4 +1,4 @@
-/* rmsnorm.c - RMSNorm over the last dimension, sums in double. */
+/* rmsnorm.c - RMSNorm over the last dimension, sums in double (optionally after a residual add). */
 #include "rmsnorm.h"
 #include "threadpool.h"
 
@@ -7,6 +7,8 @@
 typedef struct {
     float *y;
     int64_t ldy;
+    float *h;        /* residual add: h += r first (rows ldx apart), then the norm of h */
+    const float *r;  /* NULL: no add */
     const float *x;
     int64_t ldx;
     const dsv2_mat *w;
@@ -20,6 +22,11 @@ static void rms_task(void *ctx, int64_t b, int64_t e, int tid) {
     for (int64_t t = b; t < e; t++) {
         const float *xt = j->x + t * j->ldx;
         float *yt = j->y + t * j->ldy;
+        if (j->r) { /* the same fp32 sum as numpy's h += r */
+            float *ht = j->h + t * j->ldx;
+            const float *rt = j->r + t * j->d;
+            for (int64_t i = 0; i < j->d; i++) ht[i] = ht[i] + rt[i];
+        }
         double ss = 0.0;
         for (int64_t i = 0; i < j->d; i++) ss += (double)xt[i] * (double)xt[i];
         /* torch: x * rsqrt(mean + eps) in fp32, then weight * that */
@@ -38,7 +45,16 @@ int dsv2_rmsnorm_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const ds
                     int64_t T, int64_t d, float eps) {
     if (T < 0 || d <= 0 || w->cols * w->rows != d || ldx < d || ldy < d) return DSV2_ERR_ARG;
     if (w->dtype != DSV2_F32 && w->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
-    rms_job j = {y, ldy, x, ldx, w, d, eps};
+    rms_job j = {y, ldy, NULL, NULL, x, ldx, w, d, eps};
+    int64_t grain = d >= 4096 ? 1 : (4096 + d - 1) / d;
+    dsv2_parallel_for(T, grain, rms_task, &j);
+    return DSV2_OK;
+}
+
+int dsv2_rmsnorm_add(float *y, float *h, const float *r, const dsv2_mat *w, int64_t T, int64_t d, float eps) {
+    if (T < 0 || d <= 0 || w->cols * w->rows != d) return DSV2_ERR_ARG;
+    if (w->dtype != DSV2_F32 && w->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
+    rms_job j = {y, d, h, r, h, d, w, d, eps};
     int64_t grain = d >= 4096 ? 1 : (4096 + d - 1) / d;
     dsv2_parallel_for(T, grain, rms_task, &j);
     return DSV2_OK;

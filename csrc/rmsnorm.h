@@ -11,4 +11,9 @@ int dsv2_rmsnorm_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const ds
 // x [T, d] , w [d] -> y [T, d]  (contiguous)
 int dsv2_rmsnorm(float *y, const float *x, const dsv2_mat *w, int64_t T, int64_t d, float eps);
 
+// h [T, d] += r [T, d], then h , w [d] -> y [T, d] (contiguous; y may be h: h is then lost).
+// The residual add of a decoder layer fused with the next norm: the same numbers as h += r
+// followed by dsv2_rmsnorm(y, h, ...).
+int dsv2_rmsnorm_add(float *y, float *h, const float *r, const dsv2_mat *w, int64_t T, int64_t d, float eps);
+
 #endif

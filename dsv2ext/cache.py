@@ -84,6 +84,7 @@ class LatentCache:
         cap = min(_FIRST_CAPACITY, self.limit) if self.growable else int(max_len)
         self._batch = int(batch_size)
         self._arrays: List[np.ndarray] = [self._alloc(cap) for _ in range(config.num_hidden_layers)]
+        self._views: Optional[List[Any]] = None  # layer(i)'s wrappers, made once per storage
         self.lengths = np.zeros(batch_size, np.int64)
 
     def _alloc(self, rows: int) -> np.ndarray:
@@ -115,7 +116,10 @@ class LatentCache:
         """The cache of layer i as the kernels take it (a view, no copy): a float32 array
         [batch, capacity, width], a :class:`dsv2ext.BF16` of the bfloat16 bits, or a
         :class:`dsv2ext.ops.FP8Cache`."""
-        return self._wrap(self._arrays[i])
+        views = self._views
+        if views is None:
+            views = self._views = [self._wrap(a) for a in self._arrays]
+        return views[i]
 
     def arrays(self) -> List[np.ndarray]:
         """The storage of every layer (float32 / uint16 [batch, capacity, width], or uint8 FP8 rows)."""
@@ -145,6 +149,7 @@ class LatentCache:
             new = self._alloc(cap)
             new[:, :keep] = old[:, :keep]
             self._arrays[i] = new
+        self._views = None
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -24,6 +24,7 @@ from .safetensors import CheckpointReader
 from .sampling import SamplingParams, select_token
 from .tokenizer import Tokenizer, TokenizerError
 from ._native import _C
+from .ops._util import weight_shape
 from .ops.mla import attention_block_args
 from .ops.moe import moe_block_args, moe_expert_table
 from .quant import QUANT_METHOD, RECIPES, quantize_model_weights, read_quantization_config
@@ -35,6 +36,30 @@ if TYPE_CHECKING:
     from .session import Session
 
 Prompt = Union[str, Sequence[int]]
+
+
+# Decode steps call forward() with one token per sequence, and the Python around the kernels
+# runs on caches that the weight stream has just flushed: for a few values, plain Python on a
+# list is several times cheaper there than numpy's reductions and ufunc.at.
+_SMALL = 32
+
+
+def _span(a: np.ndarray) -> "tuple[int, int]":
+    """(min, max) of a non-empty int64 array as Python ints."""
+    if a.size <= _SMALL:
+        v = a.tolist()
+        return min(v), max(v)
+    return int(a.min()), int(a.max())
+
+
+def _extend_lengths(lengths: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray) -> None:
+    """lengths[s] = max(lengths[s], position + 1) for every (s, position) pair (np.maximum.at)."""
+    if seq_ids.size > _SMALL:
+        np.maximum.at(lengths, seq_ids, positions + 1)
+        return
+    for s, p in zip(seq_ids.tolist(), positions.tolist()):
+        if p >= lengths[s]:
+            lengths[s] = p + 1
 
 
 def default_model_path() -> str:
@@ -214,9 +239,11 @@ class DeepseekV2:
         return np.array(emb[ids], dtype=np.float32)
 
     def _check_ids(self, ids: np.ndarray, name: str) -> None:
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
-            raise ValueError(f"{name}: token id {bad} is out of range [0, {self.config.vocab_size})")
+        if ids.size:
+            lo, hi = _span(ids)
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = int(ids[(ids < 0) | (ids >= self.config.vocab_size)][0])
+                raise ValueError(f"{name}: token id {bad} is out of range [0, {self.config.vocab_size})")
 
     def forward(self, token_ids: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray,
                 cache: LatentCache, logit_rows: Optional[np.ndarray] = None) -> np.ndarray:
@@ -250,11 +277,13 @@ class DeepseekV2:
             raise ValueError("seq_ids and positions: expected the same shape as token_ids "
                              f"{token_ids.shape}, got {seq_ids.shape} and {positions.shape}")
         self._check_ids(token_ids, "token_ids")
-        if positions.min() < 0:
-            raise ValueError(f"positions: expected values >= 0, got {int(positions.min())}")
-        if seq_ids.min() < 0 or seq_ids.max() >= cache.batch_size:
+        p_lo, p_hi = _span(positions)
+        if p_lo < 0:
+            raise ValueError(f"positions: expected values >= 0, got {p_lo}")
+        s_lo, s_hi = _span(seq_ids)
+        if s_lo < 0 or s_hi >= cache.batch_size:
             raise ValueError(f"seq_ids: expected values in [0, {cache.batch_size}) (the cache batch size)")
-        cache.ensure(int(positions.max()) + 1)  # grows a growable cache; ValueError past its limit
+        cache.ensure(p_hi + 1)  # grows a growable cache; ValueError past its limit
         T, C = token_ids.size, int(self.prefill_chunk)
         if T <= C:
             h = self._layers(token_ids, seq_ids, positions, cache)
@@ -262,9 +291,12 @@ class DeepseekV2:
                 h = np.ascontiguousarray(h[np.asarray(logit_rows, dtype=np.int64)])
         else:
             h = self._chunked(token_ids, seq_ids, positions, cache, logit_rows, C)
-        np.maximum.at(cache.lengths, seq_ids, positions + 1)
-        hn = ops.rms_norm(h, self.weights.norm, cfg.rms_norm_eps)
-        return ops.linear(hn, self.weights.lm_head)
+        _extend_lengths(cache.lengths, seq_ids, positions)
+        hn = np.empty_like(h)  # ops.rms_norm / ops.linear, minus their checks (done at load)
+        _C.rmsnorm(hn, h, self.weights.norm, float(cfg.rms_norm_eps))
+        logits = np.empty((h.shape[0], weight_shape(self.weights.lm_head, "lm_head")[0]), np.float32)
+        _C.linear(logits, hn, self.weights.lm_head)
+        return logits
 
     def _layers(self, token_ids: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray,
                 cache: LatentCache) -> np.ndarray:
@@ -273,19 +305,24 @@ class DeepseekV2:
         h = self._embed(token_ids)
         x = np.empty_like(h)
         y = np.empty_like(h)
-        for i, lw in enumerate(self.weights.layers):
-            # the kernels straight from dsv2ext._C with the arguments checked in __init__
-            # (the same calls as ops.rms_norm / mla_attention_block / moe_block / swiglu_mlp)
-            _C.rmsnorm(x, h, lw.input_layernorm, eps)
+        layers = self.weights.layers
+        # the kernels straight from dsv2ext._C with the arguments checked in __init__
+        # (the same calls as ops.rms_norm / mla_attention_block / moe_block / swiglu_mlp);
+        # each residual add h += y is fused with the norm that follows it (rmsnorm's residual):
+        # a decode step's Python between kernels runs on caches that the weights just flushed,
+        # so every extra numpy call costs tens of microseconds there
+        _C.rmsnorm(x, h, layers[0].input_layernorm, eps)
+        for i, lw in enumerate(layers):
             _C.mla_attention_block(y, x, cache.layer(i), seq_ids, positions, *self._attn_args[i])
-            h += y
-            _C.rmsnorm(x, h, lw.post_attention_layernorm, eps)
+            _C.rmsnorm(x, h, lw.post_attention_layernorm, eps, y)
             kind, args = self._ffn_args[i]
             if kind == "moe":
                 _C.moe_block(y, x, *args, None, None)
             else:
                 _C.swiglu_mlp(y, x, *args)
-            h += y
+            if i + 1 < len(layers):
+                _C.rmsnorm(x, h, layers[i + 1].input_layernorm, eps, y)
+        h += y
         return h
 
     def _chunked(self, token_ids: np.ndarray, seq_ids: np.ndarray, positions: np.ndarray, cache: LatentCache,

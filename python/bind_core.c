@@ -8,17 +8,21 @@
 #include "../csrc/rmsnorm.h"
 #include "../csrc/threadpool.h"
 
-/* rmsnorm(out [T, d] f32, x [T, d] f32, weight [d] f32|BF16, eps: float) -> None */
+/* rmsnorm(out [T, d] f32, x [T, d] f32, weight [d] f32|BF16, eps: float, residual [T, d] f32 | None) -> None
+ * With a residual: x += residual first (x written), then out = RMSNorm(x) * weight. */
 static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
-    PyObject *o_out, *o_x, *o_w;
+    PyObject *o_out, *o_x, *o_w, *o_r = Py_None;
     double eps;
-    if (!PyArg_ParseTuple(args, "OOOd:rmsnorm", &o_out, &o_x, &o_w, &eps)) return NULL;
-    PyArrayObject *x = dsv2py_array(o_x, "x", NPY_FLOAT32, 2, NULL, 0);
+    if (!PyArg_ParseTuple(args, "OOOd|O:rmsnorm", &o_out, &o_x, &o_w, &eps, &o_r)) return NULL;
+    const int add = o_r != Py_None;
+    PyArrayObject *x = dsv2py_array(o_x, "x", NPY_FLOAT32, 2, NULL, add);
     if (!x) return NULL;
     int64_t T = dsv2py_dim(x, 0), d = dsv2py_dim(x, 1);
     int64_t oshape[2] = {T, d}, wshape[1] = {d};
     PyArrayObject *out = dsv2py_array(o_out, "out", NPY_FLOAT32, 2, oshape, 1);
     if (!out) return NULL;
+    PyArrayObject *r = add ? dsv2py_array(o_r, "residual", NPY_FLOAT32, 2, oshape, 0) : NULL;
+    if (add && !r) return NULL;
     dsv2py_tensor w;
     if (dsv2py_weight(o_w, "weight", 1, wshape, &w) < 0) return NULL;
     if (w.dtype == DSV2_I8 || w.dtype == DSV2_I4)
@@ -27,10 +31,14 @@ static PyObject *py_rmsnorm(PyObject *self, PyObject *args) {
     if (!(eps >= 0.0) || eps > 1.0)
         return PyErr_Format(PyExc_ValueError, "eps: expected 0 <= eps <= 1, got %s", dsv2py_g(gb, sizeof gb, eps));
     if (out != x && dsv2py_no_overlap(out, "out", x, "x") < 0) return NULL;
+    if (add && (dsv2py_no_overlap(r, "residual", x, "x") < 0 || dsv2py_no_overlap(r, "residual", out, "out") < 0))
+        return NULL;
     dsv2_mat wm = dsv2py_mat(&w);
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = dsv2_rmsnorm((float *)dsv2py_data(out), (const float *)dsv2py_data(x), &wm, T, d, (float)eps);
+    if (add) rc = dsv2_rmsnorm_add((float *)dsv2py_data(out), (float *)dsv2py_data(x), (const float *)dsv2py_data(r),
+                                   &wm, T, d, (float)eps);
+    else rc = dsv2_rmsnorm((float *)dsv2py_data(out), (const float *)dsv2py_data(x), &wm, T, d, (float)eps);
     Py_END_ALLOW_THREADS
     if (rc) return dsv2py_raise(rc, "rmsnorm");
     Py_RETURN_NONE;
@@ -203,7 +211,9 @@ static PyObject *py_amx_tile_dot(PyObject *self, PyObject *args) {
 }
 
 PyMethodDef dsv2py_core_methods[] = {
-    {"rmsnorm", py_rmsnorm, METH_VARARGS, "rmsnorm(out, x, weight, eps): out [T, d] = RMSNorm(x [T, d]) * weight [d]"},
+    {"rmsnorm", py_rmsnorm, METH_VARARGS,
+     "rmsnorm(out, x, weight, eps, residual=None): out [T, d] = RMSNorm(x [T, d]) * weight [d];\n"
+     "with residual [T, d]: x += residual first (x is written)"},
     {"linear", py_linear, METH_VARARGS, "linear(out, x, weight): out [T, N] = x [T, K] @ weight [N, K]^T"},
     {"set_num_threads", py_set_num_threads, METH_VARARGS, "set_num_threads(n) -> n in force"},
     {"get_num_threads", py_get_num_threads, METH_NOARGS, "get_num_threads() -> int"},

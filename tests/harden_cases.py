@@ -189,6 +189,7 @@ def raw_calls(seed: int = 0, T: int = 3) -> List[RawCall]:
     nthreads = dsv2ext.get_num_threads()
     calls = [
         RawCall("rmsnorm", [np.empty((T, D), np.float32), x, nw, 1e-6]),
+        RawCall("rmsnorm", [np.empty((T, D), np.float32), x.copy(), nw, 1e-6, f32(rng, T, D)]),  # residual
         RawCall("linear", [np.empty((T, 16), np.float32), x, lw]),
         RawCall("set_num_threads", [nthreads], restore=lambda: _C.set_num_threads(nthreads)),
         RawCall("get_num_threads", []),

@@ -44,6 +44,52 @@ def test_rmsnorm_in_place():
     np.testing.assert_array_equal(x, ref)
 
 
+@pytest.mark.parametrize("T,d", [(1, 16), (3, 100), (64, 100), (5, 2048)])
+@pytest.mark.parametrize("wdtype", ["f32", "bf16"])
+def test_rmsnorm_residual_is_add_then_norm(T, d, wdtype):
+    """rms_norm(h, w, residual=r): h += r in place, then the norm of the sum: bit for bit the
+    numbers of numpy's float32 add followed by rms_norm (also with out=h and several threads)."""
+    rng = np.random.default_rng(T + d)
+    h0 = (rng.standard_normal((T, d)) * 3).astype(np.float32)
+    r = (rng.standard_normal((T, d)) * 2).astype(np.float32)
+    w = (1 + 0.3 * rng.standard_normal(d)).astype(np.float32)
+    w_arg = BF16.from_float32(w) if wdtype == "bf16" else w
+    h_ref = h0 + r
+    ref = ops.rms_norm(h_ref, w_arg, 1e-6)
+    n = dsv2ext.get_num_threads()
+    try:
+        for nt in (1, 2, 3):
+            dsv2ext.set_num_threads(nt)
+            h = h0.copy()
+            got = ops.rms_norm(h, w_arg, 1e-6, residual=r)
+            np.testing.assert_array_equal(h, h_ref)
+            np.testing.assert_array_equal(got, ref)
+            h = h0.copy()
+            ops.rms_norm(h, w_arg, 1e-6, out=h, residual=r)
+            np.testing.assert_array_equal(h, ref)
+    finally:
+        dsv2ext.set_num_threads(n)
+
+
+def test_rmsnorm_residual_bad_arguments():
+    x = np.ones((3, 8), np.float32)
+    w = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="residual"):
+        ops.rms_norm(x, w, residual=np.ones((3, 9), np.float32))
+    with pytest.raises(ValueError, match="residual"):
+        ops.rms_norm(x, w, residual=x)  # shares memory with x
+    out = np.empty_like(x)
+    with pytest.raises(ValueError, match="residual"):
+        ops.rms_norm(x, w, out=out, residual=out)
+    with pytest.raises(TypeError, match="residual"):
+        ops.rms_norm(x, w, residual=np.ones((3, 8), np.float64))
+    ro = x.copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="x"):
+        ops.rms_norm(ro, w, residual=np.ones((3, 8), np.float32))  # x is written
+    np.testing.assert_array_equal(x, 1.0)
+
+
 @pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 8, 9, 64])
 @pytest.mark.parametrize("N,K", [(1, 1), (37, 100), (256, 2048), (1408, 2048)])
 @pytest.mark.parametrize("wdtype", ["f32", "bf16"])

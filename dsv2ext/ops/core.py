@@ -24,19 +24,24 @@ __all__ = ["rms_norm", "linear"]
 
 
 def rms_norm(x: np.ndarray, weight: Weight, eps: float = 1e-6, *,
-             out: Optional[np.ndarray] = None) -> np.ndarray:
+             out: Optional[np.ndarray] = None, residual: Optional[np.ndarray] = None) -> np.ndarray:
     """RMSNorm over the last dimension, computed in fp32.
 
     ``y = x * rsqrt(mean(x**2, -1) + eps) * weight`` (as transformers'
-    ``DeepseekV2RMSNorm``).
+    ``DeepseekV2RMSNorm``).  With ``residual``, ``x += residual`` is done
+    first, in place (a decoder layer's residual add fused with the next
+    norm: the same numbers as ``x += residual; rms_norm(x, ...)``).
 
     Parameters
     ----------
     x : np.ndarray, float32, shape [T, d]
+        Written (the sum) when ``residual`` is given.
     weight : np.ndarray float32 or BF16, shape [d]
     eps : float
     out : np.ndarray, float32, shape [T, d], optional
         May be ``x`` itself (in place).
+    residual : np.ndarray, float32, shape [T, d], optional
+        Added to ``x`` before the norm; must not share memory with ``x`` or ``out``.
 
     Returns
     -------
@@ -44,7 +49,11 @@ def rms_norm(x: np.ndarray, weight: Weight, eps: float = 1e-6, *,
     """
     check_f32(x, "x", 2)
     out = new_out(out, x.shape)
-    _C.rmsnorm(out, x, weight, float(eps))
+    if residual is None:
+        _C.rmsnorm(out, x, weight, float(eps))
+    else:
+        check_f32(residual, "residual", 2)
+        _C.rmsnorm(out, x, weight, float(eps), residual)
     return out
 
 
