@@ -93,6 +93,15 @@ def select_token(logits: np.ndarray, params: SamplingParams, rng: Optional[np.ra
         If the logits contain NaN or +Inf (greedy decoding would silently pick an overflowed
         logit, sampling would turn it into NaN probabilities).
     """
+    if params.greedy and params.repetition_penalty == 1.0:
+        # one pass, no copy (a decode step's hot path): argmax returns the first NaN if there is
+        # one, else the first maximum, which is +inf if any logit is; the float64 path below
+        # picks the same index (widening keeps the order)
+        x = np.asarray(logits)
+        i = int(np.argmax(x))
+        if np.isnan(x[i]) or np.isposinf(x[i]):
+            raise FloatingPointError("the model produced NaN or +Inf logits")
+        return i
     x = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if np.isnan(x).any() or np.isposinf(x).any():  # -inf is a masked token, NaN / +inf a numerical fault
         raise FloatingPointError("the model produced NaN or +Inf logits")

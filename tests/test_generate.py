@@ -171,3 +171,25 @@ def test_cli_generate_info_stats(ckpt):
     assert r.returncode == 0 and r.stdout.strip()
     r = _run("generate", "--model", str(os.path.join(path, "nope")), "x")
     assert r.returncode == 2 and "error" in r.stderr
+
+
+def test_greedy_select_token_one_pass():
+    """The greedy pick (no repetition penalty) takes one argmax over the float32 row: the same
+    index as the float64 path (first maximum on ties), and NaN / +Inf anywhere still raise."""
+    from dsv2ext.sampling import SamplingParams, select_token
+
+    greedy = SamplingParams()
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        x = rng.standard_normal(997).astype(np.float32)
+        if trial % 2:
+            x = np.round(x, 1)  # many ties
+        x[rng.integers(0, 997, 20)] = -np.inf  # masked tokens
+        assert select_token(x, greedy, None) == int(np.argmax(x.astype(np.float64)))
+    assert select_token(np.full(8, -np.inf, np.float32), greedy, None) == 0
+    for bad in (np.nan, np.inf):
+        for at in (0, 500, 996):
+            x = rng.standard_normal(997).astype(np.float32)
+            x[at] = bad
+            with pytest.raises(FloatingPointError, match="NaN or"):
+                select_token(x, greedy, None)
