@@ -9,6 +9,7 @@
 #include "mla.h"
 #include "cpu.h"
 #include "fp8.h"
+#include "gemv.h"
 
 #include <immintrin.h>
 #include <string.h>
@@ -56,80 +57,50 @@ void dsv2_mla_rows_store(void *rows, int64_t ldr, const float *lat, int64_t n, i
     }
 }
 
-static void rows_load_portable(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n, int64_t c0,
-                               int64_t c1, int dtype, int64_t kv_lora) {
-    const int64_t w = c1 - c0;
-    for (int64_t r = 0; r < n; r++) {
-        const char *row = (const char *)rows + r * ldr;
-        float *y = dst + r * ldd;
-        if (dtype == DSV2_KV_F32) {
-            memcpy(y, (const float *)row + c0, (size_t)w * sizeof(float));
-        } else if (dtype == DSV2_KV_BF16) {
-            const uint16_t *b = (const uint16_t *)row + c0;
-            for (int64_t i = 0; i < w; i++) y[i] = dsv2_bf16_to_f32(b[i]);
-        } else if (dtype == DSV2_KV_FP8) {
-            const uint8_t *codes = (const uint8_t *)row;
-            const float *scales = (const float *)(row + dsv2_kv_fp8_scales_at(kv_lora));
-            const uint16_t *pe = (const uint16_t *)(row + dsv2_kv_fp8_rope_at(kv_lora));
-            for (int64_t i = 0; i < w; i++) {
-                const int64_t c = c0 + i;
-                y[i] = c < kv_lora ? dsv2_e4m3_to_f32(codes[c]) * scales[c / DSV2_KV_FP8_BLOCK]
-                                   : dsv2_bf16_to_f32(pe[c - kv_lora]);
-            }
-        }
-    }
+/* FP8 codes [c0, e) of a row (all below kv_lora) -> y: the exact e4m3 value times its block's
+ * scale, one fp32 product (NaN codes NaN) */
+static void fp8_codes_load(float *y, const uint8_t *codes, const float *scales, int64_t c0, int64_t e) {
+    for (int64_t c = c0; c < e; c++) y[c - c0] = dsv2_e4m3_to_f32(codes[c]) * scales[c / DSV2_KV_FP8_BLOCK];
 }
 
-static inline __mmask16 left16(int64_t left) {
-    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-}
-
-/* bf16 numbers b [w] -> y [w] */
-DSV2_TARGET_AVX512 static inline void bf16_widen_avx512(float *y, const uint16_t *b, int64_t w) {
-    for (int64_t i = 0; i < w; i += 16) {
-        const __mmask16 m = left16(w - i);
-        const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b + i));
-        _mm512_mask_storeu_ps(y + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
-    }
-}
-
-/* The same numbers as rows_load_portable: an FP8 value is the exact e4m3 value times its block's
- * scale, one fp32 product (NaN codes NaN). */
-DSV2_TARGET_AVX512 static void rows_load_avx512(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n,
-                                                int64_t c0, int64_t c1, int dtype, int64_t kv_lora) {
-    for (int64_t r = 0; r < n; r++) {
-        const char *row = (const char *)rows + r * ldr;
-        float *y = dst + r * ldd;
-        if (dtype == DSV2_KV_BF16) {
-            bf16_widen_avx512(y, (const uint16_t *)row + c0, c1 - c0);
-        } else if (dtype == DSV2_KV_FP8) {
-            const uint8_t *codes = (const uint8_t *)row;
-            const float *scales = (const float *)(row + dsv2_kv_fp8_scales_at(kv_lora));
-            const int64_t e = c1 < kv_lora ? c1 : kv_lora;
-            for (int64_t c = c0; c < e;) { /* 16 codes at a time, never across a block of 128 */
-                const int64_t bend = (c / DSV2_KV_FP8_BLOCK + 1) * DSV2_KV_FP8_BLOCK;
-                const int64_t stop = bend < e ? bend : e, k = stop - c < 16 ? stop - c : 16;
-                const __mmask16 m = left16(k);
-                const __m128i b = _mm_maskz_loadu_epi8(m, codes + c);
-                const __m512 v = _mm512_mul_ps(dsv2_e4m3x16_to_f32_avx512(b),
-                                               _mm512_set1_ps(scales[c / DSV2_KV_FP8_BLOCK]));
-                _mm512_mask_storeu_ps(y + (c - c0), m, v);
-                c += k;
-            }
-            if (c1 > kv_lora) {
-                const int64_t s0 = c0 > kv_lora ? c0 : kv_lora;
-                const uint16_t *pe = (const uint16_t *)(row + dsv2_kv_fp8_rope_at(kv_lora));
-                bf16_widen_avx512(y + (s0 - c0), pe + (s0 - kv_lora), c1 - s0);
-            }
-        } else {
-            memcpy(y, (const float *)row + c0, (size_t)(c1 - c0) * sizeof(float));
-        }
+/* the same numbers, 16 codes at a time, never across a block of 128 */
+DSV2_TARGET_AVX512 static void fp8_codes_load_avx512(float *y, const uint8_t *codes, const float *scales, int64_t c0,
+                                                     int64_t e) {
+    for (int64_t c = c0; c < e;) {
+        const int64_t bend = (c / DSV2_KV_FP8_BLOCK + 1) * DSV2_KV_FP8_BLOCK;
+        const int64_t stop = bend < e ? bend : e, k = stop - c < 16 ? stop - c : 16;
+        const __mmask16 m = (__mmask16)((1u << k) - 1u);
+        const __m512 v = _mm512_mul_ps(dsv2_e4m3x16_to_f32_avx512(_mm_maskz_loadu_epi8(m, codes + c)),
+                                       _mm512_set1_ps(scales[c / DSV2_KV_FP8_BLOCK]));
+        _mm512_mask_storeu_ps(y + (c - c0), m, v);
+        c += k;
     }
 }
 
 void dsv2_mla_rows_load(float *dst, int64_t ldd, const void *rows, int64_t ldr, int64_t n, int64_t c0, int64_t c1,
                         int dtype, int64_t kv_lora, int64_t rope) {
     (void)rope;
-    if (dsv2_isa() == DSV2_ISA_AVX512) rows_load_avx512(dst, ldd, rows, ldr, n, c0, c1, dtype, kv_lora);
-    else rows_load_portable(dst, ldd, rows, ldr, n, c0, c1, dtype, kv_lora);
+    const int avx512 = dsv2_isa() == DSV2_ISA_AVX512;
+    for (int64_t r = 0; r < n; r++) {
+        const char *row = (const char *)rows + r * ldr;
+        float *y = dst + r * ldd;
+        if (dtype == DSV2_KV_F32) {
+            memcpy(y, (const float *)row + c0, (size_t)(c1 - c0) * sizeof(float));
+        } else if (dtype == DSV2_KV_BF16) {
+            dsv2_bf16_row_to_f32(y, (const uint16_t *)row + c0, c1 - c0);
+        } else if (dtype == DSV2_KV_FP8) {
+            const uint8_t *codes = (const uint8_t *)row;
+            const float *scales = (const float *)(row + dsv2_kv_fp8_scales_at(kv_lora));
+            const int64_t e = c1 < kv_lora ? c1 : kv_lora;
+            if (c0 < e) {
+                if (avx512) fp8_codes_load_avx512(y, codes, scales, c0, e);
+                else fp8_codes_load(y, codes, scales, c0, e);
+            }
+            if (c1 > kv_lora) { /* k_pe, bf16 */
+                const int64_t s0 = c0 > kv_lora ? c0 : kv_lora;
+                const uint16_t *pe = (const uint16_t *)(row + dsv2_kv_fp8_rope_at(kv_lora));
+                dsv2_bf16_row_to_f32(y + (s0 - c0), pe + (s0 - kv_lora), c1 - s0);
+            }
+        }
+    }
 }
