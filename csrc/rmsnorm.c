@@ -41,23 +41,23 @@ static void rms_task(void *ctx, int64_t b, int64_t e, int tid) {
     }
 }
 
-int dsv2_rmsnorm_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *w,
-                    int64_t T, int64_t d, float eps) {
-    if (T < 0 || d <= 0 || w->cols * w->rows != d || ldx < d || ldy < d) return DSV2_ERR_ARG;
-    if (w->dtype != DSV2_F32 && w->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
-    rms_job j = {y, ldy, NULL, NULL, x, ldx, w, d, eps};
-    int64_t grain = d >= 4096 ? 1 : (4096 + d - 1) / d;
-    dsv2_parallel_for(T, grain, rms_task, &j);
+static int rms_run(rms_job *j, int64_t T) {
+    if (T < 0 || j->d <= 0 || j->w->cols * j->w->rows != j->d || j->ldx < j->d || j->ldy < j->d) return DSV2_ERR_ARG;
+    if (j->w->dtype != DSV2_F32 && j->w->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
+    int64_t grain = j->d >= 4096 ? 1 : (4096 + j->d - 1) / j->d;
+    dsv2_parallel_for(T, grain, rms_task, j);
     return DSV2_OK;
 }
 
+int dsv2_rmsnorm_ex(float *y, int64_t ldy, const float *x, int64_t ldx, const dsv2_mat *w,
+                    int64_t T, int64_t d, float eps) {
+    rms_job j = {y, ldy, NULL, NULL, x, ldx, w, d, eps};
+    return rms_run(&j, T);
+}
+
 int dsv2_rmsnorm_add(float *y, float *h, const float *r, const dsv2_mat *w, int64_t T, int64_t d, float eps) {
-    if (T < 0 || d <= 0 || w->cols * w->rows != d) return DSV2_ERR_ARG;
-    if (w->dtype != DSV2_F32 && w->dtype != DSV2_BF16) return DSV2_ERR_DTYPE;
     rms_job j = {y, d, h, r, h, d, w, d, eps};
-    int64_t grain = d >= 4096 ? 1 : (4096 + d - 1) / d;
-    dsv2_parallel_for(T, grain, rms_task, &j);
-    return DSV2_OK;
+    return rms_run(&j, T);
 }
 
 int dsv2_rmsnorm(float *y, const float *x, const dsv2_mat *w, int64_t T, int64_t d, float eps) {
