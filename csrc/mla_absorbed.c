@@ -74,6 +74,7 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     float *O = scr, *Sb = O + H * L, *m = Sb + H * KB, *l = m + H, *Wb = wide ? scr + nf : NULL;
     uint16_t *Pb = dp ? (uint16_t *)(scr + nf + nwb) : NULL;
     uint32_t *Qp = dp ? (uint32_t *)(((uintptr_t)(Pb + H * KB) + 63) & ~(uintptr_t)63) : NULL;
+    int64_t packed_t = -1, packed_h0 = -1, packed_h1 = -1; /* the queries now in Qp */
     for (;;) {
         int64_t i = atomic_fetch_add(&j->next, 1);
         if (i >= j->n_items) break;
@@ -86,7 +87,11 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
             l[h] = 0.0f;
         }
         memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float));
-        if (dp) dsv2_mla_bf16dp_qpack(Qp, Q, Wd, Hn, Wd);
+        if (dp && (it->t != packed_t || it->h0 != packed_h0 || it->h1 != packed_h1)) {
+            /* once per token and heads, not per row range (64 ranges of one decode token at 32K) */
+            dsv2_mla_bf16dp_qpack(Qp, Q, Wd, Hn, Wd);
+            packed_t = it->t, packed_h0 = it->h0, packed_h1 = it->h1;
+        }
         for (int64_t jb = it->j0; jb < it->j1; jb += KB) {
             const int64_t nb = it->j1 - jb < KB ? it->j1 - jb : KB;
             const int64_t jn = jb + KB < it->j1 ? jb + KB : it->j1; /* the next block, prefetched */
