@@ -142,7 +142,7 @@ int dsv2_prefetch_bytes(void) {
 
 static int g_intel = -1;
 
-static int is_intel(void) {
+int dsv2_cpu_is_intel(void) {
     if (g_intel >= 0) return g_intel;
     __builtin_cpu_init();
     g_intel = __builtin_cpu_is("intel") ? 1 : 0;
@@ -154,7 +154,7 @@ int dsv2_prefetch_default(int family) {
     static const int intel[4] = {4096, 4096, 4096, 4096};
     static const int other[4] = {0, 4096, 4096, 0};
     if (family < 0 || family > 3) return 0;
-    return is_intel() ? intel[family] : other[family];
+    return dsv2_cpu_is_intel() ? intel[family] : other[family];
 }
 
 int dsv2_prefetch_for(int family) {

@@ -24,6 +24,8 @@ int dsv2_cpu_has_avx512vnni(void);
  * it, the level in force is AVX-512, and dsv2_set_avx512vbmi has not turned it off
  * (tests do, to run the AVX-512 kernels written for CPUs without it). */
 int dsv2_cpu_has_avx512vbmi(void);
+/* 1 on an Intel CPU (cached after the first call) */
+int dsv2_cpu_is_intel(void);
 /* allow (1) or forbid (0) the VBMI kernels; returns dsv2_cpu_has_avx512vbmi() */
 int dsv2_set_avx512vbmi(int allow);
 const char *dsv2_isa_name(int level);

@@ -421,15 +421,184 @@ f8p_rows(float *y, int64_t ldy, const float *xp, const int T, const int R, const
     }
 }
 
-#define F8P_T(TT)                                                                                        \
-    DSV2_TARGET_AVX512VBMI static void f8p_t##TT(float *y, int64_t ldy, const float *xp, const dsv2_mat *W, \
-                                                 int64_t r0, int64_t r1) {                               \
+/* ---- scaled codes: the VBMI kernels' fast path ----
+ * The fp32 number with a code's sign at bit 31 and its 7 magnitude bits at bits 26..20 is
+ * e4m3(q) * 2^-120 exactly for every code but the NaN codes: the e4m3 exponent field lands at
+ * the bottom of fp32's (bias 127 = 7 + 120) and e4m3 subnormals become fp32 subnormals.  With
+ * the activations of the whole steps scaled by 2^120 (exact while every |x| < 256),
+ * fma(e4m3(q) * 2^-120, x * 2^120, s) is fma(e4m3(q), x, s) bit for bit (the same exact
+ * product, one rounding), so f8s_rows gives the bits of f8p_rows, whatever the rows' split:
+ * each row keeps the sums f8p_rows gives it (R == 1, or the 4-row tile's where the split puts
+ * the row in a tile), added in the same order.  The widening takes 3 shifts, 2 ands and 4
+ * unpacks per 64 codes (+ 2 ops for the NaN test) instead of 2 vpermi2b, a vpternlogd and 6
+ * more; on Zen 4 vpermi2b and vpternlogd compete with the FMAs for their pipes, and one thread
+ * decodes ~1.25x the weights per second (K = 2048, rows in L2).  Rows go 2 at a time (4 for
+ * the tile sums) from as many parts of the range: each activation load serves them all, the
+ * FMA chains overlap and every stream stays in its own pages (2 adjacent rows of 2 KiB in one
+ * 4 KiB page stream at a third of the speed).  Not on Intel, where the 512-bit shuffles and
+ * shifts share the FMA ports and 15 uops per 64 codes would lose to the tables' 13.  Taken
+ * where MXCSR.DAZ is off (the scaled subnormals must stay; they do raise MXCSR.DE), every
+ * activation of the steps has |x| < 256 (finite), T * K <= F8S_STACK (the scaled copy is made
+ * per call, on the stack) and the call has F8S_MIN_ROWS rows or more (the copy costs about one
+ * row); rows with a NaN code (a running byte max of code | 0x80) are redone by f8p_rows, and
+ * every other call is f8p_o's, the kernel as it was. */
+#define F8S_STACK 8192
+#define F8S_MIN_ROWS 8
+
+/* 64 codes -> w[0..3] = e4m3 * 2^-120 (NaN codes: finite), columns in f8p_col order */
+DSV2_TARGET_AVX512VBMI static inline __attribute__((always_inline)) void f8x64_s(__m512 w[4], __m512i c) {
+    const __m512i m = _mm512_set1_epi16((short)0x87F0), z = _mm512_setzero_si512();
+    /* per 16-bit word of 2 codes: sign at bit 15, magnitude at bits 10..4 */
+    const __m512i o = _mm512_and_si512(_mm512_srai_epi16(c, 4), m);                       /* odd codes */
+    const __m512i e = _mm512_and_si512(_mm512_srai_epi16(_mm512_slli_epi16(c, 8), 4), m); /* even codes */
+    w[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, e));
+    w[1] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, o));
+    w[2] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, e));
+    w[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, o));
+}
+
+/* one step of 64 columns at k of f8s_rows */
+DSV2_TARGET_AVX512VBMI static inline __attribute__((always_inline)) void
+f8s_step(__m512 blk[DSV2_GEMV_MAX_T][4], __m512i *nm, const uint8_t *const q[4], const float *xs, const int T,
+         const int S, const int G, int64_t K, int64_t k, const int sc, const f8_tables *tb, int pf) {
+    __m512 w[4][4];
+    for (int i = 0; i < G; i++) {
+        DSV2_PREFETCH_AHEAD(q[i] + k, 64, pf);
+        __m512i c = _mm512_loadu_si512((const void *)(q[i] + k));
+        __asm__("" : "+v"(c)); /* one load of the codes (gcc would load them once per use) */
+        if (sc) {
+            *nm = _mm512_max_epu8(*nm, _mm512_or_si512(c, _mm512_set1_epi8((char)0x80))); /* 0xff: a NaN code */
+            f8x64_s(w[i], c);
+        } else {
+            f8x64_vbmi(w[i], c, tb);
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int v = 0; v < 4; v++) {
+            const __m512 xv = _mm512_loadu_ps(xs + t * K + k + 16 * v);
+            for (int i = 0; i < G; i++)
+                blk[t][S * i + (v & (S - 1))] = _mm512_fmadd_ps(w[i][v], xv, blk[t][S * i + (v & (S - 1))]);
+        }
+}
+
+/* G rows r + i * d (G * S <= 4) with f8p_rows' sums: S == 2: its R == 1 sums (even / odd
+ * vectors of a step), S == 1: its 4-row tile's (one per row).  sc: on xs (the steps of xp times
+ * 2^120; the tail read from xp) with the scaled codes, returning nonzero when a code is NaN (y of
+ * these rows then unset); else on xp (xs == xp) with the table widening of f8p_rows */
+DSV2_TARGET_AVX512VBMI static inline __attribute__((always_inline)) int
+f8s_rows(float *y, int64_t ldy, const float *xs, const float *xp, const int T, const int S, const int G,
+         const dsv2_mat *W, int64_t r, int64_t d, const int sc, const f8_tables *tb, int pf) {
+    const int64_t K = W->cols, K64 = K & ~(int64_t)63, g = W->group;
+    const uint8_t *q[4];
+    const float *s[4];
+    for (int i = 0; i < G; i++) {
+        q[i] = (const uint8_t *)W->data + (r + i * d) * K;
+        s[i] = dsv2_f8_scale_row(W, r + i * d);
+    }
+    __m512i nm = _mm512_setzero_si512();
+    /* sum j of row i of activation row t: acc[t][S * i + j] */
+    __m512 acc[DSV2_GEMV_MAX_T][4];
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < G * S; j++) acc[t][j] = _mm512_setzero_ps();
+    for (int64_t k0 = 0, b = 0; k0 < K64; k0 += g, b++) {
+        const int64_t k1 = k0 + g < K64 ? k0 + g : K64;
+        __m512 blk[DSV2_GEMV_MAX_T][4];
+        for (int t = 0; t < T; t++)
+            for (int j = 0; j < G * S; j++) blk[t][j] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 64) f8s_step(blk, &nm, q, xs, T, S, G, K, k, sc, tb, pf);
+        for (int i = 0; i < G; i++) {
+            const __m512 sv = _mm512_set1_ps(s[i][b]);
+            for (int t = 0; t < T; t++)
+                for (int j = S * i; j < S * i + S; j++) acc[t][j] = _mm512_fmadd_ps(blk[t][j], sv, acc[t][j]);
+        }
+    }
+    if (sc && _mm512_cmpeq_epi8_mask(nm, _mm512_set1_epi8(-1))) return 1;
+    for (int i = 0; i < G; i++) {
+        float v[DSV2_GEMV_MAX_T];
+        for (int t = 0; t < T; t++)
+            v[t] = _mm512_reduce_add_ps(S == 2 ? _mm512_add_ps(acc[t][2 * i], acc[t][2 * i + 1]) : acc[t][i]);
+        if (K64 < K) f8p_tail(v, xp, T, W, r + i * d, K64);
+        for (int t = 0; t < T; t++) y[t * ldy + r + i * d] = v[t];
+    }
+    return 0;
+}
+
+/* xs = the steps of xp [T, K] times 2^120 (rows K apart); 1 when f8s_rows gives f8p_rows' bits.
+ * The range is tested before each multiply, which so never overflows (no MXCSR flag that the
+ * original would not raise; e4m3 subnormals scaled by 2^-120 do raise DE in the FMAs) */
+DSV2_TARGET_AVX512VBMI static int f8s_scale(float *xs, const float *xp, int T, int64_t K, int64_t rows) {
+    const int64_t K64 = K & ~(int64_t)63;
+    if (rows < F8S_MIN_ROWS || T * K > F8S_STACK || (_mm_getcsr() & 0x0040) /* DAZ */ || dsv2_cpu_is_intel())
+        return 0;
+    const __m512 s = _mm512_set1_ps(0x1p120f);
+    const __m512i a = _mm512_set1_epi32(0x7fffffff), lim = _mm512_set1_epi32(0x43800000); /* 256.0f */
+    for (int t = 0; t < T; t++)
+        for (int64_t k = 0; k < K64; k += 16) {
+            const __m512 v = _mm512_loadu_ps(xp + t * K + k);
+            /* |x| >= 256, Inf and NaN (not needed for Inf, but rare) */
+            if (_mm512_cmpge_epu32_mask(_mm512_and_si512(_mm512_castps_si512(v), a), lim)) return 0;
+            _mm512_storeu_ps(xs + t * K + k, _mm512_mul_ps(v, s));
+        }
+    return 1;
+}
+
+/* rows [a, a + n) with f8p_rows' R (1 or 4) sums, in groups of G rows r, r + h, .. (h = n / G: G
+ * streams in different pages) */
+#define F8S_GROUPS(TT, R, G)                                                                             \
+    do {                                                                                                 \
+        const int64_t h_ = n_ / (G);                                                                     \
+        for (int64_t i_ = 0; i_ < h_; i_++)                                                              \
+            if (f8s_rows(y, ldy, xs, xp, TT, (R) == 1 ? 2 : 1, G, W, a_ + i_, h_, 1, &tb, pf))           \
+                for (int j_ = 0; j_ < (G); j_++) f8p_one##TT(y, ldy, xp, R, W, a_ + i_ + j_ * h_, &tb, pf); \
+        for (int64_t r_ = a_ + (G) * h_; r_ < a_ + n_; r_++)                                             \
+            if (f8s_rows(y, ldy, xs, xp, TT, (R) == 1 ? 2 : 1, 1, W, r_, 1, 1, &tb, pf))                 \
+                f8p_one##TT(y, ldy, xp, R, W, r_, &tb, pf);                                              \
+    } while (0)
+
+/* the kernels without the scaled codes */
+#define F8P_O(TT)                                                                                        \
+    DSV2_TARGET_AVX512VBMI __attribute__((noinline)) static void f8p_o##TT(float *y, int64_t ldy, const float *xp, \
+                                                                         const dsv2_mat *W, int64_t r0, int64_t r1) { \
         const int pf = dsv2_prefetch_for(DSV2_PF_F8);                                                    \
         const f8_tables tb = f8_tables_load();                                                           \
         int64_t r = r0;                                                                                  \
         if ((TT) * W->cols * 4 > DSV2_GEMV_TILE_XBYTES)                                                  \
             for (; r + 4 <= r1; r += 4) f8p_rows(y, ldy, xp, TT, 4, W, r, &tb, pf);                      \
         for (; r < r1; r++) f8p_rows(y, ldy, xp, TT, 1, W, r, &tb, pf);                                  \
+    }
+F8P_O(1)
+F8P_O(2)
+F8P_O(3)
+F8P_O(4)
+
+#define F8P_T(TT)                                                                                        \
+    /* row r alone with f8p_rows' R == 1 sums (R == 1) or 4-row tile sums (R == 4) */                    \
+    DSV2_TARGET_AVX512VBMI static void f8p_one##TT(float *y, int64_t ldy, const float *xp, int R, const dsv2_mat *W, \
+                                                   int64_t r, const f8_tables *tb, int pf) {             \
+        if (R == 1) f8p_rows(y, ldy, xp, TT, 1, W, r, tb, pf);                                           \
+        else f8s_rows(y, ldy, xp, xp, TT, 1, 1, W, r, 1, 0, tb, pf);                                     \
+    }                                                                                                    \
+    DSV2_TARGET_AVX512VBMI static void f8p_t##TT(float *y, int64_t ldy, const float *xp, const dsv2_mat *W, \
+                                                 int64_t r0, int64_t r1) {                               \
+        const int pf = dsv2_prefetch_for(DSV2_PF_F8);                                                    \
+        const f8_tables tb = f8_tables_load();                                                           \
+        const int tile = (TT) * W->cols * 4 > DSV2_GEMV_TILE_XBYTES;                                     \
+        float xs[F8S_STACK] __attribute__((aligned(64)));                                                \
+        if (!f8s_scale(xs, xp, TT, W->cols, r1 - r0)) {                                                  \
+            f8p_o##TT(y, ldy, xp, W, r0, r1);                                                            \
+            return;                                                                                      \
+        }                                                                                                \
+        /* the rows f8p_rows takes in 4-row tiles, then those it takes alone */                          \
+        const int64_t n4 = tile ? (r1 - r0) & ~(int64_t)3 : 0;                                           \
+        {                                                                                                \
+            const int64_t a_ = r0, n_ = n4;                                                              \
+            F8S_GROUPS(TT, 4, 4);                                                                        \
+        }                                                                                                \
+        {                                                                                                \
+            const int64_t a_ = r0 + n4, n_ = r1 - r0 - n4;                                               \
+            if ((TT) <= 2) F8S_GROUPS(TT, 1, 2);                                                         \
+            else F8S_GROUPS(TT, 1, 1);                                                                   \
+        }                                                                                                \
     }
 F8P_T(1)
 F8P_T(2)

@@ -267,6 +267,30 @@ def test_linear_avx512_routes(avx512_route, N, K, block):
         assert np.isnan(y[:, [1, 4, N - 1]]).all() and not np.isnan(np.delete(y, [1, 4, N - 1], 1)).any()
 
 
+def test_scaled_codes_path_same_bits(avx512_route):
+    """The VBMI route's scaled-code kernel (codes widened to e4m3 * 2^-120 against activations times
+    2^120; taken for |x| < 256 and calls of 8 rows or more, off on Intel) and the byte-table kernel it
+    falls back to give the same bits: y(2 x) == 2 y(x) exactly with max |x| = 200 (2 x takes the
+    table kernel), and rows computed in a call of 7 (table kernel) or 4 rows equal the same rows of
+    a call of all rows; V2-Lite and V3 dims, 1-5 tokens (the 4-row tile sums from 2 tokens at 2048)."""
+    prev = dsv2ext.get_num_threads()
+    dsv2ext.set_num_threads(1)
+    try:
+        for N, K in ((1408, 2048), (2048, 1408), (256, 7168), (96, 200)):
+            w = rand_fp8((N, K), N + K)
+            for T in (1, 2, 5):
+                x = np.random.default_rng(T).standard_normal((T, K)).astype(np.float32)
+                x *= np.float32(200.0) / np.abs(x).max()
+                y = ops.linear(x, w)
+                np.testing.assert_array_equal(ops.linear(x * np.float32(2.0), w), y * np.float32(2.0))
+                n = 4 if T * K * 4 > 16384 else 7
+                head = Fp8Weight(np.ascontiguousarray(w.data[:n]), np.ascontiguousarray(w.scale_inv[:1]), w.block)
+                np.testing.assert_array_equal(ops.linear(x, head), y[:, :n])
+                assert max_rel_err(y, ref_linear(x, w)) <= KTOL
+    finally:
+        dsv2ext.set_num_threads(prev)
+
+
 def test_decode_routes_mlp_and_moe(avx512_route):
     """The MLP and MoE row-dot paths (activations prepared once per call) on both AVX-512 routes."""
     for d, inter in ((200, 300), (256, 1408)):
