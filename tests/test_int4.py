@@ -213,6 +213,23 @@ def test_nonfinite_activations_propagate(act):
     assert not np.isfinite(ops.linear(x, q)).all()
 
 
+@pytest.mark.parametrize("N,K", [(515, 2048), (66, 1408), (37, 10944), (11, 192), (9, 30), (7, 64)])
+def test_linear_int4_decode_rows_same_bits(isa, N, K):
+    """One token (decode) takes the four-rows-a-step kernel on AVX-512 VNNI; each row gets the bits
+    of the one-row kernel that two tokens run (token 0 of a 2-token call), also for the rows left
+    over past a multiple of 4 and for row ranges of 2 threads."""
+    q = quantize_int4(rand_w((N, K), 3 * N + K))
+    x = np.random.default_rng(K).standard_normal((2, K)).astype(np.float32)
+    x[0, :8] *= 30.0
+    prev = dsv2ext.get_num_threads()
+    try:
+        for n in (1, 2):
+            dsv2ext.set_num_threads(n)
+            np.testing.assert_array_equal(ops.linear(x[:1], q)[0], ops.linear(x, q)[0])
+    finally:
+        dsv2ext.set_num_threads(prev)
+
+
 def test_linear_int4_threads_identical():
     q = quantize_int4(rand_w((515, 2048), 1))
     w = rand_w((40, 2048), 7)
