@@ -593,6 +593,42 @@ def test_many_busy_experts_run_concurrently_with_the_same_numbers(fmt):
     assert max_rel(outs[0], ref) <= 2e-5
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "fp8"])
+def test_row_dot_work_items_do_not_change_results(fmt):
+    """Decode-sized calls (1-3 tokens, every expert on the row-dot kernels): the gate/up rows and
+    down + combine columns per work item grow as the thread count falls (about 4 items per thread,
+    48-352 rows, 24-256 columns); with these sizes 1, 3, 7 and 16 threads cut the experts at
+    different rows and columns, and the output must stay the same bits."""
+    from dsv2ext.fp8 import quantize_fp8
+    from dsv2ext.int4 import quantize_int4
+    from dsv2ext.quant import quantize_int8
+
+    def fmt_of(a: np.ndarray):
+        return {"bf16": lambda: BF16.from_float32(a), "int8": lambda: quantize_int8(a),
+                "int4": lambda: quantize_int4(a), "fp8": lambda: quantize_fp8(a)}[fmt]()
+
+    rng = np.random.default_rng(31)
+    d, inter, E, k = 256, 704, 8, 6
+    router = (rng.standard_normal((E, d)) * 0.05).astype(np.float32)
+    shapes = ((inter, d), (inter, d), (d, inter))
+    experts = [tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32)) for s in shapes) for _ in range(E)]
+    shared = tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32))
+                   for s in ((2 * inter, d), (2 * inter, d), (d, 2 * inter)))
+    cfg = MoEConfig(n_routed_experts=E, num_experts_per_tok=k)
+    prev = dsv2ext.get_num_threads()
+    try:
+        for T in (1, 3):
+            x = rng.standard_normal((T, d)).astype(np.float32)
+            outs = []
+            for n in (1, 3, 7, 16):
+                dsv2ext.set_num_threads(n)
+                outs.append(moe_block(x, router, experts, shared, cfg))
+            for o in outs[1:]:
+                np.testing.assert_array_equal(o, outs[0])
+    finally:
+        dsv2ext.set_num_threads(prev)
+
+
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
 def test_isa_paths(isa):
     dsv2ext.set_isa(isa)
