@@ -557,40 +557,58 @@ def test_deterministic_across_thread_counts(T):
     assert_close(outs[0], reference(m, x))
 
 
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "int4", "fp8"])
-def test_many_busy_experts_run_concurrently_with_the_same_numbers(fmt):
-    """A long prompt gives most routed experts more tokens than the row-dot path takes; with two
-    or more such experts per thread, the threads run whole experts at once (each expert's
-    products single-threaded).  The output must not change with the thread count (1 thread: one
-    expert after another) and must match the experts' dequantized weights in fp32."""
+def same_for_thread_counts(fn, counts):
+    """fn() under each thread count in counts: the results must be the same bits; returns the first
+    (the thread count is restored)."""
+    prev = dsv2ext.get_num_threads()
+    outs = []
+    try:
+        for n in counts:
+            dsv2ext.set_num_threads(n)
+            outs.append(fn())
+    finally:
+        dsv2ext.set_num_threads(prev)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    return outs[0]
+
+
+def random_moe_weights(fmt: str, d: int, inter: int, E: int, rng: np.random.Generator, fp8_block=(128, 128)):
+    """A router [E, d], E experts (gate, up [inter, d], down [d, inter]) and a shared expert of width
+    2 * inter, random, the matrices in format fmt (f32, bf16, int8, int4, fp8 with fp8_block)."""
     from dsv2ext.fp8 import quantize_fp8
     from dsv2ext.int4 import quantize_int4
     from dsv2ext.quant import quantize_int8
 
     def fmt_of(a: np.ndarray):
         return {"f32": lambda: a, "bf16": lambda: BF16.from_float32(a), "int8": lambda: quantize_int8(a),
-                "int4": lambda: quantize_int4(a), "fp8": lambda: quantize_fp8(a, (32, 32))}[fmt]()
+                "int4": lambda: quantize_int4(a), "fp8": lambda: quantize_fp8(a, fp8_block)}[fmt]()
 
+    router = (rng.standard_normal((E, d)) * 0.05).astype(np.float32)
+    shapes = ((inter, d), (inter, d), (d, inter))
+    experts = [tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32)) for s in shapes) for _ in range(E)]
+    shared = tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32))
+                   for s in ((2 * inter, d), (2 * inter, d), (d, 2 * inter)))
+    return router, experts, shared
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "int4", "fp8"])
+def test_many_busy_experts_run_concurrently_with_the_same_numbers(fmt):
+    """A long prompt gives most routed experts more tokens than the row-dot path takes; with two
+    or more such experts per thread, the threads run whole experts at once (each expert's
+    products single-threaded).  The output must not change with the thread count (1 thread: one
+    expert after another) and must match the experts' dequantized weights in fp32."""
     def dense(w) -> np.ndarray:
         return w if isinstance(w, np.ndarray) else w.to_float32()
 
     rng = np.random.default_rng(23)
     d, inter, E, k, T = 128, 96, 12, 4, 240  # ~80 tokens per expert: every routed expert is busy
     x = rng.standard_normal((T, d)).astype(np.float32)
-    router = (rng.standard_normal((E, d)) * 0.05).astype(np.float32)
-    shapes = ((inter, d), (inter, d), (d, inter))
-    experts = [tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32)) for s in shapes) for _ in range(E)]
-    shared = tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32))
-                   for s in ((2 * inter, d), (2 * inter, d), (d, 2 * inter)))
+    router, experts, shared = random_moe_weights(fmt, d, inter, E, rng, (32, 32))
     cfg = MoEConfig(n_routed_experts=E, num_experts_per_tok=k)
-    outs = []
-    for n in (1, 2, 3, 4):
-        dsv2ext.set_num_threads(n)
-        outs.append(moe_block(x, router, experts, shared, cfg))
-    for o in outs[1:]:
-        np.testing.assert_array_equal(o, outs[0])
+    out = same_for_thread_counts(lambda: moe_block(x, router, experts, shared, cfg), (1, 2, 3, 4))
     ref = moe_block(x, router, [tuple(dense(w) for w in e) for e in experts], tuple(dense(w) for w in shared), cfg)
-    assert max_rel(outs[0], ref) <= 2e-5
+    assert max_rel(out, ref) <= 2e-5
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4", "fp8"])
@@ -599,34 +617,13 @@ def test_row_dot_work_items_do_not_change_results(fmt):
     down + combine columns per work item grow as the thread count falls (about 4 items per thread,
     48-352 rows, 24-256 columns); with these sizes 1, 3, 7 and 16 threads cut the experts at
     different rows and columns, and the output must stay the same bits."""
-    from dsv2ext.fp8 import quantize_fp8
-    from dsv2ext.int4 import quantize_int4
-    from dsv2ext.quant import quantize_int8
-
-    def fmt_of(a: np.ndarray):
-        return {"bf16": lambda: BF16.from_float32(a), "int8": lambda: quantize_int8(a),
-                "int4": lambda: quantize_int4(a), "fp8": lambda: quantize_fp8(a)}[fmt]()
-
     rng = np.random.default_rng(31)
     d, inter, E, k = 256, 704, 8, 6
-    router = (rng.standard_normal((E, d)) * 0.05).astype(np.float32)
-    shapes = ((inter, d), (inter, d), (d, inter))
-    experts = [tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32)) for s in shapes) for _ in range(E)]
-    shared = tuple(fmt_of((rng.standard_normal(s) * 0.08).astype(np.float32))
-                   for s in ((2 * inter, d), (2 * inter, d), (d, 2 * inter)))
+    router, experts, shared = random_moe_weights(fmt, d, inter, E, rng)
     cfg = MoEConfig(n_routed_experts=E, num_experts_per_tok=k)
-    prev = dsv2ext.get_num_threads()
-    try:
-        for T in (1, 3):
-            x = rng.standard_normal((T, d)).astype(np.float32)
-            outs = []
-            for n in (1, 3, 7, 16):
-                dsv2ext.set_num_threads(n)
-                outs.append(moe_block(x, router, experts, shared, cfg))
-            for o in outs[1:]:
-                np.testing.assert_array_equal(o, outs[0])
-    finally:
-        dsv2ext.set_num_threads(prev)
+    for T in (1, 3):
+        x = rng.standard_normal((T, d)).astype(np.float32)
+        same_for_thread_counts(lambda: moe_block(x, router, experts, shared, cfg), (1, 3, 7, 16))
 
 
 @pytest.mark.parametrize("isa", ["portable", "avx2", "avx512"])
