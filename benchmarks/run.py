@@ -856,7 +856,9 @@ def render_markdown(all_runs: Dict[str, Any]) -> str:
                     f"Prompts of {', '.join(str(c) for c in lg['contexts'][1:])} tokens: prefill tokens/s (dsv2ext: "
                     f"chunks of {lg.get('prefill_chunk', '?')} tokens) and decode tokens/s after them, measured side "
                     f"by side in {lg['rounds']} alternating rounds of {lg['steps_per_round']} steps per engine (read "
-                    f"bandwidth {bws}). Peak RSS is the serving process's (weights + cache + work space).", ""]
+                    f"bandwidth {bws}). Peak RSS is the serving process's (weights + cache + work space)."
+                    + (f" Reused (`--reuse`) from the run of {lg.get('date', 'an earlier date')}: the engines have "
+                       f"changed since." if lg.get("reused") else ""), ""]
             out += lg["table"]
             if lg.get("targets"):
                 out += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
@@ -1061,11 +1063,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             long["rows"] = lrows
             long["table"] = long_table(lrows, lctx)
             long["targets"] = long_targets(lrows, lctx)
+            long["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             write_json(long_path, long)
         except Exception as ex:
             log(f"long-context rounds FAILED: {type(ex).__name__}: {ex}")
     elif args.reuse and os.path.isfile(long_path):
         long = read_json(long_path)
+        long["reused"] = True
+        log(f"  reused the long-context rounds from {long_path}")
 
     checks = evaluate_checks(results, geometry)
     print()
