@@ -354,82 +354,15 @@ DSV2_TARGET_AVX512 static inline void f8p_tail(float *v, const float *xp, int T,
     }
 }
 
-/* R weight rows (1 or 4) x T prepared activation rows -> y */
-DSV2_TARGET_AVX512VBMI static inline __attribute__((always_inline)) void
-f8p_rows(float *y, int64_t ldy, const float *xp, const int T, const int R, const dsv2_mat *W, int64_t r,
-         const f8_tables *tb, int pf) {
-    const int64_t K = W->cols, K64 = K & ~(int64_t)63, g = W->group;
-    const uint8_t *q[4];
-    const float *s[4];
-    for (int i = 0; i < R; i++) {
-        q[i] = (const uint8_t *)W->data + (r + i) * K;
-        s[i] = dsv2_f8_scale_row(W, r + i);
-    }
-    /* R == 1: two sums per activation row (even / odd vectors of a step); R == 4: one per row */
-    __m512 acc[DSV2_GEMV_MAX_T][4];
-    for (int t = 0; t < T; t++)
-        for (int j = 0; j < 4; j++) acc[t][j] = _mm512_setzero_ps();
-    for (int64_t k0 = 0, b = 0; k0 < K64; k0 += g, b++) {
-        const int64_t k1 = k0 + g < K64 ? k0 + g : K64;
-        __m512 blk[DSV2_GEMV_MAX_T][4];
-        for (int t = 0; t < T; t++)
-            for (int j = 0; j < 4; j++) blk[t][j] = _mm512_setzero_ps();
-        for (int64_t k = k0; k < k1; k += 64) {
-            if (R == 1) {
-                DSV2_PREFETCH_AHEAD(q[0] + k, 64, pf);
-                __m512 w[4];
-                f8x64_vbmi(w, _mm512_loadu_si512((const void *)(q[0] + k)), tb);
-                for (int t = 0; t < T; t++) {
-                    const float *xt = xp + t * K + k;
-                    blk[t][0] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(xt), blk[t][0]);
-                    blk[t][1] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xt + 16), blk[t][1]);
-                    blk[t][0] = _mm512_fmadd_ps(w[2], _mm512_loadu_ps(xt + 32), blk[t][0]);
-                    blk[t][1] = _mm512_fmadd_ps(w[3], _mm512_loadu_ps(xt + 48), blk[t][1]);
-                }
-            } else {
-                __m512 w[4][4];
-                for (int i = 0; i < 4; i++) {
-                    DSV2_PREFETCH_AHEAD(q[i] + k, 64, pf);
-                    f8x64_vbmi(w[i], _mm512_loadu_si512((const void *)(q[i] + k)), tb);
-                }
-                for (int t = 0; t < T; t++)
-                    for (int v = 0; v < 4; v++) {
-                        const __m512 xv = _mm512_loadu_ps(xp + t * K + k + 16 * v);
-                        for (int i = 0; i < 4; i++) blk[t][i] = _mm512_fmadd_ps(w[i][v], xv, blk[t][i]);
-                    }
-            }
-        }
-        if (R == 1) {
-            const __m512 sv = _mm512_set1_ps(s[0][b]);
-            for (int t = 0; t < T; t++) {
-                acc[t][0] = _mm512_fmadd_ps(blk[t][0], sv, acc[t][0]);
-                acc[t][1] = _mm512_fmadd_ps(blk[t][1], sv, acc[t][1]);
-            }
-        } else {
-            for (int i = 0; i < 4; i++) {
-                const __m512 sv = _mm512_set1_ps(s[i][b]);
-                for (int t = 0; t < T; t++) acc[t][i] = _mm512_fmadd_ps(blk[t][i], sv, acc[t][i]);
-            }
-        }
-    }
-    for (int i = 0; i < R; i++) {
-        float v[DSV2_GEMV_MAX_T];
-        for (int t = 0; t < T; t++)
-            v[t] = _mm512_reduce_add_ps(R == 1 ? _mm512_add_ps(acc[t][0], acc[t][1]) : acc[t][i]);
-        if (K64 < K) f8p_tail(v, xp, T, W, r + i, K64);
-        for (int t = 0; t < T; t++) y[t * ldy + r + i] = v[t];
-    }
-}
-
 /* ---- scaled codes: the VBMI kernels' fast path ----
  * The fp32 number with a code's sign at bit 31 and its 7 magnitude bits at bits 26..20 is
  * e4m3(q) * 2^-120 exactly for every code but the NaN codes: the e4m3 exponent field lands at
  * the bottom of fp32's (bias 127 = 7 + 120) and e4m3 subnormals become fp32 subnormals.  With
  * the activations of the whole steps scaled by 2^120 (exact while every |x| < 256),
  * fma(e4m3(q) * 2^-120, x * 2^120, s) is fma(e4m3(q), x, s) bit for bit (the same exact
- * product, one rounding), so f8s_rows gives the bits of f8p_rows, whatever the rows' split:
- * each row keeps the sums f8p_rows gives it (R == 1, or the 4-row tile's where the split puts
- * the row in a tile), added in the same order.  The widening takes 3 shifts, 2 ands and 4
+ * product, one rounding), so the scaled codes give the bits of the byte tables, whatever the
+ * rows' split: each row keeps its sums (two per activation row where it runs alone, one in a
+ * 4-row tile), added in the same order.  The widening takes 3 shifts, 2 ands and 4
  * unpacks per 64 codes (+ 2 ops for the NaN test) instead of 2 vpermi2b, a vpternlogd and 6
  * more; on Zen 4 vpermi2b and vpternlogd compete with the FMAs for their pipes, and one thread
  * decodes ~1.25x the weights per second (K = 2048, rows in L2).  Rows go 2 at a time (4 for
@@ -440,8 +373,8 @@ f8p_rows(float *y, int64_t ldy, const float *xp, const int T, const int R, const
  * where MXCSR.DAZ is off (the scaled subnormals must stay; they do raise MXCSR.DE), every
  * activation of the steps has |x| < 256 (finite), T * K <= F8S_STACK (the scaled copy is made
  * per call, on the stack) and the call has F8S_MIN_ROWS rows or more (the copy costs about one
- * row); rows with a NaN code (a running byte max of code | 0x80) are redone by f8p_rows, and
- * every other call is f8p_o's, the kernel as it was. */
+ * row); rows with a NaN code (a running byte max of code | 0x80) are redone with the tables, and
+ * every other call is f8p_o's, the tables on adjacent rows. */
 #define F8S_STACK 8192
 #define F8S_MIN_ROWS 8
 
@@ -481,10 +414,11 @@ f8s_step(__m512 blk[DSV2_GEMV_MAX_T][4], __m512i *nm, const uint8_t *const q[4],
         }
 }
 
-/* G rows r + i * d (G * S <= 4) with f8p_rows' sums: S == 2: its R == 1 sums (even / odd
- * vectors of a step), S == 1: its 4-row tile's (one per row).  sc: on xs (the steps of xp times
- * 2^120; the tail read from xp) with the scaled codes, returning nonzero when a code is NaN (y of
- * these rows then unset); else on xp (xs == xp) with the table widening of f8p_rows */
+/* G weight rows r + i * d (G * S <= 4) x T prepared activation rows -> y.  Sums per row and
+ * activation row: S == 2 two (even / odd vectors of a step; a row run alone), S == 1 one (a row of
+ * a 4-row tile); each block's sums times its scale, then the row's total.  sc: on xs (the steps
+ * of xp times 2^120; the tail read from xp) with the scaled codes, returning nonzero when a code
+ * is NaN (y of these rows then unset); else on xp (xs == xp) with the byte tables (f8x64_vbmi) */
 DSV2_TARGET_AVX512VBMI static inline __attribute__((always_inline)) int
 f8s_rows(float *y, int64_t ldy, const float *xs, const float *xp, const int T, const int S, const int G,
          const dsv2_mat *W, int64_t r, int64_t d, const int sc, const f8_tables *tb, int pf) {
@@ -523,7 +457,7 @@ f8s_rows(float *y, int64_t ldy, const float *xs, const float *xp, const int T, c
     return 0;
 }
 
-/* xs = the steps of xp [T, K] times 2^120 (rows K apart); 1 when f8s_rows gives f8p_rows' bits.
+/* xs = the steps of xp [T, K] times 2^120 (rows K apart); 1 when the scaled codes give the tables' bits.
  * The range is tested before each multiply, which so never overflows (no MXCSR flag that the
  * original would not raise; e4m3 subnormals scaled by 2^-120 do raise DE in the FMAs) */
 DSV2_TARGET_AVX512VBMI static int f8s_scale(float *xs, const float *xp, int T, int64_t K, int64_t rows) {
@@ -542,7 +476,7 @@ DSV2_TARGET_AVX512VBMI static int f8s_scale(float *xs, const float *xp, int T, i
     return 1;
 }
 
-/* rows [a, a + n) with f8p_rows' R (1 or 4) sums, in groups of G rows r, r + h, .. (h = n / G: G
+/* rows [a, a + n) with the sums of a row alone (R == 1) or of a 4-row tile (R == 4), in groups of G rows r, r + h, .. (h = n / G: G
  * streams in different pages) */
 #define F8S_GROUPS(TT, R, G)                                                                             \
     do {                                                                                                 \
@@ -555,7 +489,7 @@ DSV2_TARGET_AVX512VBMI static int f8s_scale(float *xs, const float *xp, int T, i
                 f8p_one##TT(y, ldy, xp, R, W, r_, &tb, pf);                                              \
     } while (0)
 
-/* the kernels without the scaled codes */
+/* the byte tables on adjacent rows: 4-row tiles for long activation rows, then rows alone */
 #define F8P_O(TT)                                                                                        \
     DSV2_TARGET_AVX512VBMI __attribute__((noinline)) static void f8p_o##TT(float *y, int64_t ldy, const float *xp, \
                                                                          const dsv2_mat *W, int64_t r0, int64_t r1) { \
@@ -563,8 +497,8 @@ DSV2_TARGET_AVX512VBMI static int f8s_scale(float *xs, const float *xp, int T, i
         const f8_tables tb = f8_tables_load();                                                           \
         int64_t r = r0;                                                                                  \
         if ((TT) * W->cols * 4 > DSV2_GEMV_TILE_XBYTES)                                                  \
-            for (; r + 4 <= r1; r += 4) f8p_rows(y, ldy, xp, TT, 4, W, r, &tb, pf);                      \
-        for (; r < r1; r++) f8p_rows(y, ldy, xp, TT, 1, W, r, &tb, pf);                                  \
+            for (; r + 4 <= r1; r += 4) f8s_rows(y, ldy, xp, xp, TT, 1, 4, W, r, 1, 0, &tb, pf);          \
+        for (; r < r1; r++) f8s_rows(y, ldy, xp, xp, TT, 2, 1, W, r, 1, 0, &tb, pf);                     \
     }
 F8P_O(1)
 F8P_O(2)
@@ -572,11 +506,10 @@ F8P_O(3)
 F8P_O(4)
 
 #define F8P_T(TT)                                                                                        \
-    /* row r alone with f8p_rows' R == 1 sums (R == 1) or 4-row tile sums (R == 4) */                    \
+    /* row r with the tables and the sums of a row alone (R == 1) or of a 4-row tile (R == 4) */        \
     DSV2_TARGET_AVX512VBMI static void f8p_one##TT(float *y, int64_t ldy, const float *xp, int R, const dsv2_mat *W, \
                                                    int64_t r, const f8_tables *tb, int pf) {             \
-        if (R == 1) f8p_rows(y, ldy, xp, TT, 1, W, r, tb, pf);                                           \
-        else f8s_rows(y, ldy, xp, xp, TT, 1, 1, W, r, 1, 0, tb, pf);                                     \
+        f8s_rows(y, ldy, xp, xp, TT, R == 1 ? 2 : 1, 1, W, r, 1, 0, tb, pf);                             \
     }                                                                                                    \
     DSV2_TARGET_AVX512VBMI static void f8p_t##TT(float *y, int64_t ldy, const float *xp, const dsv2_mat *W, \
                                                  int64_t r0, int64_t r1) {                               \
@@ -588,7 +521,7 @@ F8P_O(4)
             f8p_o##TT(y, ldy, xp, W, r0, r1);                                                            \
             return;                                                                                      \
         }                                                                                                \
-        /* the rows f8p_rows takes in 4-row tiles, then those it takes alone */                          \
+        /* the rows f8p_o takes in 4-row tiles, then those it takes alone */                          \
         const int64_t n4 = tile ? (r1 - r0) & ~(int64_t)3 : 0;                                           \
         {                                                                                                \
             const int64_t a_ = r0, n_ = n4;                                                              \

@@ -314,7 +314,8 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
         rows_total += Is;
     }
     /* work items as large as keeps MOE_ITEMS_PER_THREAD of them per thread (few, long weight
-     * streams; each item starts its streams cold) */
+     * streams; each item starts its streams cold); both phases hand them out from an atomic
+     * counter (one task per thread): a thread that is descheduled holds up at most one item */
     int nt = dsv2_get_num_threads();
     const int64_t rows_a = item_size(rows_total, nt, MOE_ROWS_A, MOE_ROWS_A_MAX);
     const int64_t cols_b = item_size(d, nt, MOE_COLS_B, MOE_COLS_B_MAX);
@@ -339,8 +340,6 @@ static int run_chunk(const workspace *ws, float *out, const float *x, const int6
     j.T = Tc;
     j.k = k;
     j.d = d;
-    /* both phases hand out work items from an atomic counter (one task per
-     * thread): a thread that is descheduled holds up at most one item */
     /* even|odd x of the routed units, in place (the shared expert's copy in Xs already is) */
     for (int64_t u = 0; u < nu; u++) {
         const unit *un = &ws->units[u];
