@@ -90,6 +90,14 @@ class Engine(abc.ABC):
     def profile(self, ids: List[int], n: int) -> Optional[Dict[str, Any]]:
         return None
 
+    def state(self) -> Optional[Any]:
+        """The decode state ``begin`` / ``step`` work on, to be put back by :meth:`restore` (None: the
+        engine cannot hold two states at once)."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        raise NotImplementedError(f"{self.name} keeps one decode state")
+
 
 def _active_fraction(path: str, k: int, E: int, V: int) -> float:
     p = path.lower()
@@ -166,6 +174,12 @@ class DsEngine(Engine):
 
     def set_threads(self, n: int) -> None:
         self.dsv2ext.set_num_threads(n)
+
+    def state(self) -> Optional[Any]:
+        return (self._cache, self._tok, self._pos) if hasattr(self, "_cache") else None
+
+    def restore(self, state: Any) -> None:
+        self._cache, self._tok, self._pos = state
 
     def kv_bytes_per_token(self) -> Dict[str, Any]:
         c = self.model.new_cache(1, 1)
@@ -574,7 +588,10 @@ def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
     ``{"cmd": "begin", "context": N}`` (fresh state after an N-token prompt; answers
     ``{"prefill_s": s}``; with ``"threads": t`` the prompt runs on t threads, then the
     engine's thread count is restored), ``{"cmd": "steps", "n": k, "warmup": w}`` (w untimed, then
-    k timed greedy steps; answers ``{"step_s": [...]}``), ``{"cmd": "threads", "n": t}`` (use t
+    k timed greedy steps; answers ``{"step_s": [...]}``; with ``"slot": name`` the steps run on a state
+    kept by ``keep``, and the current state is put back afterwards), ``{"cmd": "keep", "slot": name}``
+    (keep the current decode state under that name, where the engine can hold two; answers
+    ``{"kept": bool}``), ``{"cmd": "threads", "n": t}`` (use t
     threads from now on; answers ``{"threads": t}``), ``{"cmd": "prefill", "tokens": N, "reps": r}``
     (r fresh N-token prompts, each timed; answers ``{"seconds": [...]}``), ``{"cmd": "profile",
     "context": N, "n": k}`` (the engine's decode time split over k steps after N tokens, or None;
@@ -595,6 +612,7 @@ def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
     send({"ready": True, "weights": e.active_weight_bytes(), "kv_cache": e.kv_bytes_per_token(),
           "load_seconds": getattr(e, "load_s", None)})
     served = 0
+    slots: Dict[str, Any] = {}  # decode states kept by "keep"
     threads = int(spec["threads"])
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -618,7 +636,17 @@ def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
         elif cmd["cmd"] == "prefill":
             n = int(cmd["tokens"])
             send({"seconds": [e.prefill(prompt_ids(n, seed=11 + r)) for r in range(int(cmd.get("reps", 1)))]})
+        elif cmd["cmd"] == "keep":
+            st = e.state()
+            if st is not None:
+                slots[str(cmd["slot"])] = st
+            send({"kept": st is not None})
         elif cmd["cmd"] == "steps":
+            slot = cmd.get("slot")
+            current = None
+            if slot is not None:  # a kept state (e.g. the short context, between the long one's steps)
+                current = e.state()
+                e.restore(slots[str(slot)])
             for _ in range(int(cmd.get("warmup", 0))):  # untimed: wakes the threads, refills caches
                 e.step()
             ts = []
@@ -626,6 +654,9 @@ def task_serve(spec: Dict[str, Any]) -> Dict[str, Any]:
                 t0 = time.perf_counter()
                 e.step()
                 ts.append(time.perf_counter() - t0)
+            if slot is not None:
+                slots[str(slot)] = e.state()
+                e.restore(current)
             served += len(ts)
             send({"step_s": ts, "peak_rss_bytes": peak_rss_bytes()})
         elif cmd["cmd"] == "quit":
