@@ -19,9 +19,11 @@ Modes:
 - ``chat`` (bundled model): ``s.chat(user_message)``; the history is re-rendered with the chat
   template each turn and the cache is reused up to the longest common prefix of its tokens.
   The bundled template writes a past answer right after "Assistant:", as generated (DeepSeek's
-  adds a space, which the bundled model's answers, starting with a newline, never had).  An
-  answer is computed again from where the model chose tokens the tokenizer would not (e.g.
-  "\n", "\n" where encoding the text gives "\n\n"): ``answer_tokens_recomputed``.
+  adds a space, which the bundled model's answers, starting with a newline, never had).  The
+  session's answers keep their generated tokens (``token_ids``), which the rendering puts back
+  in place of their text, so an answer where the model chose tokens the tokenizer would not
+  (e.g. "\n", "\n" where encoding the text gives "\n\n") is not computed again;
+  ``answer_tokens_recomputed`` counts what is.
 - ``ids`` (both models): ``s.generate(previous prompt + answer tokens + new turn tokens)``: the
   conversation as token ids, so the cache covers everything but the new turn.
 
@@ -54,6 +56,16 @@ USER_TURNS = [
     "Handle missing files.", "Log errors with the logging module.", "Add a --verbose flag.",
     "Write a README for it.", "Package it with pyproject.toml.", "Summarize what we built.",
 ]
+
+
+def lcp_len(a: List[int], b: List[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def prefill_alone(model, ids: List[int], reps: int = 3) -> float:
@@ -131,10 +143,10 @@ def one_session(model, mode: str, turns: int, new_tokens: int, user_tokens: int,
             full = model._chat_ids(history + [{"role": "user", "content": user}])
             cached_before = list(s.tokens)
             out = s.chat(user, max_new_tokens=new_tokens, temperature=0)
-            # the new turn's tokens: the conversation past the rendering of the history before it
-            before = model.tokenizer.encode(model.tokenizer.apply_chat_template(history, add_generation_prompt=False),
-                                            add_special_tokens=False) if history else []
-            new_part = full[len(before):]
+            # the new turn's tokens: the conversation past the rendering of the history before it (the
+            # answers as their generated tokens, as model.chat and the session render them)
+            before = model.tokenizer.encode_chat(history, add_generation_prompt=False) if history else []
+            new_part = full[lcp_len(before, full):]
             history = list(s.messages)
         else:
             turn = prompt_ids(user_tokens, seed=1000 + k, vocab=min(100000, model.config.vocab_size - 8))

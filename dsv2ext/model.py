@@ -591,6 +591,10 @@ class DeepseekV2:
         Parameters
         ----------
         messages : list of {"role": "system" | "user" | "assistant", "content": str}
+            An assistant message may also carry ``"token_ids"``, the tokens the model generated
+            for it (a :class:`~dsv2ext.session.Session` records them in ``session.messages``):
+            they stand in the prompt for the content instead of the content's own encoding,
+            which can differ (see :meth:`Tokenizer.encode_chat`).
         max_new_tokens : int
         **kwargs : passed to :meth:`generate` (temperature, top_p, seed, stop, stream, ...)
         """
@@ -600,8 +604,7 @@ class DeepseekV2:
         """Token ids of a conversation rendered with the chat template (generation prompt added)."""
         if self.tokenizer is None:
             raise TokenizerError("chat() needs a tokenizer (this checkpoint has no tokenizer.json)")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
     def session(self) -> "Session":
         """A conversation that keeps its latent cache between calls (see :class:`dsv2ext.session.Session`).

@@ -10,7 +10,9 @@ checkpoint's template), finds the longest prefix of its tokens that the cache al
 (the previous prompt and answer), and computes only the tokens after it.  An edited history
 falls back to the longest common prefix.  The result equals a fresh ``model.generate`` /
 ``model.chat`` over the whole conversation (greedy: the same tokens; seeded sampling: the same
-draws).
+draws).  The answers recorded in ``session.messages`` keep the tokens the model generated
+(``"token_ids"``), which stand for their text when the conversation is rendered again, so
+``s.chat(text)`` equals ``model.chat(s.messages + [{"role": "user", "content": text}])``.
 """
 from __future__ import annotations
 
@@ -44,7 +46,12 @@ class Session:
     tokens : list of int
         The tokens whose latent rows are cached, in order (``len(session)`` of them).
     messages : list of dict
-        The chat history of :meth:`chat` (user turns and the answers).
+        The chat history of :meth:`chat` (user turns and the answers).  An answer also carries
+        ``"token_ids"``, the tokens the model generated for it: the next turns put them back in
+        place of the answer's text (see :meth:`DeepseekV2.chat`), so that the history is never
+        computed again, even where the model chose tokens that encoding its text would not
+        give (e.g. "\n", "\n" for "\n\n").  ``model.chat(session.messages + [next])`` is a
+        fresh run of the same conversation; without the ids the text is encoded again.
     """
 
     def __init__(self, model: "DeepseekV2") -> None:
@@ -131,7 +138,11 @@ class Session:
         ids = model._chat_ids(history)
 
         def done(out: GenerationOutput) -> None:
-            self.messages = history + [{"role": "assistant", "content": self._answer_content(history, out)}]
+            answer: Dict[str, Any] = {"role": "assistant", "content": self._answer_content(history, out)}
+            ids = self._answer_ids(out)
+            if ids is not None:
+                answer["token_ids"] = ids
+            self.messages = history + [answer]
 
         res = self.generate(ids, max_new_tokens, **kwargs)
         if isinstance(res, TextStream):
@@ -157,6 +168,19 @@ class Session:
             if r.startswith(seen):
                 return content
         return text  # no rendering continues it (e.g. an answer that starts with a newline after "Assistant:")
+
+    def _answer_ids(self, out: GenerationOutput) -> Optional[List[int]]:
+        """The generated tokens that make the answer's text (an eos that ended it dropped), or None
+        when no run of them decodes to exactly that text (e.g. a stop string inside a token)."""
+        tok = self.model.tokenizer
+        ids = list(out.token_ids)
+        if out.finish_reason == "eos" and ids and ids[-1] == tok.eos_token_id:
+            ids.pop()
+        text = out.text or ""
+        if out.finish_reason == "stop":  # the text ends before the stop string: the tokens up to there
+            while ids and len(tok.decode(ids, skip_special_tokens=False)) > len(text):
+                ids.pop()
+        return ids if ids and tok.decode(ids, skip_special_tokens=False) == text else None
 
     def _reuse(self, ids: np.ndarray) -> int:
         """Cached tokens kept for a call on ``ids``: their longest common prefix, less one when that

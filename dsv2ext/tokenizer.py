@@ -127,5 +127,83 @@ class Tokenizer:
         return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
                                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
 
+    def encode_chat(self, messages: List[Dict[str, Any]], add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of a conversation rendered with the chat template.
+
+        An assistant message may carry ``"token_ids"``: the tokens the model generated for it
+        (sessions record them).  Those ids are put in the rendering's place of the message's
+        content instead of encoding the text again, because a model's own tokens need not be
+        the encoding of their text (e.g. "\n", "\n" where encoding gives "\n\n"): the
+        conversation is then exactly what the model saw and wrote.  The text around them is
+        encoded piece by piece, as it was when the answer was generated (the prompt ended at
+        the generation prompt).  Ids are used only where they decode to the content (a text
+        the rendering inserts verbatim; special tokens count as their text; what they decode to before it, e.g. a space that
+        the template writes before the content, is taken from the text before); otherwise,
+        e.g. after an edit of the content, the content is encoded.
+
+        Parameters
+        ----------
+        messages : list of {"role": str, "content": str[, "token_ids": list of int]}
+        add_generation_prompt : bool
+            End with the assistant prefix so the model answers.
+
+        Returns
+        -------
+        list of int
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        spliced = self._answer_ids(messages)
+        if not spliced:
+            return self.encode(text, add_special_tokens=False)
+        # the same rendering with a marker in place of each such content: the pieces between markers
+        marks = {i: f"\ue000dsv2ext-answer-{i}\ue001" for i in spliced}
+        marked = [dict(m, content=marks[i]) if i in marks else m for i, m in enumerate(messages)]
+        other = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt)
+        pieces: List[Union[str, List[int]]] = []
+        rest, order = other, sorted(spliced)
+        for i in order:
+            before, sep, rest = rest.partition(marks[i])
+            if not sep or marks[i] in rest:  # the template dropped or repeated the content
+                return self.encode(text, add_special_tokens=False)
+            pieces += [before, i]  # type: ignore[list-item]
+        pieces.append(rest)
+        if "".join(messages[p]["content"] if isinstance(p, int) else p for p in pieces) != text:
+            return self.encode(text, add_special_tokens=False)  # the content was not inserted verbatim
+        out: List[int] = []
+        pending = ""
+        for p in pieces:
+            if isinstance(p, str):
+                pending += p
+                continue
+            ids, lead = spliced[p]  # lead: what the ids decode to before the content
+            if lead and not pending.endswith(lead):
+                pending += messages[p]["content"]
+                continue
+            out += self.encode(pending[:len(pending) - len(lead)], add_special_tokens=False) + ids
+            pending = ""
+        return out + self.encode(pending, add_special_tokens=False)
+
+    def _answer_ids(self, messages: List[Dict[str, Any]]) -> Dict[int, Any]:
+        """{message index: (token_ids, decoded text before the content)} of the assistant messages
+        whose ``token_ids`` decode to a text that ends with their content."""
+        out: Dict[int, Any] = {}
+        n = self.vocab_size
+        for i, m in enumerate(messages):
+            ids = m.get("token_ids") if isinstance(m, dict) else None
+            if ids is None:
+                continue
+            if (isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__")
+                    or not all(isinstance(t, int) or hasattr(t, "__index__") for t in ids)):
+                raise TypeError(f"messages[{i}]['token_ids']: expected a list of int token ids")
+            ids = [int(t) for t in ids]
+            if any(t < 0 or t >= n for t in ids):
+                raise ValueError(f"messages[{i}]['token_ids']: ids must be in [0, {n})")
+            if m.get("role") != "assistant" or not ids:
+                continue
+            decoded, content = self.decode(ids, skip_special_tokens=False), m["content"]
+            if decoded.endswith(content):
+                out[i] = (ids, decoded[:len(decoded) - len(content)])
+        return out
+
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
