@@ -71,7 +71,7 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
         atomic_store(&j->err, DSV2_ERR_NOMEM);
         return;
     }
-    float *O = scr, *Sb = O + H * L, *m = Sb + H * KB, *l = m + H, *Wb = wide ? scr + nf : NULL;
+    float *const Oown = scr, *Sb = Oown + H * L, *m = Sb + H * KB, *l = m + H, *Wb = wide ? scr + nf : NULL;
     uint16_t *Pb = dp ? (uint16_t *)(scr + nf + nwb) : NULL;
     uint32_t *Qp = dp ? (uint32_t *)(((uintptr_t)(Pb + H * KB) + 63) & ~(uintptr_t)63) : NULL;
     int64_t packed_t = -1, packed_h0 = -1, packed_h1 = -1; /* the queries now in Qp */
@@ -82,6 +82,10 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
         const int64_t Hn = it->h1 - it->h0; /* the item's heads */
         const float *Q = j->qa + it->t * H * Wd + it->h0 * Wd;
         const char *K = (const char *)j->cache->data + (size_t)j->seq[it->t] * (size_t)j->S * (size_t)j->rb;
+        /* a part of a split token accumulates in its slot of the parts ([H, L] outputs, then [H]
+         * maxima and [H] sums); a whole token in the thread's own buffer */
+        float *const pslot = it->slot < 0 ? NULL : j->part + it->slot * H * (L + 2);
+        float *const O = pslot ? pslot + it->h0 * L : Oown;
         for (int64_t h = 0; h < Hn; h++) {
             m[h] = -INFINITY;
             l[h] = 0.0f;
@@ -134,10 +138,8 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
                 for (int64_t c = 0; c < L; c++) dst[h * L + c] = O[h * L + c] * inv;
             }
         } else {
-            float *dst = j->part + it->slot * H * (L + 2); /* [H, L] outputs, [H] maxima, [H] sums */
-            memcpy(dst + it->h0 * L, O, (size_t)Hn * (size_t)L * sizeof(float));
-            memcpy(dst + H * L + it->h0, m, (size_t)Hn * sizeof(float));
-            memcpy(dst + H * L + H + it->h0, l, (size_t)Hn * sizeof(float));
+            memcpy(pslot + H * L + it->h0, m, (size_t)Hn * sizeof(float));
+            memcpy(pslot + H * L + H + it->h0, l, (size_t)Hn * sizeof(float));
         }
     }
     free(scr);
