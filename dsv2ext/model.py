@@ -584,7 +584,7 @@ class DeepseekV2:
                 prefill_tokens=len(prompts[b]) - start))
         yield outs
 
-    def chat(self, messages: List[Dict[str, str]], max_new_tokens: int = 128, **kwargs: Any
+    def chat(self, messages: List[Dict[str, Any]], max_new_tokens: int = 128, **kwargs: Any
              ) -> Union[GenerationOutput, Iterator[str]]:
         """Answer a conversation using the checkpoint's chat template.
 
@@ -600,7 +600,7 @@ class DeepseekV2:
         """
         return self.generate(self._chat_ids(messages), max_new_tokens, **kwargs)
 
-    def _chat_ids(self, messages: List[Dict[str, str]]) -> List[int]:
+    def _chat_ids(self, messages: List[Dict[str, Any]]) -> List[int]:
         """Token ids of a conversation rendered with the chat template (generation prompt added)."""
         if self.tokenizer is None:
             raise TokenizerError("chat() needs a tokenizer (this checkpoint has no tokenizer.json)")

@@ -26,9 +26,17 @@ from .tokenizer import TokenizerError
 if TYPE_CHECKING:
     from .model import DeepseekV2, Prompt
 
-__all__ = ["Session"]
+__all__ = ["Session", "common_prefix_len"]
 
-Messages = List[Dict[str, str]]
+Messages = List[Dict[str, Any]]  # {"role", "content"[, "token_ids"]}
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token id sequences."""
+    x, y = np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)
+    n = min(x.size, y.size)
+    diff = np.flatnonzero(x[:n] != y[:n])
+    return int(diff[0]) if diff.size else n
 
 
 class Session:
@@ -185,11 +193,7 @@ class Session:
     def _reuse(self, ids: np.ndarray) -> int:
         """Cached tokens kept for a call on ``ids``: their longest common prefix, less one when that
         is all of ``ids`` (the last token is computed again for its logits).  Drops the rest."""
-        cached = np.asarray(self.tokens, dtype=np.int64)
-        n = min(cached.size, ids.size)
-        diff = np.flatnonzero(cached[:n] != ids[:n])
-        keep = int(diff[0]) if diff.size else n
-        keep = min(keep, ids.size - 1)
+        keep = min(common_prefix_len(self.tokens, ids), ids.size - 1)
         del self.tokens[keep:]
         self.cache.lengths[0] = keep
         return keep

@@ -124,17 +124,22 @@ def test_bundled_answers_are_reused_whole(model):
         assert s.messages[-1]["content"] == out.text  # recorded as generated
 
 
-#: user turns of benchmarks/session.py's conversation: the bundled model's greedy answers to some of
-#: them (from the 12th on, on AVX-512) hold tokens that encoding their text would not give
-USER_TURNS = [
-    "Write a function that adds two numbers.", "Now add type hints.", "Add a docstring.",
-    "Write a test for it with pytest.", "Make it work for lists of numbers.", "Handle empty lists.",
-    "Raise TypeError for strings.", "Write a class Calculator that uses it.", "Add a subtract method.",
-    "Add a history of results.", "Make the history a deque of length 10.", "Add __repr__.",
-    "Write a command line interface with argparse.", "Read the numbers from a file.",
-    "Handle missing files.", "Log errors with the logging module.", "Add a --verbose flag.",
-    "Write a README for it.", "Package it with pyproject.toml.", "Summarize what we built.",
-]
+def bench_user_turns():
+    """The user turns of benchmarks/session.py's 20-turn conversation: the bundled model's greedy
+    answers to some of them (from the 12th on, on AVX-512) hold tokens that encoding their text would
+    not give."""
+    import importlib.util
+    import os
+    import sys
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "session.py")
+    spec = importlib.util.spec_from_file_location("bench_session", path)
+    mod = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path[:] = saved  # the benchmark puts its own folder first
+    return list(mod.USER_TURNS)
 
 
 def test_answers_in_tokens_the_text_would_not_encode_to_are_not_computed_again(model):
@@ -146,7 +151,7 @@ def test_answers_in_tokens_the_text_would_not_encode_to_are_not_computed_again(m
     tok = model.tokenizer
     s = model.session()
     odd = None
-    for k, user in enumerate(USER_TURNS):
+    for k, user in enumerate(bench_user_turns()):
         cached = list(s.tokens)
         out = s.chat(user, max_new_tokens=48, temperature=0)
         history = s.messages[:-1]
