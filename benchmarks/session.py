@@ -44,6 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import dsv2ext  # noqa: E402
+from dsv2ext.session import common_prefix_len  # noqa: E402
 
 from common import prompt_ids, write_json  # noqa: E402
 
@@ -56,16 +57,6 @@ USER_TURNS = [
     "Handle missing files.", "Log errors with the logging module.", "Add a --verbose flag.",
     "Write a README for it.", "Package it with pyproject.toml.", "Summarize what we built.",
 ]
-
-
-def lcp_len(a: List[int], b: List[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def prefill_alone(model, ids: List[int], reps: int = 3) -> float:
@@ -126,6 +117,7 @@ def run_session(model, mode: str, turns: int, new_tokens: int, user_tokens: int,
             row["session_prefill_s"] = min(row["session_prefill_s"], r["turns"][k]["session_prefill_s"])
     res["session_prefill_s"] = sum(r["session_prefill_s"] for r in res["turns"])
     res["ratio"] = res["session_prefill_s"] / res["new_turn_cached_s"]
+    res["ratio_uncomputed"] = res["session_prefill_s"] / res["uncomputed_cached_s"]
     res["ratio_alone"] = res["session_prefill_s"] / res["alone_prefill_s"]
     res["reps"] = reps
     return res
@@ -146,7 +138,7 @@ def one_session(model, mode: str, turns: int, new_tokens: int, user_tokens: int,
             # the new turn's tokens: the conversation past the rendering of the history before it (the
             # answers as their generated tokens, as model.chat and the session render them)
             before = model.tokenizer.encode_chat(history, add_generation_prompt=False) if history else []
-            new_part = full[lcp_len(before, full):]
+            new_part = full[common_prefix_len(before, full):]
             history = list(s.messages)
         else:
             turn = prompt_ids(user_tokens, seed=1000 + k, vocab=min(100000, model.config.vocab_size - 8))
@@ -159,10 +151,16 @@ def one_session(model, mode: str, turns: int, new_tokens: int, user_tokens: int,
         common = len(full) - n
         r = prefill_alone(model, full[common:]) if not quiet else float("nan")
         c = mirror.time_new(full, len(new_part)) if mirror is not None else float("nan")
+        # the tokens no earlier call computed: all after the previous prompt and the answer tokens fed
+        # (the new turn, plus the previous answer's last token, sampled but never fed, and what the
+        # template writes after the answer, e.g. an eos closing an answer cut by max_new_tokens)
+        unc = len(full) - common_prefix_len(cached_before, full)
+        u = mirror.time_new(full, unc) if mirror is not None else float("nan")
         rows.append({"turn": k + 1, "conversation_tokens": len(full), "prefill_tokens": n,
                      "new_turn_tokens": len(new_part), "cached_before": len(cached_before),
                      "answer_tokens_recomputed": max(0, len(cached_before) - common),
                      "session_prefill_s": out.prefill_seconds, "alone_prefill_s": r, "new_turn_cached_s": c,
+                     "uncomputed_tokens": unc, "uncomputed_cached_s": u,
                      "generated": len(out.token_ids)})
         if not quiet:
             print(f"  turn {k + 1:2d}: conversation {len(full):5d} tokens, prefilled {n:4d} "
@@ -175,8 +173,11 @@ def one_session(model, mode: str, turns: int, new_tokens: int, user_tokens: int,
     tot_s = sum(r["session_prefill_s"] for r in rows)
     tot_r = sum(r["alone_prefill_s"] for r in rows)
     tot_c = sum(r["new_turn_cached_s"] for r in rows)
+    tot_u = sum(r["uncomputed_cached_s"] for r in rows)
     return {"mode": mode, "turns": rows, "session_prefill_s": tot_s, "alone_prefill_s": tot_r,
             "new_turn_cached_s": tot_c, "ratio": tot_s / tot_c, "ratio_alone": tot_s / tot_r,
+            "uncomputed_cached_s": tot_u, "ratio_uncomputed": tot_s / tot_u,
+            "uncomputed_tokens": sum(r["uncomputed_tokens"] for r in rows),
             "prefill_tokens": sum(r["prefill_tokens"] for r in rows),
             "conversation_tokens_summed": sum(r["conversation_tokens"] for r in rows),
             "answer_tokens_recomputed": sum(r["answer_tokens_recomputed"] for r in rows),
@@ -190,17 +191,22 @@ def markdown(res: Dict[str, Any]) -> str:
            "Session = the time the session took to prefill what it did not have cached, summed over the turns; "
            "new turn = each turn's new tokens forwarded on a plain cache already holding the history (what a turn "
            "must cost); alone = the tokens the session prefilled, from an empty cache (no attention over the "
-           "history). Target: session <= 1.2 x new turn.", "",
-           "| model | mode | kv | turns | tokens prefilled (new-turn tokens) | tokens fresh runs would prefill | "
-           "answer tokens recomputed | session s | new turn s | session / new turn | alone s | session / alone | "
-           "fresh run of the last turn s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "history); not computed before = the tokens no earlier call computed (the new turn, the previous "
+           "answer's last token, sampled but never fed, and what the template writes after that answer, e.g. the "
+           "eos closing an answer cut by max_new_tokens), forwarded the same way. Target (issue 15): session <= "
+           "1.2 x new turn, i.e. no history prefilled again.", "",
+           "| model | mode | kv | turns | tokens prefilled (new-turn tokens, not computed before) | tokens fresh "
+           "runs would prefill | answer tokens recomputed | session s | new turn s | session / new turn | not "
+           "computed before s | session / not computed before | alone s | session / alone | fresh run of the last "
+           "turn s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, runs in res["models"].items():
         for r in runs:
             new = sum(t["new_turn_tokens"] for t in r["turns"])
-            out.append(f"| {name} | {r['mode']} | {r['kv_dtype']} | {len(r['turns'])} | {r['prefill_tokens']} ({new}) "
-                       f"| {r['conversation_tokens_summed']} | {r['answer_tokens_recomputed']} | "
-                       f"{r['session_prefill_s']:.3f} | {r['new_turn_cached_s']:.3f} | {r['ratio']:.2f} | "
+            out.append(f"| {name} | {r['mode']} | {r['kv_dtype']} | {len(r['turns'])} | {r['prefill_tokens']} ({new}, "
+                       f"{r['uncomputed_tokens']}) | {r['conversation_tokens_summed']} | "
+                       f"{r['answer_tokens_recomputed']} | {r['session_prefill_s']:.3f} | {r['new_turn_cached_s']:.3f} | "
+                       f"{r['ratio']:.2f} | {r['uncomputed_cached_s']:.3f} | {r['ratio_uncomputed']:.2f} | "
                        f"{r['alone_prefill_s']:.3f} | {r['ratio_alone']:.2f} | {r['fresh_last_turn_prefill_s']:.3f} |")
     return "\n".join(out)
 
