@@ -136,10 +136,10 @@ class Tokenizer:
         the encoding of their text (e.g. "\n", "\n" where encoding gives "\n\n"): the
         conversation is then exactly what the model saw and wrote.  The text around them is
         encoded piece by piece, as it was when the answer was generated (the prompt ended at
-        the generation prompt).  Ids are used only where they decode to the content (a text
-        the rendering inserts verbatim; special tokens count as their text; what they decode to before it, e.g. a space that
-        the template writes before the content, is taken from the text before); otherwise,
-        e.g. after an edit of the content, the content is encoded.
+        the generation prompt).  Ids are used only where they decode (special tokens as their
+        text) to the content, which the rendering must insert verbatim; what they decode to
+        before it, e.g. a space that the template writes before the content, is taken from the
+        text before them.  Otherwise, e.g. after an edit of the content, the content is encoded.
 
         Parameters
         ----------
@@ -192,7 +192,7 @@ class Tokenizer:
             ids = m.get("token_ids") if isinstance(m, dict) else None
             if ids is None:
                 continue
-            if (isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__")
+            if (isinstance(ids, (str, bytes, dict)) or not hasattr(ids, "__len__") or not hasattr(ids, "__iter__")
                     or not all(isinstance(t, int) or hasattr(t, "__index__") for t in ids)):
                 raise TypeError(f"messages[{i}]['token_ids']: expected a list of int token ids")
             ids = [int(t) for t in ids]

@@ -193,9 +193,10 @@ def test_encode_chat_puts_answer_tokens_in_place_of_their_text(model, monkeypatc
     plain = [{"role": m["role"], "content": m["content"]} for m in msgs]
     got, canon = tok.encode_chat(msgs), tok.encode_chat(plain)
     assert canon == enc(tok.apply_chat_template(plain))
-    head = enc(tok.apply_chat_template(plain[:1]))  # ends with the generation prompt "Assistant:"
+    prompt = tok.apply_chat_template(plain[:1])  # ends with the generation prompt "Assistant:"
+    head = enc(prompt)
     assert got[:len(head) + len(ids)] == head + ids  # the prompt the answer was generated after, then the answer
-    assert got[len(head) + len(ids):] == enc(tok.apply_chat_template(plain)[len(tok.apply_chat_template(plain[:1])) + len(text):])
+    assert got[len(head) + len(ids):] == enc(tok.apply_chat_template(plain)[len(prompt) + len(text):])
     assert tok.decode(got, skip_special_tokens=False) == tok.decode(canon, skip_special_tokens=False)
     assert model._chat_ids(msgs) == got
     # ids that do not decode to the content (an edited answer): the content is encoded
@@ -206,6 +207,10 @@ def test_encode_chat_puts_answer_tokens_in_place_of_their_text(model, monkeypatc
     assert tok.encode_chat([msgs[0], dict(msgs[1], token_ids=[]), msgs[2]]) == canon
     with pytest.raises(TypeError, match=r"messages\[1\]\['token_ids'\]"):
         tok.encode_chat([msgs[0], dict(msgs[1], token_ids="abc"), msgs[2]])
+    with pytest.raises(TypeError, match=r"messages\[1\]\['token_ids'\]"):
+        tok.encode_chat([msgs[0], dict(msgs[1], token_ids=(t for t in ids)), msgs[2]])
+    with pytest.raises(TypeError, match=r"messages\[1\]\['token_ids'\]"):
+        tok.encode_chat([msgs[0], dict(msgs[1], token_ids=[1.5]), msgs[2]])
     with pytest.raises(ValueError, match=r"messages\[1\]\['token_ids'\]"):
         tok.encode_chat([msgs[0], dict(msgs[1], token_ids=[tok.vocab_size]), msgs[2]])
     # DeepSeek's template writes "Assistant: " + content: ids that decode to " " + content take
