@@ -155,7 +155,7 @@ def one_session(model, mode: str, turns: int, new_tokens: int, user_tokens: int,
         # (the new turn, plus the previous answer's last token, sampled but never fed, and what the
         # template writes after the answer, e.g. an eos closing an answer cut by max_new_tokens)
         unc = len(full) - common_prefix_len(cached_before, full)
-        u = mirror.time_new(full, unc) if mirror is not None else float("nan")
+        u = c if unc == len(new_part) else mirror.time_new(full, unc) if mirror is not None else float("nan")
         rows.append({"turn": k + 1, "conversation_tokens": len(full), "prefill_tokens": n,
                      "new_turn_tokens": len(new_part), "cached_before": len(cached_before),
                      "answer_tokens_recomputed": max(0, len(cached_before) - common),

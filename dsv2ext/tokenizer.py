@@ -159,13 +159,13 @@ class Tokenizer:
         marks = {i: f"\ue000dsv2ext-answer-{i}\ue001" for i in spliced}
         marked = [dict(m, content=marks[i]) if i in marks else m for i, m in enumerate(messages)]
         other = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt)
-        pieces: List[Union[str, List[int]]] = []
+        pieces: List[Union[str, int]] = []  # text, and the indices of the messages whose ids go there
         rest, order = other, sorted(spliced)
         for i in order:
             before, sep, rest = rest.partition(marks[i])
             if not sep or marks[i] in rest:  # the template dropped or repeated the content
                 return self.encode(text, add_special_tokens=False)
-            pieces += [before, i]  # type: ignore[list-item]
+            pieces += [before, i]
         pieces.append(rest)
         if "".join(messages[p]["content"] if isinstance(p, int) else p for p in pieces) != text:
             return self.encode(text, add_special_tokens=False)  # the content was not inserted verbatim
