@@ -13,7 +13,7 @@
 #define DSV2_GEMM_BF16DP_H
 
 #define DSV2_TARGET_AVX512BF16 \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2")))
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2,f16c")))
 
 #include "dsv2.h"
 

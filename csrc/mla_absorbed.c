@@ -20,12 +20,15 @@
 #include "threadpool.h"
 #include "vexp.h"
 
+#include <immintrin.h>
+
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
 #define KB 64                /* cached rows per online-softmax block */
-#define MIN_SPLIT 512        /* fewest rows per work item when a token's rows are split */
+_Static_assert(KB == DSV2_MLA_BF16DP_KB, "one block size for both modes");
+#define MIN_SPLIT 1024       /* fewest rows per work item when a token's rows are split */
 #define SPLIT_ITEMS 256      /* a call's rows are split into about this many items: a constant, not the
                               * thread count, so that the result is the same for any number of threads */
 #define CHUNK_BYTES (16u << 20) /* bound of the per-chunk query/latent-output buffers */
@@ -47,6 +50,7 @@ typedef struct {
     atomic_long next;
     atomic_int err;
     float scale;
+    int dp; /* bf16 compute mode over a bf16 cache (mla_bf16dp.h), decided once per call */
 } attn_job;
 
 static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
@@ -54,10 +58,12 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     attn_job *j = (attn_job *)ctx;
     const int64_t H = j->H, L = j->L, Wd = j->Wd;
     /* bf16 compute mode over a bf16 cache (mla_bf16dp.h): the queries and the softmax weights rounded to bf16 */
-    const int dp = dsv2_mla_bf16dp_use(j->cache->dtype, L);
-    const size_t nf = (size_t)H * (size_t)L + (size_t)H * KB + 2 * (size_t)H;
-    const size_t nb16 = dp ? (size_t)H * KB : 0; /* the softmax weights in bf16 */
-    const size_t nqp = dp ? dsv2_mla_bf16dp_qpack_len(H, Wd) : 0; /* 32-bit words, 64-byte aligned below */
+    const int dp = j->dp;
+    /* m, l: a multiple of 16 heads (the bf16 compute mode's blocks update them as 16-lane vectors) */
+    const size_t Hp = (size_t)((H + 15) / 16) * 16;
+    const size_t nf = (size_t)H * (size_t)L + (size_t)H * KB + 2 * Hp;
+    const size_t nwk = dp ? dsv2_mla_bf16dp_work_len() : 0;   /* the block's scores and weight pairs */
+    const size_t nqp = dp ? dsv2_mla_bf16dp_qpack_len(H, Wd) : 0; /* 32-bit words */
     /* exact mode over FP8 rows (AVX-512): each block of rows is widened once into fp32 (Wb, KB x Wd,
      * in L2; the same numbers as the tiles' widening), then the scores and the values of every head
      * read those, instead of widening each row once per group of 4 heads in each product (8 times
@@ -66,14 +72,14 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
      * 6.5-7.4 ms there, 8.0-9.0 through an fp32 block, which doubles the bytes the tiles read). */
     const int wide = !dp && j->cache->dtype == DSV2_KV_FP8 && dsv2_isa() == DSV2_ISA_AVX512;
     const size_t nwb = wide ? (size_t)KB * (size_t)Wd : 0;
-    float *scr = (float *)malloc((nf + nwb) * sizeof(float) + nb16 * sizeof(uint16_t) + (nqp ? nqp * 4 + 64 : 0));
+    float *scr = (float *)malloc((nf + nwb) * sizeof(float) + (dp ? (nwk + nqp) * 4 + 128 : 0));
     if (!scr) {
         atomic_store(&j->err, DSV2_ERR_NOMEM);
         return;
     }
-    float *const Oown = scr, *Sb = Oown + H * L, *m = Sb + H * KB, *l = m + H, *Wb = wide ? scr + nf : NULL;
-    uint16_t *Pb = dp ? (uint16_t *)(scr + nf + nwb) : NULL;
-    uint32_t *Qp = dp ? (uint32_t *)(((uintptr_t)(Pb + H * KB) + 63) & ~(uintptr_t)63) : NULL;
+    float *const Oown = scr, *Sb = Oown + H * L, *m = Sb + H * KB, *l = m + Hp, *Wb = wide ? scr + nf : NULL;
+    float *Wk = dp ? (float *)(((uintptr_t)(scr + nf) + 63) & ~(uintptr_t)63) : NULL;
+    uint32_t *Qp = dp ? (uint32_t *)(((uintptr_t)(Wk + nwk) + 63) & ~(uintptr_t)63) : NULL;
     int64_t packed_t = -1, packed_h0 = -1, packed_h1 = -1; /* the queries now in Qp */
     for (;;) {
         int64_t i = atomic_fetch_add(&j->next, 1);
@@ -86,11 +92,11 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
          * maxima and [H] sums); a whole token in the thread's own buffer */
         float *const pslot = it->slot < 0 ? NULL : j->part + it->slot * H * (L + 2);
         float *const O = pslot ? pslot + it->h0 * L : Oown;
-        for (int64_t h = 0; h < Hn; h++) {
+        for (size_t h = 0; h < Hp; h++) {
             m[h] = -INFINITY;
             l[h] = 0.0f;
         }
-        memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float));
+        if (!dp) memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float)); /* dp: the first block starts it */
         if (dp && (it->t != packed_t || it->h0 != packed_h0 || it->h1 != packed_h1)) {
             /* once per token and heads, not per row range (64 ranges of one decode token at 32K) */
             dsv2_mla_bf16dp_qpack(Qp, Q, Wd, Hn, Wd);
@@ -106,8 +112,12 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
                 dsv2_mla_rows_load(Wb, Wd, Kb.p, j->rb, nb, 0, Wd, Kb.dtype, L, j->rope);
                 Kb = (dsv2_mla_rows){(const char *)Wb, Wd * (int64_t)sizeof(float), DSV2_KV_F32, L, j->rope, NULL, 0};
             }
-            if (dp) dsv2_mla_scores_bf16dp(Sb, KB, Qp, Hn, &Kb, nb);
-            else dsv2_mla_scores_rows(Sb, KB, Q, Wd, Hn, &Kb, nb);
+            if (dp) { /* scores, softmax and values of the block in one pass (mla_bf16dp.h) */
+                const int rc = dsv2_mla_bf16dp_block(O, L, m, l, Wk, Qp, Hn, &Kb, nb, j->scale, jb == it->j0);
+                if (rc) atomic_store(&j->err, rc);
+                continue;
+            }
+            dsv2_mla_scores_rows(Sb, KB, Q, Wd, Hn, &Kb, nb);
             for (int64_t h = 0; h < Hn; h++) {
                 float *sh = Sb + h * KB;
                 const float mx = dsv2_vmax(sh, nb) * j->scale;
@@ -121,17 +131,10 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
                 }
                 l[h] += dsv2_vexp_shift_sum(sh, nb, j->scale, m[h]);
             }
-            if (dp) {
-                dsv2_round_bf16_rows(Pb, KB, Sb, KB, Hn, nb);
-                if (nb & 1)
-                    for (int64_t h = 0; h < Hn; h++) Pb[h * KB + nb] = 0;
-                dsv2_mla_pv_bf16dp(O, L, Pb, KB, Hn, &Kb, nb);
-            } else {
-                dsv2_mla_pv_rows(O, L, Sb, KB, Hn, &Kb, nb);
-            }
+            dsv2_mla_pv_rows(O, L, Sb, KB, Hn, &Kb, nb);
         }
-        if (dp) dsv2_mla_bf16dp_natural(O, L, Hn, L);
         if (it->slot < 0) {
+            if (dp) dsv2_mla_bf16dp_natural(O, L, Hn, L); /* a split token's parts: in the merge */
             float *dst = j->olat + it->t * H * L + it->h0 * L;
             for (int64_t h = 0; h < Hn; h++) {
                 const float inv = 1.0f / l[h];
@@ -150,13 +153,56 @@ typedef struct {
     const float *part;
     const int64_t *first_slot, *n_slots; /* per token; n_slots 0 = direct */
     int64_t H, L;
+    int dp_order; /* the parts' columns are in the bf16 compute mode's order (mla_bf16dp.h) */
 } merge_job;
+
+/* dst [L] = sum_k w_k o_k / sum_k w_k l_k, w_k = exp(m_k - max m): the ns parts of one head
+ * (o_k [L] P floats apart, m_k and l_k at mo and mo + H after each o_k's part start) */
+static void merge_row_portable(float *dst, const float *p0, int64_t P, int64_t ns, int64_t h, int64_t H, int64_t L,
+                               float M) {
+    memset(dst, 0, (size_t)L * sizeof(float));
+    float den = 0.0f;
+    for (int64_t k = 0; k < ns; k++) {
+        const float *pk = p0 + k * P;
+        const float w = expf(pk[H * L + h] - M);
+        den += w * pk[H * L + H + h];
+        const float *ok = pk + h * L;
+        for (int64_t c = 0; c < L; c++) dst[c] += w * ok[c];
+    }
+    const float inv = 1.0f / den;
+    for (int64_t c = 0; c < L; c++) dst[c] *= inv;
+}
+
+/* the same sums, 16 columns at a time */
+DSV2_TARGET_AVX512 static void merge_row_avx512(float *dst, const float *p0, int64_t P, int64_t ns, int64_t h,
+                                                int64_t H, int64_t L, float M) {
+    float den = 0.0f;
+    for (int64_t k = 0; k < ns; k++) {
+        const float *pk = p0 + k * P;
+        const float w = expf(pk[H * L + h] - M);
+        den += w * pk[H * L + H + h];
+        const float *ok = pk + h * L;
+        const __m512 vw = _mm512_set1_ps(w);
+        for (int64_t c = 0; c < L; c += 16) {
+            const __mmask16 mk = L - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - c)) - 1u);
+            const __m512 x = _mm512_mul_ps(vw, _mm512_maskz_loadu_ps(mk, ok + c));
+            _mm512_mask_storeu_ps(dst + c, mk, k ? _mm512_add_ps(_mm512_maskz_loadu_ps(mk, dst + c), x)
+                                                 : _mm512_add_ps(_mm512_setzero_ps(), x));
+        }
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / den);
+    for (int64_t c = 0; c < L; c += 16) {
+        const __mmask16 mk = L - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - c)) - 1u);
+        _mm512_mask_storeu_ps(dst + c, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, dst + c), inv));
+    }
+}
 
 /* items = (token, head): the exact log-sum-exp combine of a split token's partial results */
 static void merge_task(void *ctx, int64_t b, int64_t e, int tid) {
     (void)tid;
     const merge_job *j = (const merge_job *)ctx;
     const int64_t H = j->H, L = j->L, P = H * (L + 2);
+    const int avx512 = dsv2_isa() == DSV2_ISA_AVX512;
     for (int64_t i = b; i < e; i++) {
         const int64_t t = i / H, h = i % H, ns = j->n_slots[t];
         if (ns == 0) continue;
@@ -167,17 +213,9 @@ static void merge_task(void *ctx, int64_t b, int64_t e, int tid) {
             if (mk > M) M = mk;
         }
         float *dst = j->olat + t * H * L + h * L;
-        memset(dst, 0, (size_t)L * sizeof(float));
-        float den = 0.0f;
-        for (int64_t k = 0; k < ns; k++) {
-            const float *pk = p0 + k * P;
-            const float w = expf(pk[H * L + h] - M);
-            den += w * pk[H * L + H + h];
-            const float *ok = pk + h * L;
-            for (int64_t c = 0; c < L; c++) dst[c] += w * ok[c];
-        }
-        const float inv = 1.0f / den;
-        for (int64_t c = 0; c < L; c++) dst[c] *= inv;
+        if (avx512) merge_row_avx512(dst, p0, P, ns, h, H, L, M);
+        else merge_row_portable(dst, p0, P, ns, h, H, L, M);
+        if (j->dp_order) dsv2_mla_bf16dp_natural(dst, L, 1, L);
     }
 }
 
@@ -315,6 +353,7 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
                           float scale) {
     const int64_t H = dm->n_heads, L = dm->kv_lora, Wd = dm->kv_lora + dm->rope;
     const int nthreads = dsv2_get_num_threads();
+    const int dp = dsv2_mla_bf16dp_use(cache->dtype, L);
     int64_t total = 0;
     for (int64_t t = 0; t < T; t++) total += pos[t] + 1;
     int64_t span = (total + SPLIT_ITEMS - 1) / SPLIT_ITEMS;
@@ -367,7 +406,7 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
         j.qa = qa; j.olat = olat; j.part = part; j.cache = cache;
         j.S = cache->S; j.Wd = Wd; j.L = L; j.H = H; j.seq = seq;
         j.rope = dm->rope; j.rb = dsv2_mla_row_bytes(cache->dtype, L, dm->rope);
-        j.items = items; j.n_items = n_items; j.scale = scale;
+        j.items = items; j.n_items = n_items; j.scale = scale; j.dp = dp;
         atomic_init(&j.next, 0);
         atomic_init(&j.err, 0);
         int64_t nw = n_items < nthreads ? n_items : nthreads;
@@ -376,7 +415,7 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
         if (rc) goto done;
     }
     if (n_slots) {
-        merge_job mj = {olat, part, first, nsl, H, L};
+        merge_job mj = {olat, part, first, nsl, H, L, dp};
         dsv2_parallel_for(T * H, 1, merge_task, &mj);
     }
     rc = project_out(o, olat, T, kv_b, dm);

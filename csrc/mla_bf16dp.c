@@ -6,7 +6,10 @@
 
 #include <immintrin.h>
 
-#include "vec_sum.h"
+#include "bf16_vec.h"
+#include "vexp_avx512.h"
+
+#include <math.h>
 #include <string.h>
 
 int dsv2_mla_bf16dp_use(int dtype, int64_t kv_lora) {
@@ -33,72 +36,123 @@ void dsv2_mla_bf16dp_qpack(uint32_t *qp, const float *q, int64_t ldq, int64_t H,
 
 /* One group of 16 heads (a head per fp32 lane) x RT = 8 key rows: for each pair of numbers i,
  * acc[r] += qp[i] . (k[r][2i], k[r][2i+1]) broadcast, one vdpbf16ps per pair and row, no
- * horizontal sums; each row's numbers are read once per head group.  Rows past the end are
- * clamped (computed, not stored).  The next tile's rows are prefetched into L1 and, in the
- * first head group, the next block's (fk) into L2.  A head's score is the same sum whatever
- * the group it shares (lanes are independent), so any split of the heads gives the same bits.
+ * horizontal sums; each row's numbers are read once per head group, and row r's 16 scores are
+ * stored as they are, a vector s[r] (heads in lanes: the softmax below works on whole vectors).
+ * Rows past the end are clamped (computed, not stored).  The next tile's rows are prefetched into
+ * L1 and, when fk is given, the next block's into L2.  A head's score is the same sum whatever the
+ * group it shares (lanes are independent), so any split of the heads gives the same bits.
  * (Zen 4, one decode token of V2-Lite over 32768 bf16 rows, scores and values: 7.2-7.5 ms on 1 thread
  * and 4.0-4.3 on 2, against 8.5-10.3 and 4.9-5.4 with the former 8-head x 2-row tiles and their
  * horizontal sums.) */
 enum { RT = 8 };
 
-DSV2_TARGET_AVX512BF16 static void scores_hl(float *s, int64_t lds, const uint32_t *qp, int64_t H, const char *k,
-                                             int64_t ldk, int64_t n, int64_t D, const char *fk, int64_t fn) {
+// qg [ceil(D / 2), 16] bf16 pairs , bf16 rows k [n, D] (ldk bytes apart) -> s [n, 16] (heads in lanes)
+DSV2_TARGET_AVX512BF16 static void scores_lanes(float *s, const uint32_t *qg, const char *k, int64_t ldk, int64_t n,
+                                                int64_t D, const char *fk, int64_t fn) {
     const int64_t P = (D + 1) / 2, Pf = D / 2;
-    for (int64_t h0 = 0; h0 < H; h0 += 16) {
-        const int64_t nh = H - h0 < 16 ? H - h0 : 16;
-        const uint32_t *qg = qp + (h0 / 16) * P * 16;
-        const int first = h0 == 0;
-        for (int64_t j0 = 0; j0 < n; j0 += RT) {
-            const int64_t nr = n - j0 < RT ? n - j0 : RT;
-            const int64_t jn = j0 + RT < n ? j0 + RT : j0, nn = n - jn < RT ? n - jn : RT;
-            const char *kr[RT], *pr[RT], *fr[RT];
-            const int far = first && fk && j0 < fn;
-            for (int r = 0; r < RT; r++) {
-                kr[r] = k + (j0 + (nr > r ? r : 0)) * ldk;
-                pr[r] = k + (jn + (nn > r ? r : 0)) * ldk;
-                fr[r] = far ? fk + (j0 + r < fn ? j0 + r : fn - 1) * ldk : NULL;
-            }
-            __m512 acc[RT];
-            for (int r = 0; r < RT; r++) acc[r] = _mm512_setzero_ps();
-            for (int64_t i = 0; i < Pf; i++) {
-                if ((i & 15) == 0) { /* one 64-byte line of each row per 16 pairs */
-                    for (int r = 0; r < RT; r++) _mm_prefetch(pr[r] + 4 * i, _MM_HINT_T0);
-                    if (far)
-                        for (int r = 0; r < RT; r++) _mm_prefetch(fr[r] + 4 * i, _MM_HINT_T1);
-                }
-                const __m512bh qv = (__m512bh)_mm512_load_si512((const void *)(qg + 16 * i));
-                for (int r = 0; r < RT; r++) {
-                    int32_t kk;
-                    memcpy(&kk, kr[r] + 4 * i, 4);
-                    acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_set1_epi32(kk));
-                }
-            }
-            if (Pf < P) { /* odd D: the last number, paired with a 0 */
-                const __m512bh qv = (__m512bh)_mm512_load_si512((const void *)(qg + 16 * Pf));
-                for (int r = 0; r < RT; r++) {
-                    uint16_t kk;
-                    memcpy(&kk, kr[r] + 4 * Pf, 2);
-                    acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_set1_epi32((int32_t)kk));
-                }
-            }
-            float t[RT][16] __attribute__((aligned(64)));
-            for (int r = 0; r < RT; r++) _mm512_store_ps(t[r], acc[r]);
-            for (int64_t h = 0; h < nh; h++)
-                for (int64_t r = 0; r < nr; r++) s[(h0 + h) * lds + j0 + r] = t[r][h];
+    for (int64_t j0 = 0; j0 < n; j0 += RT) {
+        const int64_t nr = n - j0 < RT ? n - j0 : RT;
+        const int64_t jn = j0 + RT < n ? j0 + RT : j0, nn = n - jn < RT ? n - jn : RT;
+        const char *kr[RT], *pr[RT], *fr[RT];
+        const int far = fk && j0 < fn;
+        for (int r = 0; r < RT; r++) {
+            kr[r] = k + (j0 + (nr > r ? r : 0)) * ldk;
+            pr[r] = k + (jn + (nn > r ? r : 0)) * ldk;
+            fr[r] = far ? fk + (j0 + r < fn ? j0 + r : fn - 1) * ldk : NULL;
         }
+        __m512 acc[RT];
+        for (int r = 0; r < RT; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < Pf; i++) {
+            if ((i & 15) == 0) { /* one 64-byte line of each row per 16 pairs */
+                for (int r = 0; r < RT; r++) _mm_prefetch(pr[r] + 4 * i, _MM_HINT_T0);
+                if (far)
+                    for (int r = 0; r < RT; r++) _mm_prefetch(fr[r] + 4 * i, _MM_HINT_T1);
+            }
+            const __m512bh qv = (__m512bh)_mm512_load_si512((const void *)(qg + 16 * i));
+            for (int r = 0; r < RT; r++) {
+                int32_t kk;
+                memcpy(&kk, kr[r] + 4 * i, 4);
+                acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_set1_epi32(kk));
+            }
+        }
+        if (Pf < P) { /* odd D: the last number, paired with a 0 */
+            const __m512bh qv = (__m512bh)_mm512_load_si512((const void *)(qg + 16 * Pf));
+            for (int r = 0; r < RT; r++) {
+                uint16_t kk;
+                memcpy(&kk, kr[r] + 4 * Pf, 2);
+                acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_set1_epi32((int32_t)kk));
+            }
+        }
+        for (int r = 0; r < nr; r++) _mm512_store_ps(s + (j0 + r) * 16, acc[r]);
+    }
+}
+
+/* The online softmax of one block for the 16 heads of a group, on whole vectors (heads in lanes):
+ * s [n, 16] scores -> m, l [16] (running maxima of scale * s and sums of the weights) updated,
+ * the nh heads' rows of o rescaled where a maximum rose (o [nh, L], rows ldo apart), and the
+ * weights p = exp(scale s - m) rounded to bf16 (nearest even) as pairs of rows:
+ * pw [ceil(n / 2), 16] 32-bit words (p[2i] low, p[2i + 1] high; an odd n pads with a 0).
+ * Per head the exact path's arithmetic (vexp.c: the block's maximum times scale, then
+ * exp(s * scale - m) and the sum of those); a NaN score makes the head's maximum NaN, and so
+ * its output. */
+DSV2_TARGET_AVX512BF16 static void softmax_lanes(uint32_t *pw, float *m, float *l, float *o, int64_t ldo, int64_t nh,
+                                                 int64_t L, float *s, int64_t n, float scale) {
+    __m512 mx = _mm512_load_ps(s);
+    __mmask16 nan = _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
+    for (int64_t r = 1; r < n; r++) {
+        const __m512 v = _mm512_load_ps(s + r * 16);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, v);
+    }
+    const __m512 vs = _mm512_set1_ps(scale);
+    mx = _mm512_mask_mov_ps(_mm512_mul_ps(mx, vs), nan, _mm512_set1_ps(NAN));
+    __m512 vm = _mm512_loadu_ps(m), vl = _mm512_loadu_ps(l);
+    const __mmask16 up = _mm512_cmp_ps_mask(mx, vm, _CMP_GT_OQ) | _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
+    const __mmask16 resc = up & _mm512_cmp_ps_mask(vl, _mm512_setzero_ps(), _CMP_GT_OQ) &
+                           (__mmask16)((1u << nh) - 1u);
+    if (resc) {
+        const __m512 a = dsv2_exp_avx512(_mm512_sub_ps(vm, mx));
+        vl = _mm512_mask_mul_ps(vl, resc, vl, a);
+        float av[16] __attribute__((aligned(64)));
+        _mm512_store_ps(av, a);
+        for (int h = 0; h < nh; h++)
+            if (resc >> h & 1) {
+                const __m512 ah = _mm512_set1_ps(av[h]);
+                float *oh = o + h * ldo;
+                for (int64_t c = 0; c < L; c += 16)
+                    _mm512_storeu_ps(oh + c, _mm512_mul_ps(_mm512_loadu_ps(oh + c), ah));
+            }
+    }
+    vm = _mm512_mask_mov_ps(vm, up, mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t r = 0; r < n; r++) {
+        const __m512 e = dsv2_exp_avx512(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(s + r * 16), vs), vm));
+        _mm512_store_ps(s + r * 16, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_storeu_ps(m, vm);
+    _mm512_storeu_ps(l, _mm512_add_ps(vl, sum));
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t r = 0; r < n; r += 2) {
+        const __m512i a = dsv2_bf16_rne_hi_avx512(_mm512_load_si512((const void *)(s + r * 16)));
+        const __m512i b = r + 1 < n ? dsv2_bf16_rne_hi_avx512(_mm512_load_si512((const void *)(s + (r + 1) * 16)))
+                                    : _mm512_setzero_si512();
+        _mm512_store_si512((void *)(pw + (r / 2) * 16),
+                           _mm512_or_si512(_mm512_srli_epi32(a, 16), _mm512_and_si512(b, hi)));
     }
 }
 
 /* NH heads x NC (32 or 64) columns of o from column c0, over the n rows of c two at a time:
  * the two rows' numbers interleaved into bf16 pairs (unpacklo / unpackhi of 16-bit words),
- * each head's two weights broadcast as one pair */
+ * each head's two weights broadcast as one pair (pw [ceil(n / 2), 16], head h in word h);
+ * first: o starts from 0 instead of its contents */
 DSV2_TARGET_AVX512BF16 static inline __attribute__((always_inline)) void
-pv_tile_dp(float *o, int64_t ldo, const uint16_t *p, int64_t ldp, const int NH, const char *c, int64_t ldc,
-           int64_t n, int64_t c0, const int NV) {
+pv_tile_dp(float *o, int64_t ldo, const uint32_t *pw, const int NH, const char *c, int64_t ldc, int64_t n,
+           int64_t c0, const int NV, int first) {
     __m512 acc[4][4];
     for (int h = 0; h < NH; h++)
-        for (int v = 0; v < NV; v++) acc[h][v] = _mm512_loadu_ps(o + h * ldo + c0 + 16 * v);
+        for (int v = 0; v < NV; v++)
+            acc[h][v] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(o + h * ldo + c0 + 16 * v);
     const __m512i zero = _mm512_setzero_si512();
     for (int64_t j = 0; j < n; j += 2) {
         const uint16_t *ra = (const uint16_t *)(c + j * ldc) + c0;
@@ -111,10 +165,9 @@ pv_tile_dp(float *o, int64_t ldo, const uint16_t *p, int64_t ldp, const int NH, 
             w[2 * g] = (__m512bh)_mm512_unpacklo_epi16(a, b);
             w[2 * g + 1] = (__m512bh)_mm512_unpackhi_epi16(a, b);
         }
+        const uint32_t *pj = pw + (j / 2) * 16;
         for (int h = 0; h < NH; h++) {
-            int32_t pp;
-            memcpy(&pp, p + h * ldp + j, 4);
-            const __m512bh pb = (__m512bh)_mm512_set1_epi32(pp);
+            const __m512bh pb = (__m512bh)_mm512_set1_epi32((int32_t)pj[h]);
             for (int v = 0; v < NV; v++) acc[h][v] = _mm512_dpbf16_ps(acc[h][v], w[v], pb);
         }
     }
@@ -122,35 +175,50 @@ pv_tile_dp(float *o, int64_t ldo, const uint16_t *p, int64_t ldp, const int NH, 
         for (int v = 0; v < NV; v++) _mm512_storeu_ps(o + h * ldo + c0 + 16 * v, acc[h][v]);
 }
 
-#define PV_DP(NH)                                                                                        \
-    DSV2_TARGET_AVX512BF16 static void pv_dp_h##NH(float *o, int64_t ldo, const uint16_t *p, int64_t ldp,   \
-                                                   const char *c, int64_t ldc, int64_t n, int64_t L) {    \
-        int64_t c0 = 0;                                                                                  \
-        for (; c0 + 64 <= L; c0 += 64) pv_tile_dp(o, ldo, p, ldp, NH, c, ldc, n, c0, 4);                 \
-        if (c0 < L) pv_tile_dp(o, ldo, p, ldp, NH, c, ldc, n, c0, 2);                                    \
+#define PV_DP(NH)                                                                                          \
+    DSV2_TARGET_AVX512BF16 static void pv_dp_h##NH(float *o, int64_t ldo, const uint32_t *pw, const char *c, \
+                                                   int64_t ldc, int64_t n, int64_t L, int first) {         \
+        int64_t c0 = 0;                                                                                    \
+        for (; c0 + 64 <= L; c0 += 64) pv_tile_dp(o, ldo, pw, NH, c, ldc, n, c0, 4, first);                \
+        if (c0 < L) pv_tile_dp(o, ldo, pw, NH, c, ldc, n, c0, 2, first);                                   \
     }
 PV_DP(1)
 PV_DP(2)
 PV_DP(3)
 PV_DP(4)
 
-void dsv2_mla_scores_bf16dp(float *s, int64_t lds, const uint32_t *qp, int64_t H, const dsv2_mla_rows *k,
-                            int64_t n) {
-    if (H <= 0 || n <= 0) return;
-    scores_hl(s, lds, qp, H, k->p, k->ld, n, k->L + k->rope, k->pf, k->pf_n);
-}
-
-void dsv2_mla_pv_bf16dp(float *o, int64_t ldo, const uint16_t *p, int64_t ldp, int64_t H,
-                        const dsv2_mla_rows *c, int64_t n) {
-    if (H <= 0 || n <= 0) return;
+// pw [ceil(n / 2), 16] weight pairs , bf16 rows c [n] -> o [nh, L] (rows ldo apart) += p c[:, :L]
+static void pv_group(float *o, int64_t ldo, const uint32_t *pw, int64_t nh, const dsv2_mla_rows *c, int64_t n,
+                     int first) {
     int64_t h0 = 0;
-    for (; h0 + 4 <= H; h0 += 4) pv_dp_h4(o + h0 * ldo, ldo, p + h0 * ldp, ldp, c->p, c->ld, n, c->L);
-    switch (H - h0) {
-    case 3: pv_dp_h3(o + h0 * ldo, ldo, p + h0 * ldp, ldp, c->p, c->ld, n, c->L); break;
-    case 2: pv_dp_h2(o + h0 * ldo, ldo, p + h0 * ldp, ldp, c->p, c->ld, n, c->L); break;
-    case 1: pv_dp_h1(o + h0 * ldo, ldo, p + h0 * ldp, ldp, c->p, c->ld, n, c->L); break;
+    for (; h0 + 4 <= nh; h0 += 4) pv_dp_h4(o + h0 * ldo, ldo, pw + h0, c->p, c->ld, n, c->L, first);
+    switch (nh - h0) {
+    case 3: pv_dp_h3(o + h0 * ldo, ldo, pw + h0, c->p, c->ld, n, c->L, first); break;
+    case 2: pv_dp_h2(o + h0 * ldo, ldo, pw + h0, c->p, c->ld, n, c->L, first); break;
+    case 1: pv_dp_h1(o + h0 * ldo, ldo, pw + h0, c->p, c->ld, n, c->L, first); break;
     default: break;
     }
+}
+
+size_t dsv2_mla_bf16dp_work_len(void) {
+    return (size_t)DSV2_MLA_BF16DP_KB * 16 + (size_t)(DSV2_MLA_BF16DP_KB / 2) * 16;
+}
+
+int dsv2_mla_bf16dp_block(float *o, int64_t ldo, float *m, float *l, float *work, const uint32_t *qp, int64_t H,
+                          const dsv2_mla_rows *k, int64_t n, float scale, int first) {
+    if (n <= 0 || n > DSV2_MLA_BF16DP_KB || H <= 0 || k->L % 32 || k->dtype != DSV2_KV_BF16 ||
+        ((uintptr_t)work & 63) || ((uintptr_t)qp & 63))
+        return DSV2_ERR_ARG;
+    const int64_t D = k->L + k->rope, P = (D + 1) / 2;
+    float *s = work;
+    uint32_t *pw = (uint32_t *)(work + DSV2_MLA_BF16DP_KB * 16);
+    for (int64_t g = 0; g < H; g += 16) {
+        const int64_t nh = H - g < 16 ? H - g : 16;
+        scores_lanes(s, qp + (g / 16) * P * 16, k->p, k->ld, n, D, g == 0 ? k->pf : NULL, k->pf_n);
+        softmax_lanes(pw, m + g, l + g, o + g * ldo, ldo, nh, k->L, s, n, scale);
+        pv_group(o + g * ldo, ldo, pw, nh, k, n, first);
+    }
+    return DSV2_OK;
 }
 
 /* position in the kernel's order (0..31 within a group of 32) of natural column col (0..31) */

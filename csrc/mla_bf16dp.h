@@ -28,16 +28,25 @@ int dsv2_mla_bf16dp_use(int dtype, int64_t kv_lora);
 size_t dsv2_mla_bf16dp_qpack_len(int64_t H, int64_t D);
 void dsv2_mla_bf16dp_qpack(uint32_t *qp, const float *q, int64_t ldq, int64_t H, int64_t D);
 
-// qp packed from q [H, L + rope] , bf16 rows k [n] -> s [H, n] (rows lds apart) = q k^T
-void dsv2_mla_scores_bf16dp(float *s, int64_t lds, const uint32_t *qp, int64_t H, const dsv2_mla_rows *k,
-                            int64_t n);
+/* rows per block of dsv2_mla_bf16dp_block (the online softmax's block) */
+#define DSV2_MLA_BF16DP_KB 64
 
-/* p [H, n + (n & 1)] bf16 (rows ldp elements apart; an odd n padded with a 0) , bf16 rows c [n]
- * -> o [H, L] (rows ldo apart) += p c[:, :L], o's columns in the kernel's order: within each
- * 32 columns, the 16 lanes of columns {0-3, 8-11, 16-19, 24-27} then those of {4-7, 12-15,
- * 20-23, 28-31} (elementwise updates of o keep it; dsv2_mla_bf16dp_natural restores it) */
-void dsv2_mla_pv_bf16dp(float *o, int64_t ldo, const uint16_t *p, int64_t ldp, int64_t H,
-                        const dsv2_mla_rows *c, int64_t n);
+/* floats of the work space of dsv2_mla_bf16dp_block (64-byte aligned) */
+size_t dsv2_mla_bf16dp_work_len(void);
+
+/* One block of n (1..DSV2_MLA_BF16DP_KB) bf16 rows k for H heads of one token, in the bf16 compute
+ * mode: per group of 16 heads (a head per fp32 lane), the scores s = q k^T, the online-softmax
+ * update and o += p c[:, :L], where p = exp(scale s - m) rounded to bf16:
+ *   qp packed from q [H, L + rope] (dsv2_mla_bf16dp_qpack; 64-byte aligned) , rows k [n]
+ *   -> o [H, L] (rows ldo apart; first: it starts from 0) += p c, its columns in the kernel's order
+ *      (within each 32 columns, the 16 lanes of columns {0-3, 8-11, 16-19, 24-27} then those of
+ *      {4-7, 12-15, 20-23, 28-31}; elementwise updates keep it, dsv2_mla_bf16dp_natural restores it),
+ *      m, l [ceil(H / 16) * 16] running maxima of scale s and sums of p (the unrounded weights;
+ *      start from -inf and 0), o's rows rescaled where a maximum rose.
+ * Requires k->dtype bf16, k->L % 32 == 0 and AVX512-BF16 (dsv2_mla_bf16dp_use); work: 64-byte
+ * aligned, dsv2_mla_bf16dp_work_len() floats.  Returns DSV2_ERR_ARG otherwise. */
+int dsv2_mla_bf16dp_block(float *o, int64_t ldo, float *m, float *l, float *work, const uint32_t *qp, int64_t H,
+                          const dsv2_mla_rows *k, int64_t n, float scale, int first);
 
 // o [H, L] (rows ldo apart) in the kernel's order -> natural column order, in place (L % 32 == 0)
 void dsv2_mla_bf16dp_natural(float *o, int64_t ldo, int64_t H, int64_t L);

@@ -1,21 +1,22 @@
 /* vexp.c - exp / max / scale over rows of floats, ISA picked at run time. */
 #include "vexp.h"
 #include "cpu.h"
+#include "vexp_avx512.h"
 
 #include <immintrin.h>
 #include <math.h>
 
-#define EXP_HI 88.3762626647949f
-#define EXP_LO -87.3365447504f
-#define LOG2E 1.44269504088896341f
-#define C1 0.693359375f
-#define C2 -2.12194440e-4f
-#define P0 1.9875691500E-4f
-#define P1 1.3981999507E-3f
-#define P2 8.3334519073E-3f
-#define P3 4.1665795894E-2f
-#define P4 1.6666665459E-1f
-#define P5 5.0000001201E-1f
+#define EXP_HI DSV2_EXP_HI
+#define EXP_LO DSV2_EXP_LO
+#define LOG2E DSV2_EXP_LOG2E
+#define C1 DSV2_EXP_C1
+#define C2 DSV2_EXP_C2
+#define P0 DSV2_EXP_P0
+#define P1 DSV2_EXP_P1
+#define P2 DSV2_EXP_P2
+#define P3 DSV2_EXP_P3
+#define P4 DSV2_EXP_P4
+#define P5 DSV2_EXP_P5
 
 /* ---------------- portable ---------------- */
 static inline float exp_scalar(float x) {
@@ -104,28 +105,13 @@ DSV2_TARGET_AVX2 static float exp_sum_avx2(float *x, int64_t n, float scale, flo
 }
 
 /* ---------------- AVX-512 ---------------- */
-DSV2_TARGET_AVX512 static inline __m512 exp_avx512(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(EXP_LO), x);
-    x = _mm512_min_ps(_mm512_set1_ps(EXP_HI), x);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C1), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C2), r);
-    __m512 p = _mm512_set1_ps(P0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P5));
-    __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(y, n);
-}
 
 DSV2_TARGET_AVX512 static float exp_sum_avx512(float *x, int64_t n, float scale, float shift) {
     const __m512 vs = _mm512_set1_ps(scale), vsh = _mm512_set1_ps(shift);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < n; i += 16) {
         __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
-        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vs), vsh));
+        __m512 e = dsv2_exp_avx512(_mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), vs), vsh));
         _mm512_mask_storeu_ps(x + i, m, e);
         acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(m, e));
     }

@@ -217,7 +217,7 @@ def test_long_context_tiles_and_thread_counts():
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16", "fp8"])
 def test_one_decode_token_split_by_rows_and_heads(dtype):
-    """One decode token over 4096 rows with V2-Lite dims: its key ranges (8 of 512 rows) are fewer
+    """One decode token over 4096 rows with V2-Lite dims: its key ranges (4 of 1024 rows) are fewer
     than 16 threads, so they are also split by heads; with 3 threads, by rows only.  The same bits
     for 1, 2, 3, 5 and 16 threads and each cache dtype; within 1e-5 of float64 on the cached values."""
     shape = SHAPES[0]
