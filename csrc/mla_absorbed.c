@@ -14,6 +14,7 @@
 #include "gemv_nn.h"
 #include "gemm_bf16dp.h"
 #include "mla_bf16dp.h"
+#include "mla_softmax.h"
 #include "linear.h"
 #include "mla_tiles.h"
 #include "scratch.h"
@@ -72,7 +73,13 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
      * 6.5-7.4 ms there, 8.0-9.0 through an fp32 block, which doubles the bytes the tiles read). */
     const int wide = !dp && j->cache->dtype == DSV2_KV_FP8 && dsv2_isa() == DSV2_ISA_AVX512;
     const size_t nwb = wide ? (size_t)KB * (size_t)Wd : 0;
-    float *scr = (float *)malloc((nf + nwb) * sizeof(float) + (dp ? (nwk + nqp) * 4 + 128 : 0));
+    /* exact mode on AVX-512 (f32 and bf16 rows, FP8 rows once widened): the block pass with the heads
+     * in the fp32 lanes (mla_tiles.h: scores as 16-lane vectors, mla_softmax.h, values), on the
+     * queries transposed once per token (Qt) */
+    const int lanes = !dp && dsv2_mla_lanes_use(wide ? DSV2_KV_F32 : j->cache->dtype);
+    const size_t nqt = lanes ? dsv2_mla_lanes_qpack_len(H, Wd) + (size_t)KB * 16 : 0;
+    float *scr = (float *)malloc((nf + nwb) * sizeof(float) + (dp ? (nwk + nqp) * 4 + 128 : 0) +
+                                 (lanes ? nqt * 4 + 128 : 0));
     if (!scr) {
         atomic_store(&j->err, DSV2_ERR_NOMEM);
         return;
@@ -80,6 +87,8 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     float *const Oown = scr, *Sb = Oown + H * L, *m = Sb + H * KB, *l = m + Hp, *Wb = wide ? scr + nf : NULL;
     float *Wk = dp ? (float *)(((uintptr_t)(scr + nf) + 63) & ~(uintptr_t)63) : NULL;
     uint32_t *Qp = dp ? (uint32_t *)(((uintptr_t)(Wk + nwk) + 63) & ~(uintptr_t)63) : NULL;
+    float *Sl = lanes ? (float *)(((uintptr_t)(scr + nf + nwb) + 63) & ~(uintptr_t)63) : NULL; /* [KB, 16] */
+    float *Qt = lanes ? Sl + KB * 16 : NULL;
     int64_t packed_t = -1, packed_h0 = -1, packed_h1 = -1; /* the queries now in Qp */
     for (;;) {
         int64_t i = atomic_fetch_add(&j->next, 1);
@@ -96,10 +105,11 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
             m[h] = -INFINITY;
             l[h] = 0.0f;
         }
-        if (!dp) memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float)); /* dp: the first block starts it */
-        if (dp && (it->t != packed_t || it->h0 != packed_h0 || it->h1 != packed_h1)) {
-            /* once per token and heads, not per row range (64 ranges of one decode token at 32K) */
-            dsv2_mla_bf16dp_qpack(Qp, Q, Wd, Hn, Wd);
+        if (!dp && !lanes) memset(O, 0, (size_t)Hn * (size_t)L * sizeof(float)); /* else: the first block starts it */
+        if ((dp || lanes) && (it->t != packed_t || it->h0 != packed_h0 || it->h1 != packed_h1)) {
+            /* once per token and heads, not per row range (32 ranges of one decode token at 32K) */
+            if (dp) dsv2_mla_bf16dp_qpack(Qp, Q, Wd, Hn, Wd);
+            else dsv2_mla_lanes_qpack(Qt, Q, Wd, Hn, Wd);
             packed_t = it->t, packed_h0 = it->h0, packed_h1 = it->h1;
         }
         for (int64_t jb = it->j0; jb < it->j1; jb += KB) {
@@ -115,6 +125,20 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
             if (dp) { /* scores, softmax and values of the block in one pass (mla_bf16dp.h) */
                 const int rc = dsv2_mla_bf16dp_block(O, L, m, l, Wk, Qp, Hn, &Kb, nb, j->scale, jb == it->j0);
                 if (rc) atomic_store(&j->err, rc);
+                continue;
+            }
+            if (lanes) { /* per group of 16 heads: scores, softmax, values */
+                for (int64_t g = 0; g < Hn; g += 16) {
+                    const int64_t nh = Hn - g < 16 ? Hn - g : 16;
+                    dsv2_mla_rows Kg = Kb;
+                    if (g) Kg.pf = NULL, Kg.pf_n = 0; /* the next block is prefetched by the first group */
+                    int rc = dsv2_mla_scores_lanes(Sl, Qt + (g / 16) * Wd * 16, &Kg, nb);
+                    if (!rc) {
+                        dsv2_mla_softmax_lanes(m + g, l + g, O + g * L, L, nh, L, Sl, nb, j->scale);
+                        rc = dsv2_mla_pv_lanes(O + g * L, L, Sl, nh, &Kb, nb, jb == it->j0);
+                    }
+                    if (rc) atomic_store(&j->err, rc);
+                }
                 continue;
             }
             dsv2_mla_scores_rows(Sb, KB, Q, Wd, Hn, &Kb, nb);

@@ -7,7 +7,7 @@
 #include <immintrin.h>
 
 #include "bf16_vec.h"
-#include "vexp_avx512.h"
+#include "mla_softmax.h"
 
 #include <math.h>
 #include <string.h>
@@ -87,51 +87,13 @@ DSV2_TARGET_AVX512BF16 static void scores_lanes(float *s, const uint32_t *qg, co
     }
 }
 
-/* The online softmax of one block for the 16 heads of a group, on whole vectors (heads in lanes):
- * s [n, 16] scores -> m, l [16] (running maxima of scale * s and sums of the weights) updated,
- * the nh heads' rows of o rescaled where a maximum rose (o [nh, L], rows ldo apart), and the
- * weights p = exp(scale s - m) rounded to bf16 (nearest even) as pairs of rows:
- * pw [ceil(n / 2), 16] 32-bit words (p[2i] low, p[2i + 1] high; an odd n pads with a 0).
- * Per head the exact path's arithmetic (vexp.c: the block's maximum times scale, then
- * exp(s * scale - m) and the sum of those); a NaN score makes the head's maximum NaN, and so
- * its output. */
+/* The online softmax of one block for the 16 heads of a group (mla_softmax.h), then the weights
+ * p = exp(scale s - m) rounded to bf16 (nearest even) as pairs of rows:
+ * s [n, 16] scores -> pw [ceil(n / 2), 16] 32-bit words (p[2i] low, p[2i + 1] high; an odd n pads
+ * with a 0), m, l, o updated as dsv2_mla_softmax_lanes does */
 DSV2_TARGET_AVX512BF16 static void softmax_lanes(uint32_t *pw, float *m, float *l, float *o, int64_t ldo, int64_t nh,
                                                  int64_t L, float *s, int64_t n, float scale) {
-    __m512 mx = _mm512_load_ps(s);
-    __mmask16 nan = _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
-    for (int64_t r = 1; r < n; r++) {
-        const __m512 v = _mm512_load_ps(s + r * 16);
-        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-        mx = _mm512_max_ps(mx, v);
-    }
-    const __m512 vs = _mm512_set1_ps(scale);
-    mx = _mm512_mask_mov_ps(_mm512_mul_ps(mx, vs), nan, _mm512_set1_ps(NAN));
-    __m512 vm = _mm512_loadu_ps(m), vl = _mm512_loadu_ps(l);
-    const __mmask16 up = _mm512_cmp_ps_mask(mx, vm, _CMP_GT_OQ) | _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
-    const __mmask16 resc = up & _mm512_cmp_ps_mask(vl, _mm512_setzero_ps(), _CMP_GT_OQ) &
-                           (__mmask16)((1u << nh) - 1u);
-    if (resc) {
-        const __m512 a = dsv2_exp_avx512(_mm512_sub_ps(vm, mx));
-        vl = _mm512_mask_mul_ps(vl, resc, vl, a);
-        float av[16] __attribute__((aligned(64)));
-        _mm512_store_ps(av, a);
-        for (int h = 0; h < nh; h++)
-            if (resc >> h & 1) {
-                const __m512 ah = _mm512_set1_ps(av[h]);
-                float *oh = o + h * ldo;
-                for (int64_t c = 0; c < L; c += 16)
-                    _mm512_storeu_ps(oh + c, _mm512_mul_ps(_mm512_loadu_ps(oh + c), ah));
-            }
-    }
-    vm = _mm512_mask_mov_ps(vm, up, mx);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t r = 0; r < n; r++) {
-        const __m512 e = dsv2_exp_avx512(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(s + r * 16), vs), vm));
-        _mm512_store_ps(s + r * 16, e);
-        sum = _mm512_add_ps(sum, e);
-    }
-    _mm512_storeu_ps(m, vm);
-    _mm512_storeu_ps(l, _mm512_add_ps(vl, sum));
+    dsv2_mla_softmax_lanes(m, l, o, ldo, nh, L, s, n, scale);
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
     for (int64_t r = 0; r < n; r += 2) {
         const __m512i a = dsv2_bf16_rne_hi_avx512(_mm512_load_si512((const void *)(s + r * 16)));

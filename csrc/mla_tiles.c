@@ -3,6 +3,7 @@
 #include "cpu.h"
 
 #include <immintrin.h>
+#include <string.h>
 
 #include "vec_sum.h"
 
@@ -155,25 +156,26 @@ DSV2_TARGET_AVX512 static void scores_avx512_bf16(float *s, int64_t lds, const f
     scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_BF16, fk, fn);
 }
 
-/* NH heads x 64 columns of o, accumulated over the n rows of c */
+/* NH heads x 64 columns of o, accumulated over the n rows of c; head h's weight of row j is
+ * p[h ldp + j pj]; first: o starts from 0 instead of its contents */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH, const char *c, int64_t ldc,
-               int64_t n, int64_t c0, int64_t nc, int kind) {
+pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t pj, const int NH, const char *c,
+               int64_t ldc, int64_t n, int64_t c0, int64_t nc, int kind, int first) {
     const __mmask16 m0 = tmask(nc), m1 = tmask(nc - 16), m2 = tmask(nc - 32), m3 = tmask(nc - 48);
     __m512 acc[4][4];
     for (int h = 0; h < NH; h++) {
         float *oh = o + h * ldo + c0;
-        acc[h][0] = _mm512_maskz_loadu_ps(m0, oh);
-        acc[h][1] = _mm512_maskz_loadu_ps(m1, oh + 16);
-        acc[h][2] = _mm512_maskz_loadu_ps(m2, oh + 32);
-        acc[h][3] = _mm512_maskz_loadu_ps(m3, oh + 48);
+        acc[h][0] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, oh);
+        acc[h][1] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, oh + 16);
+        acc[h][2] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m2, oh + 32);
+        acc[h][3] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m3, oh + 48);
     }
     for (int64_t j = 0; j < n; j++) {
         const char *cj = c + j * ldc;
         __m512 v0 = ld16(cj, c0, kind, m0), v1 = ld16(cj, c0 + 16, kind, m1);
         __m512 v2 = ld16(cj, c0 + 32, kind, m2), v3 = ld16(cj, c0 + 48, kind, m3);
         for (int h = 0; h < NH; h++) {
-            const __m512 pb = _mm512_set1_ps(p[h * ldp + j]);
+            const __m512 pb = _mm512_set1_ps(p[h * ldp + j * pj]);
             acc[h][0] = _mm512_fmadd_ps(pb, v0, acc[h][0]);
             acc[h][1] = _mm512_fmadd_ps(pb, v1, acc[h][1]);
             acc[h][2] = _mm512_fmadd_ps(pb, v2, acc[h][2]);
@@ -190,17 +192,17 @@ pv_tile_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, const int NH,
 }
 
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-pv_avx512_k(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const char *c, int64_t ldc, int64_t n,
-            int64_t Dv, int kind) {
+pv_avx512_k(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t pj, int64_t H, const char *c, int64_t ldc,
+            int64_t n, int64_t Dv, int kind, int first) {
     for (int64_t c0 = 0; c0 < Dv; c0 += 64) {
         const int64_t nc = Dv - c0 < 64 ? Dv - c0 : 64;
         int64_t h0 = 0;
         for (; h0 + 4 <= H; h0 += 4)
-            pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 4, c, ldc, n, c0, nc, kind);
+            pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, pj, 4, c, ldc, n, c0, nc, kind, first);
         switch (H - h0) {
-        case 3: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 3, c, ldc, n, c0, nc, kind); break;
-        case 2: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 2, c, ldc, n, c0, nc, kind); break;
-        case 1: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, 1, c, ldc, n, c0, nc, kind); break;
+        case 3: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, pj, 3, c, ldc, n, c0, nc, kind, first); break;
+        case 2: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, pj, 2, c, ldc, n, c0, nc, kind, first); break;
+        case 1: pv_tile_avx512(o + h0 * ldo, ldo, p + h0 * ldp, ldp, pj, 1, c, ldc, n, c0, nc, kind, first); break;
         default: break;
         }
     }
@@ -208,11 +210,123 @@ pv_avx512_k(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H, const
 
 DSV2_TARGET_AVX512 static void pv_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
                                          const float *c, int64_t ldc, int64_t n, int64_t Dv) {
-    pv_avx512_k(o, ldo, p, ldp, H, (const char *)c, ldc * 4, n, Dv, DSV2_KV_F32);
+    pv_avx512_k(o, ldo, p, ldp, 1, H, (const char *)c, ldc * 4, n, Dv, DSV2_KV_F32, 0);
 }
 DSV2_TARGET_AVX512 static void pv_avx512_bf16(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
                                               const char *c, int64_t ldc, int64_t n, int64_t Dv) {
-    pv_avx512_k(o, ldo, p, ldp, H, c, ldc, n, Dv, DSV2_KV_BF16);
+    pv_avx512_k(o, ldo, p, ldp, 1, H, c, ldc, n, Dv, DSV2_KV_BF16, 0);
+}
+
+/* ---------------- heads in lanes (AVX-512, the block pass of mla_absorbed.c) ---------------- */
+enum { LRT = 8 }; /* key rows per scores tile */
+
+/* 16 heads (a head per lane) x LRT rows: acc[r] += qt[d] * k[r][d], the even numbers d into a[r], the
+ * odd ones into b[r], each cached number broadcast to the 16 lanes (bf16: a 32-bit pair broadcast,
+ * the even number shifted up, the odd one masked); s[r] = a[r] + b[r].  Prefetch as in the 4 x 4
+ * tiles: the next tile's lines into L1, the next block's (fk, while there are) into L2. */
+DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
+scores_lanes_k(float *s, const float *qt, const char *k, int64_t ldk, int64_t n, int64_t D, int kind, const char *fk,
+               int64_t fn) {
+    const int64_t es = kind == DSV2_KV_BF16 ? 2 : 4, Pf = D / 2;
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t j0 = 0; j0 < n; j0 += LRT) {
+        const int64_t nr = n - j0 < LRT ? n - j0 : LRT;
+        const int64_t jn = j0 + LRT < n ? j0 + LRT : j0, nn = n - jn < LRT ? n - jn : LRT;
+        const char *kr[LRT], *pr[LRT], *fr[LRT];
+        const int far = fk && j0 < fn;
+        for (int r = 0; r < LRT; r++) {
+            kr[r] = k + (j0 + (nr > r ? r : 0)) * ldk;
+            pr[r] = k + (jn + (nn > r ? r : 0)) * ldk;
+            fr[r] = far ? fk + (j0 + r < fn ? j0 + r : fn - 1) * ldk : NULL;
+        }
+        __m512 a[LRT], b[LRT];
+        for (int r = 0; r < LRT; r++) a[r] = b[r] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < Pf; i++) {
+            if ((2 * i * es) % 64 == 0) { /* a 64-byte line of each row */
+                for (int r = 0; r < LRT; r++) _mm_prefetch(pr[r] + 2 * i * es, _MM_HINT_T0);
+                if (far)
+                    for (int r = 0; r < LRT; r++) _mm_prefetch(fr[r] + 2 * i * es, _MM_HINT_T1);
+            }
+            const __m512 q0 = _mm512_load_ps(qt + 32 * i), q1 = _mm512_load_ps(qt + 32 * i + 16);
+            for (int r = 0; r < LRT; r++) {
+                __m512 x0, x1;
+                if (kind == DSV2_KV_BF16) {
+                    int32_t kk;
+                    memcpy(&kk, kr[r] + 4 * i, 4);
+                    const __m512i v = _mm512_set1_epi32(kk);
+                    x0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+                    x1 = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+                } else {
+                    x0 = _mm512_set1_ps(((const float *)kr[r])[2 * i]);
+                    x1 = _mm512_set1_ps(((const float *)kr[r])[2 * i + 1]);
+                }
+                a[r] = _mm512_fmadd_ps(q0, x0, a[r]);
+                b[r] = _mm512_fmadd_ps(q1, x1, b[r]);
+            }
+        }
+        if (2 * Pf < D) { /* odd D: the last number */
+            const __m512 q0 = _mm512_load_ps(qt + 32 * Pf);
+            for (int r = 0; r < LRT; r++) {
+                float x;
+                if (kind == DSV2_KV_BF16) {
+                    uint16_t kk;
+                    memcpy(&kk, kr[r] + 4 * Pf, 2);
+                    const uint32_t u = (uint32_t)kk << 16;
+                    memcpy(&x, &u, 4);
+                } else {
+                    x = ((const float *)kr[r])[2 * Pf];
+                }
+                a[r] = _mm512_fmadd_ps(q0, _mm512_set1_ps(x), a[r]);
+            }
+        }
+        for (int r = 0; r < nr; r++) _mm512_store_ps(s + (j0 + r) * 16, _mm512_add_ps(a[r], b[r]));
+    }
+}
+
+DSV2_TARGET_AVX512 static void scores_lanes_f32(float *s, const float *qt, const char *k, int64_t ldk, int64_t n,
+                                                int64_t D, const char *fk, int64_t fn) {
+    scores_lanes_k(s, qt, k, ldk, n, D, DSV2_KV_F32, fk, fn);
+}
+DSV2_TARGET_AVX512 static void scores_lanes_bf16(float *s, const float *qt, const char *k, int64_t ldk, int64_t n,
+                                                 int64_t D, const char *fk, int64_t fn) {
+    scores_lanes_k(s, qt, k, ldk, n, D, DSV2_KV_BF16, fk, fn);
+}
+DSV2_TARGET_AVX512 static void pv_lanes_f32(float *o, int64_t ldo, const float *p, int64_t nh, const char *c,
+                                            int64_t ldc, int64_t n, int64_t L, int first) {
+    pv_avx512_k(o, ldo, p, 1, 16, nh, c, ldc, n, L, DSV2_KV_F32, first);
+}
+DSV2_TARGET_AVX512 static void pv_lanes_bf16(float *o, int64_t ldo, const float *p, int64_t nh, const char *c,
+                                             int64_t ldc, int64_t n, int64_t L, int first) {
+    pv_avx512_k(o, ldo, p, 1, 16, nh, c, ldc, n, L, DSV2_KV_BF16, first);
+}
+
+int dsv2_mla_lanes_use(int dtype) {
+    return dsv2_isa() == DSV2_ISA_AVX512 && (dtype == DSV2_KV_F32 || dtype == DSV2_KV_BF16);
+}
+
+size_t dsv2_mla_lanes_qpack_len(int64_t H, int64_t D) { return (size_t)((H + 15) / 16) * (size_t)D * 16; }
+
+void dsv2_mla_lanes_qpack(float *qt, const float *q, int64_t ldq, int64_t H, int64_t D) {
+    for (int64_t g = 0; g < H; g += 16)
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t h = 0; h < 16; h++) qt[((g / 16) * D + d) * 16 + h] = g + h < H ? q[(g + h) * ldq + d] : 0.0f;
+}
+
+int dsv2_mla_scores_lanes(float *s, const float *qt, const dsv2_mla_rows *k, int64_t n) {
+    if (!dsv2_mla_lanes_use(k->dtype) || ((uintptr_t)s & 63) || ((uintptr_t)qt & 63)) return DSV2_ERR_ARG;
+    if (n <= 0) return DSV2_OK;
+    if (k->dtype == DSV2_KV_BF16) scores_lanes_bf16(s, qt, k->p, k->ld, n, k->L + k->rope, k->pf, k->pf_n);
+    else scores_lanes_f32(s, qt, k->p, k->ld, n, k->L + k->rope, k->pf, k->pf_n);
+    return DSV2_OK;
+}
+
+int dsv2_mla_pv_lanes(float *o, int64_t ldo, const float *p, int64_t nh, const dsv2_mla_rows *c, int64_t n,
+                      int first) {
+    if (!dsv2_mla_lanes_use(c->dtype) || nh > 16) return DSV2_ERR_ARG;
+    if (n <= 0 || nh <= 0) return DSV2_OK;
+    if (c->dtype == DSV2_KV_BF16) pv_lanes_bf16(o, ldo, p, nh, c->p, c->ld, n, c->L, first);
+    else pv_lanes_f32(o, ldo, p, nh, c->p, c->ld, n, c->L, first);
+    return DSV2_OK;
 }
 
 void dsv2_mla_scores(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const float *k, int64_t ldk,

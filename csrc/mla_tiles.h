@@ -6,6 +6,7 @@
 #ifndef DSV2_MLA_TILES_H
 #define DSV2_MLA_TILES_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "mla.h"
@@ -38,4 +39,23 @@ void dsv2_mla_scores_rows(float *s, int64_t lds, const float *q, int64_t ldq, in
 // p [H, n] (rows ldp apart) , rows c [n] -> o [H, L] (rows ldo apart) += p c[:, :L]
 void dsv2_mla_pv_rows(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
                       const dsv2_mla_rows *c, int64_t n);
+/* ---- heads in lanes: the exact block pass of mla_absorbed.c (AVX-512; f32 and bf16 rows) ----
+ * A group of up to 16 heads of one token: its queries transposed, qt [D, 16] (head h in lane h,
+ * missing heads zero), the scores of n rows as n vectors s [n, 16], the softmax weights in the
+ * same layout (mla_softmax.h). */
+
+// 1 when the lanes kernels take rows of this format (DSV2_KV_F32 / DSV2_KV_BF16) on this CPU
+int dsv2_mla_lanes_use(int dtype);
+
+// q [H, D] (rows ldq apart) -> qt [ceil(H / 16), D, 16] (each group's queries transposed, zero-padded)
+size_t dsv2_mla_lanes_qpack_len(int64_t H, int64_t D);
+void dsv2_mla_lanes_qpack(float *qt, const float *q, int64_t ldq, int64_t H, int64_t D);
+
+// qt [D, 16] (one group; 64-byte aligned) , rows k [n] (D = L + rope) -> s [n, 16] (64-byte aligned) = q k^T
+int dsv2_mla_scores_lanes(float *s, const float *qt, const dsv2_mla_rows *k, int64_t n);
+
+// p [n, 16] , rows c [n] -> o [nh, L] (rows ldo apart; first: starts from 0) += p^T c[:, :L], nh <= 16
+int dsv2_mla_pv_lanes(float *o, int64_t ldo, const float *p, int64_t nh, const dsv2_mla_rows *c, int64_t n,
+                      int first);
+
 #endif
