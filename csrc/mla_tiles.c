@@ -5,8 +5,6 @@
 #include <immintrin.h>
 #include <string.h>
 
-#include "vec_sum.h"
-
 /* ---------------- portable / AVX2 (same source, vectorised by the compiler) ---------------- */
 static inline __attribute__((always_inline)) float dot_generic(const float *a, const float *b, int64_t D) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -69,93 +67,6 @@ DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) __m512 ld16(cons
     return _mm512_maskz_loadu_ps(m, (const float *)row + d);
 }
 
-/* 16 elements (from d, lanes m) of the 4 x 4 score tile: a[4 hh + i] += q_hh . k_i */
-DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-scores_step(__m512 *a, const float *const *qr, const char *const *kr, int kind, int64_t d, __mmask16 m) {
-    __m512 kv[4];
-    for (int i = 0; i < 4; i++) kv[i] = ld16(kr[i], d, kind, m);
-    for (int hh = 0; hh < 4; hh++) {
-        const __m512 qv = _mm512_maskz_loadu_ps(m, qr[hh] + d);
-        for (int i = 0; i < 4; i++) a[4 * hh + i] = _mm512_fmadd_ps(qv, kv[i], a[4 * hh + i]);
-    }
-}
-
-/* The 4 x 4 score tile over the n numbers of the rows.  pf: prefetch the same bytes of the next
- * tile's rows (pr) on the way. */
-DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-scores_pass(__m512 *a, const float *const *qr, const char *const *kr, const char *const *pr,
-            const char *const *fr, int pf, int kind, int64_t n) {
-    const int64_t nf = n & ~(int64_t)15;
-    const int64_t es = kind == DSV2_KV_BF16 ? 2 : 4; /* bytes per element */
-    if (pf) {
-        for (int64_t d = 0; d < nf; d += 16) {
-            for (int i = 0; i < 4; i++) _mm_prefetch(pr[i] + d * es, _MM_HINT_T0);
-            if (fr && (d * es) % 64 < 16 * es) /* a line of the rows after this block, into L2 */
-                for (int i = 0; i < 4; i++) _mm_prefetch(fr[i] + d * es, _MM_HINT_T1);
-            scores_step(a, qr, kr, kind, d, (__mmask16)0xffff);
-        }
-    } else {
-        for (int64_t d = 0; d < nf; d += 16) scores_step(a, qr, kr, kind, d, (__mmask16)0xffff);
-    }
-    if (nf < n) scores_step(a, qr, kr, kind, nf, tmask(n - nf));
-}
-
-/* 4 query rows x 4 key rows; rows past the end are clamped to the last one
- * (computed, not stored).  Key tiles outer: each key row is brought in once (from
- * memory, for a cache being streamed) and used by every query row, with the next
- * tile's rows prefetched while the current one is processed.  A row is D fp32 or bf16
- * numbers. */
-DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
-scores_avx512_k(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H, const char *k, int64_t ldk,
-                int64_t n, int64_t D, int kind, const char *fk, int64_t fn) {
-    for (int64_t h0 = 0; h0 < H; h0 += 4) {
-        const int64_t nh = H - h0 < 4 ? H - h0 : 4;
-        const int pf = h0 == 0; /* prefetch during the first pass over the rows only */
-        const float *qr[4];
-        for (int i = 0; i < 4; i++) qr[i] = q + (h0 + (nh > i ? i : 0)) * ldq;
-        for (int64_t j0 = 0; j0 < n; j0 += 4) {
-            const int64_t nj = n - j0 < 4 ? n - j0 : 4;
-            const char *kr[4], *pr[4];
-            const int64_t jn = j0 + 4 < n ? j0 + 4 : j0; /* next tile (prefetch) */
-            const int64_t nn = n - jn < 4 ? n - jn : 4;
-            const char *frr[4], *const *fr = NULL; /* the rows j0.. of the next block, while there are */
-            for (int i = 0; i < 4; i++) {
-                kr[i] = k + (j0 + (nj > i ? i : 0)) * ldk;
-                pr[i] = k + (jn + (nn > i ? i : 0)) * ldk;
-            }
-            if (fk && j0 < fn) {
-                for (int i = 0; i < 4; i++) frr[i] = fk + (j0 + i < fn ? j0 + i : fn - 1) * ldk;
-                fr = frr;
-            }
-            __m512 a[16];
-            for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
-            scores_pass(a, qr, kr, pr, fr, pf, kind, D);
-            float r[4][4];
-            _mm_storeu_ps(r[0], dsv2_sum4_ps(a[0], a[1], a[2], a[3]));
-            _mm_storeu_ps(r[1], dsv2_sum4_ps(a[4], a[5], a[6], a[7]));
-            _mm_storeu_ps(r[2], dsv2_sum4_ps(a[8], a[9], a[10], a[11]));
-            _mm_storeu_ps(r[3], dsv2_sum4_ps(a[12], a[13], a[14], a[15]));
-            for (int64_t hh = 0; hh < nh; hh++)
-                for (int64_t jj = 0; jj < nj; jj++) s[(h0 + hh) * lds + j0 + jj] = r[hh][jj];
-        }
-    }
-}
-
-DSV2_TARGET_AVX512 static void scores_avx512(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
-                                             const float *k, int64_t ldk, int64_t n, int64_t D) {
-    scores_avx512_k(s, lds, q, ldq, H, (const char *)k, ldk * 4, n, D, DSV2_KV_F32, NULL, 0);
-}
-DSV2_TARGET_AVX512 static void scores_avx512_f32r(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
-                                                  const char *k, int64_t ldk, int64_t n, int64_t D, const char *fk,
-                                                  int64_t fn) {
-    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_F32, fk, fn);
-}
-DSV2_TARGET_AVX512 static void scores_avx512_bf16(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
-                                                  const char *k, int64_t ldk, int64_t n, int64_t D, const char *fk,
-                                                  int64_t fn) {
-    scores_avx512_k(s, lds, q, ldq, H, k, ldk, n, D, DSV2_KV_BF16, fk, fn);
-}
-
 /* NH heads x 64 columns of o, accumulated over the n rows of c; head h's weight of row j is
  * p[h ldp + j pj]; first: o starts from 0 instead of its contents */
 DSV2_TARGET_AVX512 static inline __attribute__((always_inline)) void
@@ -211,10 +122,6 @@ pv_avx512_k(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t pj, int6
 DSV2_TARGET_AVX512 static void pv_avx512(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
                                          const float *c, int64_t ldc, int64_t n, int64_t Dv) {
     pv_avx512_k(o, ldo, p, ldp, 1, H, (const char *)c, ldc * 4, n, Dv, DSV2_KV_F32, 0);
-}
-DSV2_TARGET_AVX512 static void pv_avx512_bf16(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
-                                              const char *c, int64_t ldc, int64_t n, int64_t Dv) {
-    pv_avx512_k(o, ldo, p, ldp, 1, H, c, ldc, n, Dv, DSV2_KV_BF16, 0);
 }
 
 /* ---------------- heads in lanes (AVX-512, the block pass of mla_absorbed.c) ---------------- */
@@ -333,8 +240,7 @@ void dsv2_mla_scores(float *s, int64_t lds, const float *q, int64_t ldq, int64_t
                      int64_t n, int64_t D) {
     if (H <= 0 || n <= 0) return;
     int isa = dsv2_isa();
-    if (isa == DSV2_ISA_AVX512) scores_avx512(s, lds, q, ldq, H, k, ldk, n, D);
-    else if (isa == DSV2_ISA_AVX2) scores_avx2(s, lds, q, ldq, H, k, ldk, n, D);
+    if (isa >= DSV2_ISA_AVX2) scores_avx2(s, lds, q, ldq, H, k, ldk, n, D);
     else scores_portable(s, lds, q, ldq, H, k, ldk, n, D);
 }
 
@@ -348,10 +254,9 @@ void dsv2_mla_pv_acc(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t
 }
 
 /* ---------------- cached rows in their own format ----------------
- * AVX-512: fp32 and bf16 rows are widened in registers inside the tiles above (FP8 rows are
- * widened a block at a time by the caller, mla_absorbed.c, and come here as fp32).  Otherwise
- * each row is widened into a small buffer (RB numbers at a time, in L1) that every head then
- * uses. */
+ * (AVX-512 takes the lanes kernels above, from mla_absorbed.c.)  fp32 rows go to the tiles of
+ * dsv2_mla_scores / dsv2_mla_pv_acc; other rows are widened into a small buffer (RB numbers at a
+ * time, in L1) that every head then uses. */
 #define RB 512
 
 static inline __attribute__((always_inline)) void
@@ -408,12 +313,8 @@ void dsv2_mla_scores_rows(float *s, int64_t lds, const float *q, int64_t ldq, in
     if (H <= 0 || n <= 0) return;
     const int isa = dsv2_isa();
     const int64_t D = k->L + k->rope;
-    if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_F32) {
-        scores_avx512_f32r(s, lds, q, ldq, H, k->p, k->ld, n, D, k->pf, k->pf_n);
-    } else if (k->dtype == DSV2_KV_F32) {
+    if (k->dtype == DSV2_KV_F32) {
         dsv2_mla_scores(s, lds, q, ldq, H, (const float *)k->p, k->ld / 4, n, D);
-    } else if (isa == DSV2_ISA_AVX512 && k->dtype == DSV2_KV_BF16) {
-        scores_avx512_bf16(s, lds, q, ldq, H, k->p, k->ld, n, D, k->pf, k->pf_n);
     } else if (isa >= DSV2_ISA_AVX2) {
         scores_rows_avx2(s, lds, q, ldq, H, k, n);
     } else {
@@ -427,8 +328,6 @@ void dsv2_mla_pv_rows(float *o, int64_t ldo, const float *p, int64_t ldp, int64_
     const int isa = dsv2_isa();
     if (c->dtype == DSV2_KV_F32) {
         dsv2_mla_pv_acc(o, ldo, p, ldp, H, (const float *)c->p, c->ld / 4, n, c->L);
-    } else if (isa == DSV2_ISA_AVX512 && c->dtype == DSV2_KV_BF16) {
-        pv_avx512_bf16(o, ldo, p, ldp, H, c->p, c->ld, n, c->L);
     } else if (isa >= DSV2_ISA_AVX2) {
         pv_rows_avx2(o, ldo, p, ldp, H, c, n);
     } else {

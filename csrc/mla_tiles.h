@@ -32,13 +32,15 @@ typedef struct {
     int64_t pf_n;
 } dsv2_mla_rows;
 
-// q [H, L + rope] (rows ldq apart) , rows k [n] -> s [H, n] (rows lds apart) = q k^T, the rows
-// widened to fp32 in registers (AVX-512) or one row at a time (AVX2 / portable)
+// q [H, L + rope] (rows ldq apart) , rows k [n] -> s [H, n] (rows lds apart) = q k^T, fp32 rows read as
+// they are, others widened to fp32 one row at a time (the AVX2 / portable attention; AVX-512 takes the
+// lanes kernels below)
 void dsv2_mla_scores_rows(float *s, int64_t lds, const float *q, int64_t ldq, int64_t H,
                           const dsv2_mla_rows *k, int64_t n);
 // p [H, n] (rows ldp apart) , rows c [n] -> o [H, L] (rows ldo apart) += p c[:, :L]
 void dsv2_mla_pv_rows(float *o, int64_t ldo, const float *p, int64_t ldp, int64_t H,
                       const dsv2_mla_rows *c, int64_t n);
+
 /* ---- heads in lanes: the exact block pass of mla_absorbed.c (AVX-512; f32 and bf16 rows) ----
  * A group of up to 16 heads of one token: its queries transposed, qt [D, 16] (head h in lane h,
  * missing heads zero), the scores of n rows as n vectors s [n, 16], the softmax weights in the
