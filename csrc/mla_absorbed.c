@@ -3,8 +3,10 @@
  * Per token: Qa[h] = [W_UK_h^T q_nope_h | q_pe_h] (kv_lora + rope wide), scores against
  * the token's cached rows (one wide key shared by all heads: a [H, W] x [W, n] product),
  * online softmax in fp32 per block of rows, o_lat[h] = sum_j p_j c_j (kv_lora wide),
- * o_h = W_UV_h o_lat[h].  The rows are read in the cache's format (mla_tiles.c widens
- * them in registers).  Long contexts are split into key ranges processed in parallel and
+ * o_h = W_UV_h o_lat[h].  The rows are read in the cache's format.  On AVX-512 each block
+ * of rows is one pass per group of 16 heads with a head in each fp32 lane: the scores as 16-lane
+ * vectors, the online softmax on whole vectors (mla_softmax.h), then the values (exact:
+ * mla_tiles.h's lanes kernels; bf16 compute mode: mla_bf16dp.h).  Long contexts are split into key ranges processed in parallel and
  * merged with an exact log-sum-exp combine (flash-decoding); the ranges depend on the
  * call's sizes only (not on the thread count), so results are the same for any number of
  * threads.  Work items are pulled dynamically so ragged batches balance over the threads. */
@@ -66,16 +68,17 @@ static void attn_task(void *ctx, int64_t b, int64_t e, int tid) {
     const size_t nwk = dp ? dsv2_mla_bf16dp_work_len() : 0;   /* the block's scores and weight pairs */
     const size_t nqp = dp ? dsv2_mla_bf16dp_qpack_len(H, Wd) : 0; /* 32-bit words */
     /* exact mode over FP8 rows (AVX-512): each block of rows is widened once into fp32 (Wb, KB x Wd,
-     * in L2; the same numbers as the tiles' widening), then the scores and the values of every head
-     * read those, instead of widening each row once per group of 4 heads in each product (8 times
-     * for 16 heads).  One V2-Lite decode token over 32K rows, 2 threads (Zen 4, 7 alternating pairs):
-     * 8.2-10.3 ms against 10.5-18.6.  bf16 rows stay widened in the tiles (2 cheap ops per 16 numbers:
-     * 6.5-7.4 ms there, 8.0-9.0 through an fp32 block, which doubles the bytes the tiles read). */
+     * in L2), then the lanes kernels read those as fp32 rows (FP8 numbers take a table and a scale:
+     * too dear to widen once per use).  bf16 rows are read as they are (2 cheap ops per pair of
+     * numbers in the scores, 2 per 16 numbers and 4 heads in the values). */
     const int wide = !dp && j->cache->dtype == DSV2_KV_FP8 && dsv2_isa() == DSV2_ISA_AVX512;
     const size_t nwb = wide ? (size_t)KB * (size_t)Wd : 0;
     /* exact mode on AVX-512 (f32 and bf16 rows, FP8 rows once widened): the block pass with the heads
      * in the fp32 lanes (mla_tiles.h: scores as 16-lane vectors, mla_softmax.h, values), on the
-     * queries transposed once per token (Qt) */
+     * queries transposed once per token (Qt).  One V2-Lite decode token over 32K bf16 rows, 2 threads
+     * (Zen 4, python benchmarks/bench_attention.py, alternating): 5.95-7.12 ms against 8.11-8.39 with
+     * the former 4 x 4 score tiles (each row widened once per 4 heads), their horizontal sums and
+     * the per-head softmax calls. */
     const int lanes = !dp && dsv2_mla_lanes_use(wide ? DSV2_KV_F32 : j->cache->dtype);
     const size_t nqt = lanes ? dsv2_mla_lanes_qpack_len(H, Wd) + (size_t)KB * 16 : 0;
     float *scr = (float *)malloc((nf + nwb) * sizeof(float) + (dp ? (nwk + nqp) * 4 + 128 : 0) +

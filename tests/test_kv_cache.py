@@ -11,6 +11,7 @@ References (tolerances as in test_mla: max |err| <= 1e-5 * max |ref|):
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -99,8 +100,9 @@ def random_case(shape, B, S, T, seed):
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
 def test_attention_reads_compact_rows(isa, shape, dtype):
     """Both forms on a compact cache == the fp32 cache holding the widened rows == float64.  With
-    AVX-512 the absorbed form widens each block of rows into fp32 once (exactly: an FP8 value is
-    e4m3 * scale rounded once) and runs the fp32 kernels on it: the same bits as the fp32 cache."""
+    AVX-512 the absorbed form takes the cached numbers exactly (bf16 widened in registers, FP8 blocks
+    widened into fp32 once: e4m3 * scale rounded once) in the same fp32 operations as for fp32 rows:
+    the same bits as the fp32 cache."""
     H, nope, rope, v, L = shape
     rows, kv_b, seq, pos, q = random_case(shape, 2, 300, 5, seed=sum(shape))
     rows[1, 7, :L] *= 300.0  # a row of large values: its own scales (fp8)
@@ -296,6 +298,40 @@ def test_bf16_compute_attention_on_bf16_cache(shape):
                 assert 1e-5 < rel_err(got[1], ref) <= 1e-2, S
             np.testing.assert_array_equal(got[1], got[2])
             np.testing.assert_array_equal(got[1], got[5])
+    finally:
+        dsv2ext.set_num_threads(prev)
+
+
+def test_absorbed_block_pass_odd_width_and_head_groups():
+    """The absorbed form's block pass (AVX-512: heads in the 16 lanes) with 20 heads (a full and a partial
+    group of 16), on rows of an odd width (kv_lora 33 + rope 4: the last number of a row has no pair) and of
+    kv_lora 32 (the bf16 compute mode's kernels), over one row, a partial block and several key ranges:
+    f32 / bf16 / fp8 caches within RTOL of float64, the bf16 compute mode within 4e-3 of its float64 model;
+    the same bits for 1, 2 and 5 threads."""
+    prev = dsv2ext.get_num_threads()
+    try:
+        for shape, S in itertools.product([(20, 16, 4, 16, 33), (20, 16, 6, 16, 32)], (1, 77, 2100)):
+            H, nope, rope, v, L = shape
+            rows, kv_b, seq, pos, q = random_case(shape, 2, S, 4, seed=S + L)
+            for dtype in ("f32", "bf16", "fp8"):
+                cache, widened = compact(rows, dtype, L) if dtype != "f32" else (rows, rows)
+                ref = attention_f64(q, widened, seq, pos, kv_b, 0.13, H, nope, v, L)
+                got = {}
+                for nt in (1, 2, 5):
+                    dsv2ext.set_num_threads(nt)
+                    got[nt] = M.mla_attention(q, cache, seq, pos, kv_b, 0.13, "absorbed")
+                assert rel_err(got[1], ref) <= RTOL, (shape, S, dtype)
+                np.testing.assert_array_equal(got[1], got[2])
+                np.testing.assert_array_equal(got[1], got[5])
+                if dtype == "bf16" and L % 32 == 0 and dsv2ext.bf16_compute_available():
+                    model = attention_bf16q_f64(q, widened, seq, pos, kv_b, 0.13, H, nope, v, L)
+                    with dsv2ext.bf16_compute():
+                        for nt in (1, 5):
+                            dsv2ext.set_num_threads(nt)
+                            got[nt, "dp"] = M.mla_attention(q, cache, seq, pos, kv_b, 0.13, "absorbed")
+                    assert rel_err(got[1, "dp"], model) <= 4e-3, (shape, S)
+                    assert S == 1 or 1e-5 < rel_err(got[1, "dp"], ref), (shape, S)  # the mode did act
+                    np.testing.assert_array_equal(got[1, "dp"], got[5, "dp"])
     finally:
         dsv2ext.set_num_threads(prev)
 
