@@ -183,44 +183,18 @@ typedef struct {
     int dp_order; /* the parts' columns are in the bf16 compute mode's order (mla_bf16dp.h) */
 } merge_job;
 
-/* dst [L] = sum_k w_k o_k / sum_k w_k l_k, w_k = exp(m_k - max m): the ns parts of one head
- * (o_k [L] P floats apart, m_k and l_k at mo and mo + H after each o_k's part start) */
-static void merge_row_portable(float *dst, const float *p0, int64_t P, int64_t ns, int64_t h, int64_t H, int64_t L,
-                               float M) {
-    memset(dst, 0, (size_t)L * sizeof(float));
-    float den = 0.0f;
-    for (int64_t k = 0; k < ns; k++) {
-        const float *pk = p0 + k * P;
-        const float w = expf(pk[H * L + h] - M);
-        den += w * pk[H * L + H + h];
-        const float *ok = pk + h * L;
-        for (int64_t c = 0; c < L; c++) dst[c] += w * ok[c];
-    }
-    const float inv = 1.0f / den;
-    for (int64_t c = 0; c < L; c++) dst[c] *= inv;
+/* dst [L] (k == 0: =, else +=) w x [L] */
+static void axpy_row_portable(float *dst, float w, const float *x, int64_t L, int64_t k) {
+    for (int64_t c = 0; c < L; c++) dst[c] = (k ? dst[c] : 0.0f) + w * x[c];
 }
 
-/* the same sums, 16 columns at a time */
-DSV2_TARGET_AVX512 static void merge_row_avx512(float *dst, const float *p0, int64_t P, int64_t ns, int64_t h,
-                                                int64_t H, int64_t L, float M) {
-    float den = 0.0f;
-    for (int64_t k = 0; k < ns; k++) {
-        const float *pk = p0 + k * P;
-        const float w = expf(pk[H * L + h] - M);
-        den += w * pk[H * L + H + h];
-        const float *ok = pk + h * L;
-        const __m512 vw = _mm512_set1_ps(w);
-        for (int64_t c = 0; c < L; c += 16) {
-            const __mmask16 mk = L - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - c)) - 1u);
-            const __m512 x = _mm512_mul_ps(vw, _mm512_maskz_loadu_ps(mk, ok + c));
-            _mm512_mask_storeu_ps(dst + c, mk, k ? _mm512_add_ps(_mm512_maskz_loadu_ps(mk, dst + c), x)
-                                                 : _mm512_add_ps(_mm512_setzero_ps(), x));
-        }
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / den);
+/* the same, 16 columns at a time */
+DSV2_TARGET_AVX512 static void axpy_row_avx512(float *dst, float w, const float *x, int64_t L, int64_t k) {
+    const __m512 vw = _mm512_set1_ps(w);
     for (int64_t c = 0; c < L; c += 16) {
         const __mmask16 mk = L - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (L - c)) - 1u);
-        _mm512_mask_storeu_ps(dst + c, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, dst + c), inv));
+        const __m512 d = k ? _mm512_maskz_loadu_ps(mk, dst + c) : _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(dst + c, mk, _mm512_add_ps(d, _mm512_mul_ps(vw, _mm512_maskz_loadu_ps(mk, x + c))));
     }
 }
 
@@ -240,8 +214,15 @@ static void merge_task(void *ctx, int64_t b, int64_t e, int tid) {
             if (mk > M) M = mk;
         }
         float *dst = j->olat + t * H * L + h * L;
-        if (avx512) merge_row_avx512(dst, p0, P, ns, h, H, L, M);
-        else merge_row_portable(dst, p0, P, ns, h, H, L, M);
+        float den = 0.0f; /* dst = sum_k w_k o_k / sum_k w_k l_k, w_k = exp(m_k - M) */
+        for (int64_t k = 0; k < ns; k++) {
+            const float *pk = p0 + k * P;
+            const float w = expf(pk[H * L + h] - M);
+            den += w * pk[H * L + H + h];
+            if (avx512) axpy_row_avx512(dst, w, pk + h * L, L, k);
+            else axpy_row_portable(dst, w, pk + h * L, L, k);
+        }
+        dsv2_vscale(dst, L, 1.0f / den);
         if (j->dp_order) dsv2_mla_bf16dp_natural(dst, L, 1, L);
     }
 }

@@ -52,15 +52,9 @@ DSV2_TARGET_AVX512BF16 static void scores_lanes(float *s, const uint32_t *qg, co
                                                 int64_t D, const char *fk, int64_t fn) {
     const int64_t P = (D + 1) / 2, Pf = D / 2;
     for (int64_t j0 = 0; j0 < n; j0 += RT) {
-        const int64_t nr = n - j0 < RT ? n - j0 : RT;
-        const int64_t jn = j0 + RT < n ? j0 + RT : j0, nn = n - jn < RT ? n - jn : RT;
         const char *kr[RT], *pr[RT], *fr[RT];
-        const int far = fk && j0 < fn;
-        for (int r = 0; r < RT; r++) {
-            kr[r] = k + (j0 + (nr > r ? r : 0)) * ldk;
-            pr[r] = k + (jn + (nn > r ? r : 0)) * ldk;
-            fr[r] = far ? fk + (j0 + r < fn ? j0 + r : fn - 1) * ldk : NULL;
-        }
+        int far;
+        const int64_t nr = dsv2_mla_tile_rows(kr, pr, fr, &far, RT, k, ldk, n, j0, fk, fn);
         __m512 acc[RT];
         for (int r = 0; r < RT; r++) acc[r] = _mm512_setzero_ps();
         for (int64_t i = 0; i < Pf; i++) {

@@ -137,15 +137,9 @@ scores_lanes_k(float *s, const float *qt, const char *k, int64_t ldk, int64_t n,
     const int64_t es = kind == DSV2_KV_BF16 ? 2 : 4, Pf = D / 2;
     const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
     for (int64_t j0 = 0; j0 < n; j0 += LRT) {
-        const int64_t nr = n - j0 < LRT ? n - j0 : LRT;
-        const int64_t jn = j0 + LRT < n ? j0 + LRT : j0, nn = n - jn < LRT ? n - jn : LRT;
         const char *kr[LRT], *pr[LRT], *fr[LRT];
-        const int far = fk && j0 < fn;
-        for (int r = 0; r < LRT; r++) {
-            kr[r] = k + (j0 + (nr > r ? r : 0)) * ldk;
-            pr[r] = k + (jn + (nn > r ? r : 0)) * ldk;
-            fr[r] = far ? fk + (j0 + r < fn ? j0 + r : fn - 1) * ldk : NULL;
-        }
+        int far;
+        const int64_t nr = dsv2_mla_tile_rows(kr, pr, fr, &far, LRT, k, ldk, n, j0, fk, fn);
         __m512 a[LRT], b[LRT];
         for (int r = 0; r < LRT; r++) a[r] = b[r] = _mm512_setzero_ps();
         for (int64_t i = 0; i < Pf; i++) {

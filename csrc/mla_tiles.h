@@ -32,6 +32,24 @@ typedef struct {
     int64_t pf_n;
 } dsv2_mla_rows;
 
+/* The rows of a score tile of R key rows from j0 of the n rows of k (ldk bytes apart): kr, rows past
+ * the end clamped to the tile's first (computed, not stored); pr, the next tile's (prefetched into L1;
+ * the last tile names itself); fr, while j0 < fn, rows j0.. of the next block fk (prefetched into L2,
+ * clamped to its fn rows).  Returns the tile's rows (<= R) and sets *far to whether fr is set. */
+static inline int64_t dsv2_mla_tile_rows(const char **kr, const char **pr, const char **fr, int *far, int R,
+                                         const char *k, int64_t ldk, int64_t n, int64_t j0, const char *fk,
+                                         int64_t fn) {
+    const int64_t nr = n - j0 < R ? n - j0 : R;
+    const int64_t jn = j0 + R < n ? j0 + R : j0, nn = n - jn < R ? n - jn : R;
+    *far = fk && j0 < fn;
+    for (int r = 0; r < R; r++) {
+        kr[r] = k + (j0 + (nr > r ? r : 0)) * ldk;
+        pr[r] = k + (jn + (nn > r ? r : 0)) * ldk;
+        fr[r] = *far ? fk + (j0 + r < fn ? j0 + r : fn - 1) * ldk : NULL;
+    }
+    return nr;
+}
+
 // q [H, L + rope] (rows ldq apart) , rows k [n] -> s [H, n] (rows lds apart) = q k^T, fp32 rows read as
 // they are, others widened to fp32 one row at a time (the AVX2 / portable attention; AVX-512 takes the
 // lanes kernels below)
