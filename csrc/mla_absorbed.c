@@ -339,16 +339,21 @@ static int project_out(float *o, const float *olat, int64_t T, const dsv2_mat *k
 }
 
 /* parts to cut each of n_items (token, rows) work items into by heads, for nthreads threads: the
- * fewest rounds of work per thread, each item counted as its share of the heads plus a fixed
- * cost (per-item setup and the re-read of its rows) of 1/16 of a whole item */
-static int64_t head_parts(int64_t n_items, int nthreads, int64_t H) {
+ * fewest rounds of work per thread times the largest part's cost, in multiply-adds per row: ws per
+ * head for the scores (kv_lora + rope), wp for the values (kv_lora), and a fixed cost (per-item setup
+ * and the re-read of its rows) of 1/16 of a whole item.  With the heads in lanes (lanes: AVX-512 and
+ * the bf16 compute mode) the scores of a group of 16 lanes cost the same for any number of live
+ * heads, so a cut by heads repeats them: at 16 threads and 5 ranges of one token's 4097 rows, 3 parts
+ * (not 4, which would also take two rounds). */
+static int64_t head_parts(int64_t n_items, int nthreads, int64_t H, int lanes, double ws, double wp) {
     if (n_items <= 0 || n_items >= nthreads) return 1;
     int64_t best = 1;
-    double best_cost = (double)((n_items + nthreads - 1) / nthreads) * (1.0 + 1.0 / 16);
-    for (int64_t hp = 2; hp <= H; hp++) {
-        const int64_t rounds = (n_items * hp + nthreads - 1) / nthreads;
-        const double cost = (double)rounds * ((double)((H + hp - 1) / hp) / (double)H + 1.0 / 16);
-        if (cost < best_cost) {
+    double best_cost = 0.0;
+    for (int64_t hp = 1; hp <= H; hp++) {
+        const int64_t rounds = (n_items * hp + nthreads - 1) / nthreads, h = (H + hp - 1) / hp;
+        const double scores = lanes ? (double)((h + 15) / 16 * 16) * ws : (double)h * ws;
+        const double cost = (double)rounds * (scores + (double)h * wp + (double)H * (ws + wp) / 16);
+        if (hp == 1 || cost < best_cost) {
             best = hp;
             best_cost = cost;
         }
@@ -376,7 +381,8 @@ static int absorbed_chunk(float *o, const float *q, const dsv2_mla_cache *cache,
     /* fewer (token, rows) items than threads (decode at short contexts, or a few key ranges of
      * one token on many threads): split every item by heads too, so that every thread works.
      * Heads are independent, so results do not depend on the split. */
-    const int64_t hparts = head_parts(n_items, nthreads, H);
+    const int lanes = dp || dsv2_isa() == DSV2_ISA_AVX512; /* attn_task's block passes */
+    const int64_t hparts = head_parts(n_items, nthreads, H, lanes, (double)Wd, (double)L);
     float *qa = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)Wd * sizeof(float));
     float *olat = (float *)dsv2_scratch_alloc((size_t)T * (size_t)H * (size_t)L * sizeof(float));
     work_item *items = (work_item *)malloc((size_t)(n_items * hparts) * sizeof(work_item));
